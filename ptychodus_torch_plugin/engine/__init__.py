@@ -1,0 +1,1 @@
+"""Pure torch + numpy engine: configs, data, grouping, physics, model, training, inference."""

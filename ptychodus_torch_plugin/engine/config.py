@@ -1,0 +1,286 @@
+"""Frozen, validated configuration dataclasses for the engine.
+
+Why one ``GridConfig`` shared by every other config: the channel count C = gridsize**2 is the
+quantity the reference implementation got wrong (a hard-coded 4 in one place, 1 in another).
+Here N, gridsize and neighbor_count live in exactly one object and every config derives its
+channel counts from it, so no two fields can disagree.
+
+Every ``__post_init__`` validates its fields and raises ``ValueError`` naming the field, the
+value found and the allowed range, so a bad setting fails where it is made, not deep in a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_BACKEND = "pytorch"
+KNOWN_BACKENDS = ("pytorch", "tensorflow")
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
+SCHEDULERS = ("constant", "exponential", "cosine", "plateau")
+LOGGERS = ("csv", "tensorboard", "mlflow", "none")
+CHECKPOINT_MODES = ("min", "max")
+AMP_ACTIVATIONS = ("sigmoid", "silu")
+LOSSES = ("poisson", "mae")
+MODES = ("pinn", "supervised")
+PATCH_WEIGHTINGS = ("probe", "uniform")
+INPUT_NORMALIZATIONS = ("recompute", "stored")
+PATCH_SIZES = (32, 64, 128, 256)
+
+#: Optional logging backends and the package each one needs.
+LOGGER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
+
+
+def _fail(owner: str, name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{owner}.{name} = {value!r} is invalid: allowed {allowed}")
+
+
+def _check_choice(owner: str, name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        _fail(owner, name, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def _check_int(
+    owner: str, name: str, value: Any, minimum: int | None = None, maximum: int | None = None
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(owner, name, value, f"an integer{_range_text(minimum, maximum)}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        _fail(owner, name, value, f"an integer{_range_text(minimum, maximum)}")
+
+
+def _check_real(
+    owner: str,
+    name: str,
+    value: Any,
+    minimum: float | None = None,
+    exclusive_minimum: bool = False,
+    maximum: float | None = None,
+) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok and value != value:  # NaN
+        ok = False
+    if ok and minimum is not None:
+        ok = value > minimum if exclusive_minimum else value >= minimum
+    if ok and maximum is not None:
+        ok = value <= maximum
+    if not ok:
+        low = "" if minimum is None else (f" > {minimum}" if exclusive_minimum else f" >= {minimum}")
+        high = "" if maximum is None else f" <= {maximum}"
+        _fail(owner, name, value, f"a number{low}{high}")
+
+
+def _range_text(minimum: int | None, maximum: int | None) -> str:
+    if minimum is not None and maximum is not None:
+        return f" in [{minimum}, {maximum}]"
+    if minimum is not None:
+        return f" >= {minimum}"
+    if maximum is not None:
+        return f" <= {maximum}"
+    return ""
+
+
+def check_backend(owner: str, backend: str) -> None:
+    """Backend selection: this package implements the PyTorch backend only."""
+    if backend == "tensorflow":
+        raise ValueError(
+            f"{owner}.backend = 'tensorflow' is not available here: ptychodus-torch-plugin "
+            "provides the PyTorch backend only. Use backend='pytorch', or the TensorFlow "
+            "PtychoPINN package for TensorFlow models."
+        )
+    if backend not in KNOWN_BACKENDS:
+        _fail(owner, "backend", backend, "'pytorch' (the backend this package provides)")
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """Patch geometry shared by data, model and physics: the one home of N and gridsize."""
+
+    N: int = 64
+    gridsize: int = 1
+    neighbor_count: int = 4
+
+    def __post_init__(self) -> None:
+        _check_choice("GridConfig", "N", self.N, PATCH_SIZES)
+        _check_int("GridConfig", "gridsize", self.gridsize, 1, 4)
+        _check_int("GridConfig", "neighbor_count", self.neighbor_count, 1, 64)
+        if self.neighbor_count < self.channels:
+            raise ValueError(
+                f"GridConfig.neighbor_count = {self.neighbor_count} is invalid: allowed "
+                f">= gridsize**2 = {self.channels} (each group takes {self.channels} patterns "
+                f"from the seed's {self.neighbor_count} nearest neighbours)"
+            )
+
+    @property
+    def channels(self) -> int:
+        """C = gridsize**2: patterns per group, network input and output channels."""
+        return self.gridsize * self.gridsize
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How measured data become training/inference groups and how they are normalised."""
+
+    grid: GridConfig = field(default_factory=GridConfig)
+    n_groups: int = 0  # 0: one group per scan position
+    seed: int = 0
+    nphotons: float | None = None  # None: measured from the data (mean counts per pattern)
+    probe_scale: float = 4.0
+    input_normalization: str = "recompute"
+    validation_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        _check_int("DataConfig", "n_groups", self.n_groups, 0)
+        _check_int("DataConfig", "seed", self.seed, 0)
+        if self.nphotons is not None:
+            _check_real("DataConfig", "nphotons", self.nphotons, 0.0, exclusive_minimum=True)
+        _check_real("DataConfig", "probe_scale", self.probe_scale, 0.0, exclusive_minimum=True)
+        _check_choice(
+            "DataConfig", "input_normalization", self.input_normalization, INPUT_NORMALIZATIONS
+        )
+        _check_real("DataConfig", "validation_fraction", self.validation_fraction, 0.0, False, 0.5)
+
+    @property
+    def channels(self) -> int:
+        return self.grid.channels
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Generator network shape. Channel counts are derived, never stored."""
+
+    grid: GridConfig = field(default_factory=GridConfig)
+    architecture: str = "cnn"
+    n_filters_scale: int = 2
+    amp_activation: str = "sigmoid"
+    probe_big: bool = True
+    object_big: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("ModelConfig", "architecture", self.architecture, ("cnn",))
+        _check_int("ModelConfig", "n_filters_scale", self.n_filters_scale, 1, 8)
+        _check_choice("ModelConfig", "amp_activation", self.amp_activation, AMP_ACTIVATIONS)
+        for name in ("probe_big", "object_big"):
+            if not isinstance(getattr(self, name), bool):
+                _fail("ModelConfig", name, getattr(self, name), "True or False")
+
+    @property
+    def in_channels(self) -> int:
+        return self.grid.channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.grid.channels
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """What is optimised and for how long (how it is executed lives in ExecutionConfig)."""
+
+    grid: GridConfig = field(default_factory=GridConfig)
+    mode: str = "pinn"
+    loss: str = "poisson"
+    epochs: int = 50
+    batch_size: int = 16
+    backend: str = SUPPORTED_BACKEND
+
+    def __post_init__(self) -> None:
+        _check_choice("TrainingConfig", "mode", self.mode, MODES)
+        _check_choice("TrainingConfig", "loss", self.loss, LOSSES)
+        _check_int("TrainingConfig", "epochs", self.epochs, 1, 100_000)
+        _check_int("TrainingConfig", "batch_size", self.batch_size, 1, 65_536)
+        check_backend("TrainingConfig", self.backend)
+
+    @property
+    def forward_channels(self) -> int:
+        """Channels the differentiable forward model carries (= gridsize**2)."""
+        return self.grid.channels
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Prediction and stitching."""
+
+    grid: GridConfig = field(default_factory=GridConfig)
+    n_groups: int = 0  # 0: every pattern is a seed
+    patch_weighting: str = "probe"
+    crop_fraction: float = 0.5  # stitch the central N*crop_fraction of each patch
+    chunk_size: int = 256  # groups per streamed chunk
+    backend: str = SUPPORTED_BACKEND
+
+    def __post_init__(self) -> None:
+        _check_int("InferenceConfig", "n_groups", self.n_groups, 0)
+        _check_choice("InferenceConfig", "patch_weighting", self.patch_weighting, PATCH_WEIGHTINGS)
+        _check_real("InferenceConfig", "crop_fraction", self.crop_fraction, 0.0, True, 1.0)
+        _check_int("InferenceConfig", "chunk_size", self.chunk_size, 1)
+        check_backend("InferenceConfig", self.backend)
+
+    @property
+    def channels(self) -> int:
+        return self.grid.channels
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    enable: bool = True
+    save_top_k: int = 1
+    monitor: str = "val_loss"
+    mode: str = "min"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enable, bool):
+            _fail("CheckpointConfig", "enable", self.enable, "True or False")
+        _check_int("CheckpointConfig", "save_top_k", self.save_top_k, -1)
+        if not isinstance(self.monitor, str) or not self.monitor:
+            _fail("CheckpointConfig", "monitor", self.monitor, "a logged metric name")
+        _check_choice("CheckpointConfig", "mode", self.mode, CHECKPOINT_MODES)
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """Where and how Lightning runs: hardware, precision, optimiser schedule, logging."""
+
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    deterministic: bool = False
+    num_workers: int = 0
+    learning_rate: float = 1e-3
+    scheduler: str = "constant"
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None
+    checkpointing: CheckpointConfig = field(default_factory=CheckpointConfig)
+    early_stop_patience: int | None = None  # None: no early stopping
+    logger: str = "csv"
+    enable_progress_bar: bool = True
+    inference_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        owner = "ExecutionConfig"
+        _check_choice(owner, "accelerator", self.accelerator, ACCELERATORS)
+        if self.devices != "auto":
+            _check_int(owner, "devices", self.devices, 1)
+        _check_int(owner, "num_nodes", self.num_nodes, 1)
+        if not isinstance(self.strategy, str) or not self.strategy:
+            _fail(owner, "strategy", self.strategy, "a Lightning strategy name such as 'auto'")
+        _check_choice(owner, "precision", self.precision, PRECISIONS)
+        if not isinstance(self.deterministic, bool):
+            _fail(owner, "deterministic", self.deterministic, "True or False")
+        _check_int(owner, "num_workers", self.num_workers, 0)
+        _check_real(owner, "learning_rate", self.learning_rate, 0.0, exclusive_minimum=True)
+        _check_choice(owner, "scheduler", self.scheduler, SCHEDULERS)
+        _check_int(owner, "accumulate_grad_batches", self.accumulate_grad_batches, 1)
+        if self.gradient_clip_val is not None:
+            _check_real(owner, "gradient_clip_val", self.gradient_clip_val, 0.0, True)
+        if not isinstance(self.checkpointing, CheckpointConfig):
+            _fail(owner, "checkpointing", self.checkpointing, "a CheckpointConfig")
+        if self.early_stop_patience is not None:
+            _check_int(owner, "early_stop_patience", self.early_stop_patience, 1)
+        _check_choice(owner, "logger", self.logger, LOGGERS)
+        if not isinstance(self.enable_progress_bar, bool):
+            _fail(owner, "enable_progress_bar", self.enable_progress_bar, "True or False")
+        _check_int(owner, "inference_batch_size", self.inference_batch_size, 1)

@@ -1,0 +1,303 @@
+"""The PtychoPINN NPZ data contract: load, validate, build from arrays, save.
+
+Units are explicit at every boundary: the stored field is ``amplitudes`` (sqrt of counts); a
+constructor that takes detector counts says so in its name (``from_counts``) and converts in
+float64 before the square root, because squaring or rooting an integer array (Ptychodus hands
+over uint16 counts) silently overflows or truncates.
+
+Contract (see shared/design/PTYCHOPINN.md section 1): ``diff3d`` (M,N,N) float32 amplitude,
+zero frequency at the array centre; ``xcoords``/``ycoords`` (M,) probe-centre positions in object
+pixels (x = column, y = row); ``probeGuess`` (N,N) or (modes,N,N) complex; optional
+``objectGuess`` (H,W) complex, ``scan_index``, ``xcoords_start``/``ycoords_start``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .atomic import atomic_write_path
+
+logger = logging.getLogger(__name__)
+
+UNITS_AMPLITUDE = "amplitude"
+UNITS_COUNTS = "counts"
+DIFFRACTION_KEYS = ("diff3d", "diffraction")  # "diffraction" is the legacy alias
+
+
+def _bad(key: str, found: Any, expected: str) -> ValueError:
+    return ValueError(f"{key}: found {found}, expected {expected}")
+
+
+def _check_finite_real(key: str, array: np.ndarray) -> None:
+    if np.iscomplexobj(array):
+        raise _bad(key, f"complex values (dtype {array.dtype})", "real values")
+    if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
+        raise _bad(key, f"dtype {array.dtype}", "a numeric array")
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        count = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise _bad(key, f"{count} NaN/inf value(s)", "finite values")
+
+
+def amplitudes_from_counts(counts: np.ndarray) -> np.ndarray:
+    """Detector counts (any real dtype, e.g. uint16) -> float32 amplitudes, via float64."""
+    counts64 = np.asarray(counts, dtype=np.float64)
+    if np.any(counts64 < 0):
+        raise _bad("counts", f"minimum {counts64.min():g}", "non-negative detector counts")
+    return np.sqrt(counts64).astype(np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class PtychoData:
+    """One validated scan in amplitude units. Build with ``from_amplitudes``/``from_counts``."""
+
+    amplitudes: np.ndarray  # (M, N, N) float32, sqrt(counts), DC at the centre
+    xcoords: np.ndarray  # (M,) float64, object pixels, column
+    ycoords: np.ndarray  # (M,) float64, object pixels, row
+    probe: np.ndarray  # (modes, N, N) complex64; mode 0 first
+    object_guess: np.ndarray | None = None  # (H, W) complex64
+    scan_index: np.ndarray | None = None  # (M,) int
+    xcoords_start: np.ndarray | None = None
+    ycoords_start: np.ndarray | None = None
+    bad_pixels: np.ndarray | None = None  # (N, N) bool, True where the detector is bad
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_amplitudes(
+        cls,
+        amplitudes: np.ndarray,
+        xcoords: np.ndarray,
+        ycoords: np.ndarray,
+        probe: np.ndarray,
+        *,
+        object_guess: np.ndarray | None = None,
+        scan_index: np.ndarray | None = None,
+        xcoords_start: np.ndarray | None = None,
+        ycoords_start: np.ndarray | None = None,
+        bad_pixels: np.ndarray | None = None,
+        key: str = "diff3d",
+    ) -> PtychoData:
+        """Validate in-memory arrays whose patterns are amplitudes (sqrt of counts)."""
+        amplitudes = np.asarray(amplitudes)
+        _check_finite_real(key, amplitudes)
+        if amplitudes.ndim != 3:
+            raise _bad(key, f"shape {amplitudes.shape}", "a 3-D stack (M, N, N)")
+        xcoords = np.asarray(xcoords)
+        ycoords = np.asarray(ycoords)
+        for name, coords in (("xcoords", xcoords), ("ycoords", ycoords)):
+            _check_finite_real(name, coords)
+            if coords.ndim != 1:
+                raise _bad(name, f"shape {coords.shape}", "a 1-D array (M,)")
+        m = len(xcoords)
+        if len(ycoords) != m:
+            raise _bad("ycoords", f"shape {ycoords.shape}", f"({m},) to match xcoords")
+        if (
+            amplitudes.shape[0] == amplitudes.shape[1] != amplitudes.shape[2]
+            and amplitudes.shape[2] == m
+        ):
+            logger.warning(
+                "%s has shape %s, an (N, N, M) stack: transposing to (M, N, N)",
+                key,
+                amplitudes.shape,
+            )
+            amplitudes = np.moveaxis(amplitudes, 2, 0)
+        n = amplitudes.shape[1]
+        if amplitudes.shape[2] != n:
+            raise _bad(key, f"shape {amplitudes.shape}", "square patterns (M, N, N)")
+        if amplitudes.shape[0] != m:
+            raise _bad(
+                key,
+                f"{amplitudes.shape[0]} patterns (shape {amplitudes.shape})",
+                f"{m} patterns, one per scan position in xcoords/ycoords",
+            )
+        if m == 0:
+            raise _bad(key, "no patterns", "at least one diffraction pattern")
+        if np.any(amplitudes < 0):
+            raise _bad(key, f"minimum {amplitudes.min():g}", "non-negative amplitudes")
+
+        probe = np.asarray(probe)
+        if probe.ndim == 2:
+            probe = probe[np.newaxis]
+        if probe.ndim != 3 or probe.shape[1:] != (n, n):
+            raise _bad(
+                "probeGuess", f"shape {probe.shape}", f"({n}, {n}) or (modes, {n}, {n})"
+            )
+        if not np.all(np.isfinite(probe)):
+            raise _bad("probeGuess", "NaN/inf values", "finite values")
+
+        if object_guess is not None:
+            object_guess = np.asarray(object_guess)
+            if object_guess.ndim != 2:
+                raise _bad("objectGuess", f"shape {object_guess.shape}", "a 2-D array (H, W)")
+            if not np.all(np.isfinite(object_guess)):
+                raise _bad("objectGuess", "NaN/inf values", "finite values")
+            object_guess = object_guess.astype(np.complex64)
+        optional_1d: dict[str, np.ndarray | None] = {}
+        for name, value in (
+            ("scan_index", scan_index),
+            ("xcoords_start", xcoords_start),
+            ("ycoords_start", ycoords_start),
+        ):
+            if value is not None:
+                value = np.asarray(value)
+                _check_finite_real(name, value)
+                if value.shape != (m,):
+                    raise _bad(name, f"shape {value.shape}", f"({m},)")
+            optional_1d[name] = value
+        if bad_pixels is not None:
+            bad_pixels = np.asarray(bad_pixels, dtype=bool)
+            if bad_pixels.shape != (n, n):
+                raise _bad("bad_pixels", f"shape {bad_pixels.shape}", f"({n}, {n})")
+
+        return cls(
+            amplitudes=np.ascontiguousarray(amplitudes, dtype=np.float32),
+            xcoords=xcoords.astype(np.float64),
+            ycoords=ycoords.astype(np.float64),
+            probe=np.ascontiguousarray(probe, dtype=np.complex64),
+            object_guess=object_guess,
+            scan_index=optional_1d["scan_index"],
+            xcoords_start=optional_1d["xcoords_start"],
+            ycoords_start=optional_1d["ycoords_start"],
+            bad_pixels=bad_pixels,
+        )
+
+    @classmethod
+    def from_counts(cls, counts: np.ndarray, *args: Any, **kwargs: Any) -> PtychoData:
+        """Validate arrays whose patterns are detector counts (intensities, e.g. uint16)."""
+        counts = np.asarray(counts)
+        _check_finite_real("counts", counts)
+        return cls.from_amplitudes(amplitudes_from_counts(counts), *args, key="counts", **kwargs)
+
+    # ----------------------------------------------------------------- views
+    @property
+    def n_patterns(self) -> int:
+        return int(self.amplitudes.shape[0])
+
+    @property
+    def N(self) -> int:  # noqa: N802 - N is the method's name for the patch size
+        return int(self.amplitudes.shape[1])
+
+    @property
+    def probe_mode0(self) -> np.ndarray:
+        return self.probe[0]
+
+    @property
+    def positions(self) -> np.ndarray:
+        """(M, 2) positions as (x, y) in object pixels."""
+        return np.stack([self.xcoords, self.ycoords], axis=1)
+
+    def counts(self) -> np.ndarray:
+        """Patterns as counts (float64), the Poisson-rate domain."""
+        return np.square(self.amplitudes.astype(np.float64))
+
+    def mean_photons(self) -> float:
+        """Mean total counts per pattern (the default nphotons)."""
+        return float(self.counts().sum(axis=(1, 2)).mean())
+
+    def subset(self, indices: np.ndarray) -> PtychoData:
+        """The patterns at ``indices`` (positions and per-pattern fields follow)."""
+        idx = np.asarray(indices)
+
+        def pick(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[idx]
+
+        return replace(
+            self,
+            amplitudes=self.amplitudes[idx],
+            xcoords=self.xcoords[idx],
+            ycoords=self.ycoords[idx],
+            scan_index=pick(self.scan_index),
+            xcoords_start=pick(self.xcoords_start),
+            ycoords_start=pick(self.ycoords_start),
+        )
+
+
+# --------------------------------------------------------------------- NPZ I/O
+def _detect_units(npz: Any, key: str, raw: np.ndarray) -> str:
+    if "diff3d_units" in npz.files:
+        units = str(np.asarray(npz["diff3d_units"]).item()).strip().lower()
+        if units in ("amplitude", "amplitudes"):
+            return UNITS_AMPLITUDE
+        if units in ("counts", "count", "intensity", "intensities"):
+            return UNITS_COUNTS
+        raise _bad("diff3d_units", repr(units), "'amplitude' or 'counts'")
+    if np.issubdtype(raw.dtype, np.integer):
+        logger.warning(
+            "%s has integer dtype %s and no diff3d_units key: reading it as detector counts",
+            key,
+            raw.dtype,
+        )
+        return UNITS_COUNTS
+    return UNITS_AMPLITUDE
+
+
+def load_npz(path: str | os.PathLike[str]) -> PtychoData:
+    """Load and validate an NPZ in the PtychoPINN contract.
+
+    Raises ``FileNotFoundError`` naming the path when it does not exist and ``ValueError``
+    naming the key and what was expected for every malformed field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable NPZ file ({exc})") from exc
+    with npz:
+        key = next((k for k in DIFFRACTION_KEYS if k in npz.files), None)
+        if key is None:
+            raise ValueError(
+                f"{path}: missing key 'diff3d' (or legacy 'diffraction'); found keys "
+                f"{sorted(npz.files)}"
+            )
+        for required in ("xcoords", "ycoords", "probeGuess"):
+            if required not in npz.files:
+                raise ValueError(f"{path}: missing key '{required}'; found {sorted(npz.files)}")
+        raw = npz[key]
+        _check_finite_real(key, raw)
+        units = _detect_units(npz, key, raw)
+        optional = {
+            name: (npz[src] if src in npz.files else None)
+            for name, src in (
+                ("object_guess", "objectGuess"),
+                ("scan_index", "scan_index"),
+                ("xcoords_start", "xcoords_start"),
+                ("ycoords_start", "ycoords_start"),
+                ("bad_pixels", "bad_pixels"),
+            )
+        }
+        amplitudes = amplitudes_from_counts(raw) if units == UNITS_COUNTS else raw
+        return PtychoData.from_amplitudes(
+            amplitudes, npz["xcoords"], npz["ycoords"], npz["probeGuess"], key=key, **optional
+        )
+
+
+def save_npz(data: PtychoData, path: str | os.PathLike[str]) -> Path:
+    """Write ``data`` in the NPZ contract (amplitudes, with ``diff3d_units``), atomically."""
+    path = Path(path)
+    arrays: dict[str, np.ndarray] = {
+        "diff3d": data.amplitudes,
+        "diff3d_units": np.asarray(UNITS_AMPLITUDE),
+        "xcoords": data.xcoords,
+        "ycoords": data.ycoords,
+        "probeGuess": data.probe[0] if data.probe.shape[0] == 1 else data.probe,
+    }
+    for key, value in (
+        ("objectGuess", data.object_guess),
+        ("scan_index", data.scan_index),
+        ("xcoords_start", data.xcoords_start),
+        ("ycoords_start", data.ycoords_start),
+        ("bad_pixels", data.bad_pixels),
+    ):
+        if value is not None:
+            arrays[key] = value
+    with atomic_write_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+    return path

@@ -1,0 +1,1 @@
+"""Qt parameter panel, worker threads and live progress for the Ptychodus GUI."""

@@ -1,0 +1,1 @@
+"""Ptychodus adapter: reconstructor library, settings, registration. Never imports Qt."""
