@@ -121,12 +121,11 @@ class PtychoData:
         if np.any(amplitudes < 0):
             raise _bad(key, f"minimum {amplitudes.min():g}", "non-negative amplitudes")
 
-        probe = np.asarray(probe)
-        if probe.ndim == 2:
-            probe = probe[np.newaxis]
+        given_probe = np.asarray(probe)
+        probe = given_probe[np.newaxis] if given_probe.ndim == 2 else given_probe
         if probe.ndim != 3 or probe.shape[1:] != (n, n):
             raise _bad(
-                "probeGuess", f"shape {probe.shape}", f"({n}, {n}) or (modes, {n}, {n})"
+                "probeGuess", f"shape {given_probe.shape}", f"({n}, {n}) or (modes, {n}, {n})"
             )
         if not np.all(np.isfinite(probe)):
             raise _bad("probeGuess", "NaN/inf values", "finite values")

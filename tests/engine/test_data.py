@@ -1,0 +1,131 @@
+"""The NPZ data contract: every bad-input case raises an error naming key, found and expected."""
+
+import logging
+
+import numpy as np
+import pytest
+
+from ptychodus_torch_plugin.engine.data import (
+    PtychoData,
+    amplitudes_from_counts,
+    load_npz,
+    save_npz,
+)
+
+M, N = 12, 16
+
+
+def _arrays(seed=0):
+    rng = np.random.default_rng(seed)
+    counts = rng.poisson(5.0, size=(M, N, N)).astype(np.float64)
+    return {
+        "diff3d": np.sqrt(counts).astype(np.float32),
+        "xcoords": rng.uniform(10, 40, M),
+        "ycoords": rng.uniform(10, 40, M),
+        "probeGuess": (rng.normal(size=(N, N)) + 1j * rng.normal(size=(N, N))).astype(np.complex64),
+        "objectGuess": np.exp(1j * rng.normal(size=(60, 60))).astype(np.complex64),
+    }
+
+
+def _write(tmp_path, **arrays):
+    path = tmp_path / "scan.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def test_round_trip_is_exact(tmp_path):
+    arrays = _arrays()
+    data = load_npz(_write(tmp_path, **arrays))
+    assert data.n_patterns == M and data.N == N
+    assert data.amplitudes.dtype == np.float32 and data.probe.shape == (1, N, N)
+    out = save_npz(data, tmp_path / "out" / "copy.npz")
+    again = load_npz(out)
+    np.testing.assert_array_equal(again.amplitudes, arrays["diff3d"])
+    np.testing.assert_array_equal(again.xcoords, arrays["xcoords"])
+    np.testing.assert_array_equal(again.probe[0], arrays["probeGuess"])
+    np.testing.assert_array_equal(again.object_guess, arrays["objectGuess"])
+    with np.load(out) as raw:
+        assert str(raw["diff3d_units"]) == "amplitude"
+    assert not list((tmp_path / "out").glob("*.tmp"))  # atomic write leaves no temp file
+
+
+def test_counts_are_converted_in_float64_without_overflow():
+    counts = np.array([[[65535, 0], [4, 9]]], dtype=np.uint16)
+    amplitudes = amplitudes_from_counts(counts)
+    assert amplitudes.dtype == np.float32
+    np.testing.assert_allclose(amplitudes[0], [[np.sqrt(65535.0), 0], [2, 3]], rtol=1e-7)
+    data = PtychoData.from_counts(counts, [0.0], [0.0], np.ones((2, 2), np.complex64))
+    np.testing.assert_allclose(data.counts()[0, 0, 0], 65535.0, rtol=1e-6)
+
+
+def test_units_from_explicit_key_and_from_integer_dtype(tmp_path, caplog):
+    arrays = _arrays()
+    counts = np.rint(np.square(arrays["diff3d"].astype(np.float64)))
+    explicit = load_npz(_write(tmp_path, **{**arrays, "diff3d": counts, "diff3d_units": "counts"}))
+    np.testing.assert_allclose(explicit.amplitudes, arrays["diff3d"], rtol=1e-6)
+    with caplog.at_level(logging.WARNING):
+        integer = load_npz(_write(tmp_path, **{**arrays, "diff3d": counts.astype(np.uint16)}))
+    assert "detector counts" in caplog.text
+    np.testing.assert_allclose(integer.amplitudes, arrays["diff3d"], rtol=1e-6)
+    with pytest.raises(ValueError, match="diff3d_units: found 'photons'"):
+        load_npz(_write(tmp_path, **{**arrays, "diff3d_units": "photons"}))
+
+
+def test_legacy_key_and_nnm_stack_are_accepted(tmp_path, caplog):
+    arrays = _arrays()
+    legacy = {k: v for k, v in arrays.items() if k != "diff3d"}
+    legacy["diffraction"] = np.moveaxis(arrays["diff3d"], 0, 2)  # (N, N, M)
+    with caplog.at_level(logging.WARNING):
+        data = load_npz(_write(tmp_path, **legacy))
+    assert "transposing" in caplog.text
+    np.testing.assert_array_equal(data.amplitudes, arrays["diff3d"])
+
+
+def test_missing_file_names_the_path(tmp_path):
+    missing = tmp_path / "nope.npz"
+    with pytest.raises(FileNotFoundError, match="nope.npz"):
+        load_npz(missing)
+
+
+def test_not_an_npz(tmp_path):
+    path = tmp_path / "garbage.npz"
+    path.write_bytes(b"not a zip at all")
+    with pytest.raises(ValueError, match="not a readable NPZ"):
+        load_npz(path)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda a: a.pop("diff3d"), "missing key 'diff3d'"),
+        (lambda a: a.pop("probeGuess"), "missing key 'probeGuess'"),
+        (lambda a: a.pop("xcoords"), "missing key 'xcoords'"),
+        (lambda a: a.update(diff3d=a["diff3d"] * (1 + 1j)), "diff3d: found complex values"),
+        (lambda a: a["diff3d"].__setitem__((0, 0, 0), np.nan), "diff3d: found 1 NaN/inf"),
+        (lambda a: a["diff3d"].__setitem__((0, 0, 0), -1.0), "diff3d: found minimum -1"),
+        (lambda a: a.update(diff3d=a["diff3d"][:, :, :-2]), r"diff3d: found shape \(12, 16, 14\)"),
+        (lambda a: a.update(diff3d=a["diff3d"][:-1]), "diff3d: found 11 patterns"),
+        (lambda a: a.update(ycoords=a["ycoords"][:-1]), r"ycoords: found shape \(11,\)"),
+        (lambda a: a.update(probeGuess=a["probeGuess"][:8, :8]), r"probeGuess: found shape \(8, 8\), expected \(16, 16\)"),
+        (lambda a: a.update(diff3d=a["diff3d"][0]), r"diff3d: found shape \(16, 16\)"),
+        (lambda a: a["xcoords"].__setitem__(0, np.inf), "xcoords: found 1 NaN/inf"),
+        (lambda a: a.update(objectGuess=np.ones(5)), r"objectGuess: found shape \(5,\)"),
+    ],
+)
+def test_bad_input_names_key_found_and_expected(tmp_path, change, match):
+    arrays = _arrays()
+    change(arrays)
+    with pytest.raises(ValueError, match=match) as info:
+        load_npz(_write(tmp_path, **arrays))
+    assert "expected" in str(info.value) or "missing key" in str(info.value)
+
+
+def test_subset_and_multimode_probe():
+    arrays = _arrays()
+    modes = np.stack([arrays["probeGuess"], 0.5 * arrays["probeGuess"]])
+    data = PtychoData.from_amplitudes(arrays["diff3d"], arrays["xcoords"], arrays["ycoords"], modes)
+    assert data.probe.shape == (2, N, N)
+    np.testing.assert_array_equal(data.probe_mode0, arrays["probeGuess"])
+    part = data.subset(np.array([1, 3]))
+    assert part.n_patterns == 2 and part.xcoords[1] == arrays["xcoords"][3]
+    assert part.positions.shape == (2, 2)
