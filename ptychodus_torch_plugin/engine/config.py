@@ -67,7 +67,9 @@ def _check_real(
     if ok and maximum is not None:
         ok = value <= maximum
     if not ok:
-        low = "" if minimum is None else (f" > {minimum}" if exclusive_minimum else f" >= {minimum}")
+        low = (
+            "" if minimum is None else (f" > {minimum}" if exclusive_minimum else f" >= {minimum}")
+        )
         high = "" if maximum is None else f" <= {maximum}"
         _fail(owner, name, value, f"a number{low}{high}")
 

@@ -104,9 +104,7 @@ def group_positions(
     if gridsize < 1:
         raise ValueError(f"gridsize = {gridsize} is invalid: allowed an integer >= 1")
     if k < c:
-        raise ValueError(
-            f"neighbor_count = {k} is invalid: allowed >= gridsize**2 = {c}"
-        )
+        raise ValueError(f"neighbor_count = {k} is invalid: allowed >= gridsize**2 = {c}")
     if n_groups < 0:
         raise ValueError(f"n_groups = {n_groups} is invalid: allowed >= 0 (0 = one per pattern)")
     if m < c:

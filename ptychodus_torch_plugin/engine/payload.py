@@ -164,8 +164,7 @@ class _Resolver:
         unknown = sorted(set(self._overrides) - self._used)
         if unknown:
             raise ValueError(
-                f"unknown {what} setting(s) {unknown}: allowed names are "
-                f"{sorted(self._used)}"
+                f"unknown {what} setting(s) {unknown}: allowed names are {sorted(self._used)}"
             )
 
 

@@ -466,8 +466,10 @@ def simulate_from_object(
     pad_px = _pad_needed(np.shape(obj), n, x, y) if pad == "auto" else int(pad)
     if pad_px < 0:
         raise ValueError(f"pad = {pad} is invalid: allowed a non-negative int or 'auto'")
-    starts = [None if s is None else np.asarray(s, np.float64) + pad_px
-              for s in (xcoords_start, ycoords_start)]
+    starts = [
+        None if s is None else np.asarray(s, np.float64) + pad_px
+        for s in (xcoords_start, ycoords_start)
+    ]
     if pad_px:
         obj, x, y = pad_object(obj, x, y, pad_px, pad_mode)
     amplitudes = far_field_amplitude(extract_patches(obj, x, y, n), probe)
@@ -494,13 +496,17 @@ def simulate_from_object_npz(path: str | os.PathLike[str], **kw: Any) -> PtychoD
     to ``simulate_from_object``.
     """
     with np.load(Path(path), allow_pickle=False) as npz:
-        missing = [k for k in ("objectGuess", "probeGuess", "xcoords", "ycoords")
-                   if k not in npz.files]
+        missing = [
+            k for k in ("objectGuess", "probeGuess", "xcoords", "ycoords") if k not in npz.files
+        ]
         if missing:
             raise ValueError(f"{path}: missing key(s) {missing}; found {sorted(npz.files)}")
         extra = {k: npz[k] for k in ("xcoords_start", "ycoords_start") if k in npz.files}
         return simulate_from_object(
-            npz["objectGuess"], npz["probeGuess"], npz["xcoords"], npz["ycoords"],
+            npz["objectGuess"],
+            npz["probeGuess"],
+            npz["xcoords"],
+            npz["ycoords"],
             **{**extra, **kw},
         )
 

@@ -106,7 +106,10 @@ def test_not_an_npz(tmp_path):
         (lambda a: a.update(diff3d=a["diff3d"][:, :, :-2]), r"diff3d: found shape \(12, 16, 14\)"),
         (lambda a: a.update(diff3d=a["diff3d"][:-1]), "diff3d: found 11 patterns"),
         (lambda a: a.update(ycoords=a["ycoords"][:-1]), r"ycoords: found shape \(11,\)"),
-        (lambda a: a.update(probeGuess=a["probeGuess"][:8, :8]), r"probeGuess: found shape \(8, 8\), expected \(16, 16\)"),
+        (
+            lambda a: a.update(probeGuess=a["probeGuess"][:8, :8]),
+            r"probeGuess: found shape \(8, 8\), expected \(16, 16\)",
+        ),
         (lambda a: a.update(diff3d=a["diff3d"][0]), r"diff3d: found shape \(16, 16\)"),
         (lambda a: a["xcoords"].__setitem__(0, np.inf), "xcoords: found 1 NaN/inf"),
         (lambda a: a.update(objectGuess=np.ones(5)), r"objectGuess: found shape \(5,\)"),

@@ -45,7 +45,9 @@ def test_neighbor_count_defaults_to_four_everywhere():
 
 @pytest.mark.parametrize("gridsize, k", [(2, 3), (3, 4), (3, 8)])
 def test_neighbor_count_below_channels_raises(gridsize, k):
-    with pytest.raises(ValueError, match=r"neighbor_count = %d .*>= gridsize\*\*2 = %d" % (k, gridsize**2)):
+    with pytest.raises(
+        ValueError, match=r"neighbor_count = %d .*>= gridsize\*\*2 = %d" % (k, gridsize**2)
+    ):
         create_training_payload({"gridsize": gridsize, "neighbor_count": k})
 
 
@@ -134,7 +136,9 @@ def test_missing_optional_logger_package_names_the_package(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a)
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "tensorboard" else real(name, *a),
     )
     with pytest.raises(ValueError, match="pip install tensorboard"):
         create_training_payload({"logger": "tensorboard"})

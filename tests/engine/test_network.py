@@ -1,0 +1,104 @@
+"""Generator shape, channel, activation, border and size invariants."""
+
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ptychodus_torch_plugin.engine.config import GridConfig, ModelConfig
+from ptychodus_torch_plugin.engine.network import (
+    Generator,
+    count_parameters,
+    encoder_widths,
+    flops_per_group,
+)
+
+
+def _config(n=32, gridsize=1, f=1, **kwargs):
+    grid = GridConfig(N=n, gridsize=gridsize, neighbor_count=max(4, gridsize * gridsize))
+    return ModelConfig(grid=grid, n_filters_scale=f, **kwargs)
+
+
+def _central_box(n):
+    box = torch.zeros(n, n, dtype=torch.bool)
+    box[n // 4 : n // 4 + n // 2, n // 4 : n // 4 + n // 2] = True
+    return box
+
+
+@pytest.mark.parametrize("n, gridsize", [(32, 1), (32, 2), (32, 3), (64, 2)])
+@pytest.mark.parametrize("probe_big", [True, False])
+def test_channels_shapes_and_ranges(n, gridsize, probe_big):
+    torch.manual_seed(0)
+    config = _config(n, gridsize, probe_big=probe_big)
+    c = gridsize * gridsize
+    model = Generator(config).eval()
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.in_channels == c == config.in_channels
+    heads = [m for name, m in model.named_modules() if name.endswith(("central", "border.3"))]
+    assert heads and all(h.out_channels == c == config.out_channels for h in heads)
+    with torch.no_grad():
+        out = model(torch.rand(2, c, n, n))
+    assert out.shape == (2, c, n, n) and out.dtype == torch.complex64
+    amp, phase = out.abs(), out.angle()
+    box = _central_box(n)
+    assert amp[..., box].min() > 0 and amp.max() < 1
+    assert phase.abs().max() < math.pi
+    if probe_big:
+        assert amp[..., ~box].min() > 0  # the border branch fills the outside
+    else:
+        assert amp[..., ~box].max() == 0  # without probe_big the outside is zero
+
+
+def test_wrong_input_channels_raise():
+    model = Generator(_config(32, 2))
+    with pytest.raises(ValueError, match=r"\(B, 4, 32, 32\)"):
+        model(torch.rand(1, 1, 32, 32))
+    with pytest.raises(ValueError):
+        model(torch.rand(1, 4, 64, 64))
+
+
+def test_silu_amplitude_and_amplitude_phase_agree():
+    torch.manual_seed(1)
+    model = Generator(_config(32, 1, amp_activation="silu")).eval()
+    assert isinstance(model.amp_activation, torch.nn.SiLU)
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        amp, phase = model.amplitude_phase(x)
+        out = model(x)
+    torch.testing.assert_close(out, torch.polar(amp, phase))
+
+
+def test_default_size_parameters_and_flops():
+    config = _config(64, 1, f=2)
+    model = Generator(config)
+    params = count_parameters(model)
+    macs = flops_per_group(config) / 2
+    print(f"N=64 f=2 C=1: {params:,} parameters, {macs / 1e9:.3f} GMAC per group")
+    assert encoder_widths(64, 2) == (64, 128, 256)
+    assert 2.0e6 < params < 2.6e6
+    assert 0.7e9 < macs < 0.9e9
+
+
+@pytest.mark.parametrize(
+    "n, gridsize, f, probe_big", [(64, 1, 2, True), (32, 3, 1, False), (128, 2, 1, True)]
+)
+def test_analytic_flops_match_flop_counter(n, gridsize, f, probe_big):
+    config = _config(n, gridsize, f, probe_big=probe_big)
+    model = Generator(config).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.rand(1, config.in_channels, n, n))
+    measured = counter.get_total_flops()
+    assert abs(flops_per_group(config) - measured) <= 0.05 * measured
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(2)
+    model = Generator(_config(32, 2, probe_big=True))
+    out = model(torch.rand(3, 4, 32, 32))
+    target = torch.polar(torch.rand(3, 4, 32, 32), torch.rand(3, 4, 32, 32))
+    (out - target).abs().square().mean().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        assert torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, name
