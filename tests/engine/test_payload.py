@@ -46,7 +46,7 @@ def test_neighbor_count_defaults_to_four_everywhere():
 @pytest.mark.parametrize("gridsize, k", [(2, 3), (3, 4), (3, 8)])
 def test_neighbor_count_below_channels_raises(gridsize, k):
     with pytest.raises(
-        ValueError, match=r"neighbor_count = %d .*>= gridsize\*\*2 = %d" % (k, gridsize**2)
+        ValueError, match=rf"neighbor_count = {k} .*>= gridsize\*\*2 = {gridsize**2}"
     ):
         create_training_payload({"gridsize": gridsize, "neighbor_count": k})
 
