@@ -357,8 +357,14 @@ def poisson_nll(
     intensity_scale: float | Tensor,
     mask: Tensor | None = None,
     eps: float = 1e-12,
+    *,
+    full: bool = False,
 ) -> Tensor:
-    """Per-pattern Poisson negative log-likelihood (without the constant ``log k!``).
+    """Per-pattern Poisson negative log-likelihood (by default without the constant ``log k!``).
+
+    ``full=True`` adds ``log k!`` (no gradient, same optimum): the result is then exactly
+    ``-log P(k | lam)``, never negative, which is what the logs and the host's log-scale loss
+    plot show.
 
     Rate ``lam = (s*pred)^2`` and counts ``k = (s*measured)^2``; per pixel ``lam - k*log(lam+eps)``.
     Bad pixels (``mask`` True, shape (N, N) or broadcastable to the amplitudes) contribute
@@ -374,6 +380,8 @@ def poisson_nll(
     lam = (intensity_scale * pred_amp).square()
     counts = (intensity_scale * measured_amp).square()
     per_pixel = lam - counts * torch.log(lam + eps)
+    if full:
+        per_pixel = per_pixel + torch.lgamma(counts.detach() + 1.0)
     good = _good_pixels(mask, per_pixel)
     if good is not None:
         per_pixel = per_pixel * good

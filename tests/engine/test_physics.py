@@ -261,6 +261,11 @@ def test_poisson_nll_matches_scipy_per_pattern():
     # per-pattern: regrouping the same patterns (B, C) -> (B*C, 1) gives the same value
     regrouped = poisson_nll(pred.reshape(12, 1, 8, 8), meas.reshape(12, 1, 8, 8), s)
     assert math.isclose(float(regrouped), float(loss), rel_tol=1e-12)
+    # full=True is exactly -logpmf: a true negative log-likelihood, never negative.
+    full = poisson_nll(pred, meas, s, full=True)
+    expected_full = (-poisson.logpmf(k, lam)).sum(axis=(-2, -1)).mean()
+    assert math.isclose(float(full), expected_full, rel_tol=1e-9)
+    assert float(full) > 0
 
 
 def test_losses_ignore_masked_pixels():

@@ -1,0 +1,135 @@
+"""LightningModules: physics-informed (unsupervised) and supervised training of the generator.
+
+Both wrap the same ``Autoencoder`` (generator + forward model) so the archive, inference and
+the host see one model type whichever way it was trained. Logged metric names are fixed here
+(``train_loss``, ``val_loss``) and are the names checkpointing and early stopping monitor.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+from .model import Autoencoder
+from .physics import mae_loss, poisson_nll
+
+TRAIN_LOSS = "train_loss"
+VAL_LOSS = "val_loss"
+
+
+def _wrapped_phase_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Phase difference wrapped to (-pi, pi], so phases near +-pi compare correctly."""
+    return torch.atan2(torch.sin(a - b), torch.cos(a - b))
+
+
+class _ReconstructionModule(L.LightningModule):
+    """Shared optimiser/scheduler plumbing; subclasses define ``_loss``."""
+
+    def __init__(
+        self,
+        autoencoder: Autoencoder,
+        *,
+        learning_rate: float,
+        scheduler: str,
+        max_epochs: int,
+        monitor: str = VAL_LOSS,
+    ) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.learning_rate = learning_rate
+        self.scheduler_name = scheduler
+        self.max_epochs = max_epochs
+        self.monitor = monitor
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.generator(inputs)
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        size = batch["inputs"].shape[0]
+        self.log(TRAIN_LOSS, loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss = self._loss(batch)
+        self.log(VAL_LOSS, loss, on_epoch=True, prog_bar=True, batch_size=batch["inputs"].shape[0])
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.learning_rate)
+        epochs = max(1, self.max_epochs)
+        if self.scheduler_name == "constant":
+            return optimizer
+        if self.scheduler_name == "exponential":
+            # Decays to 10% of the initial rate over the run, whatever its length.
+            gamma = 0.1 ** (1.0 / epochs)
+            scheduler: Any = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
+        elif self.scheduler_name == "cosine":
+            warmup = max(1, epochs // 10)
+
+            def factor(epoch: int) -> float:
+                if epoch < warmup:
+                    return (epoch + 1) / warmup
+                progress = (epoch - warmup) / max(1, epochs - warmup)
+                return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        elif self.scheduler_name == "plateau":
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=0.5, patience=2
+            )
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {
+                    "scheduler": scheduler,
+                    "monitor": self.monitor,
+                    "interval": "epoch",
+                },
+            }
+        else:  # pragma: no cover - ExecutionConfig validates the name
+            raise ValueError(f"scheduler = {self.scheduler_name!r} is unknown")
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
+
+
+class PINNModule(_ReconstructionModule):
+    """Unsupervised: the predicted diffraction must explain the measured diffraction."""
+
+    def __init__(
+        self,
+        autoencoder: Autoencoder,
+        *,
+        intensity_scale: float,
+        loss: str = "poisson",
+        bad_pixels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(autoencoder, **kwargs)
+        self.intensity_scale = float(intensity_scale)
+        self.loss_name = loss
+        self.register_buffer("bad_pixels", bad_pixels, persistent=False)
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = batch["inputs"]
+        _, predicted = self.autoencoder(inputs, batch["offsets"])
+        if self.loss_name == "poisson":
+            return poisson_nll(predicted, inputs, self.intensity_scale, self.bad_pixels, full=True)
+        return mae_loss(predicted, inputs, self.bad_pixels)
+
+
+class SupervisedModule(_ReconstructionModule):
+    """Supervised: L1 on amplitude and wrapped phase against ground-truth object patches."""
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        amplitude, phase = self.autoencoder.generator.amplitude_phase(batch["inputs"])
+        target = batch["targets"]
+        amplitude_loss = (amplitude - target.abs()).abs().mean()
+        phase_loss = _wrapped_phase_difference(phase, target.angle()).abs().mean()
+        return amplitude_loss + phase_loss

@@ -1,0 +1,127 @@
+"""A scan made ready for the network: normalised inputs, groups, scales, probe, mask.
+
+Training and inference both go through ``prepare_scan`` so the three scales of
+PTYCHOPINN.md section 2 are computed in one place and never mixed:
+input normalisation ``a`` (network input = a * amplitude), the physics scale ``s`` (used only
+by the Poisson loss), and the probe normalisation (applied by ``physics.normalize_probe``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .config import DataConfig, GridConfig
+from .data import PtychoData
+from .grouping import Groups, group_positions
+from .physics import input_normalization_factor, intensity_scale, normalize_probe
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedScan:
+    """Network-ready arrays for one scan (all per-pattern arrays indexed like the scan)."""
+
+    inputs: np.ndarray  # (M, N, N) float32 normalised amplitudes X = a * x, bad pixels zero
+    groups: Groups
+    input_scale: float  # a
+    intensity_scale: float  # s: (s * X)^2 are counts
+    nphotons: float  # mean counts per pattern the loss assumes
+    probe: np.ndarray  # (modes, N, N) complex64, normalised once
+    bad_pixels: np.ndarray | None  # (N, N) bool, True = excluded from the loss
+
+    @property
+    def n_groups(self) -> int:
+        return self.groups.n_groups
+
+    def group_inputs(self, rows: slice | np.ndarray) -> np.ndarray:
+        """(G, C, N, N) network inputs of the groups at ``rows``."""
+        return self.inputs[self.groups.indices[rows]]
+
+
+def prepare_scan(
+    data: PtychoData,
+    grid: GridConfig,
+    data_config: DataConfig,
+    *,
+    n_groups: int | None = None,
+    input_scale: float | None = None,
+) -> PreparedScan:
+    """Normalise and group a scan for a network of geometry ``grid``.
+
+    ``input_scale``: reuse a stored normalisation (``input_normalization = "stored"``) instead
+    of recomputing it from this scan (the default, since dose varies between scans).
+    """
+    if data.N != grid.N:
+        raise ValueError(
+            f"diff3d: found patterns of size {data.N}, expected N = {grid.N} (the model's patch "
+            "size); crop or bin the detector data, or train a model for this size"
+        )
+    amplitudes = data.amplitudes
+    if data.bad_pixels is not None and data.bad_pixels.any():
+        amplitudes = np.where(data.bad_pixels[None], 0.0, amplitudes).astype(np.float32)
+    if input_scale is None or data_config.input_normalization == "recompute":
+        input_scale = input_normalization_factor(amplitudes)
+    inputs = (amplitudes * np.float32(input_scale)).astype(np.float32)
+    nphotons = data_config.nphotons if data_config.nphotons is not None else data.mean_photons()
+    if not nphotons > 0:
+        raise ValueError("diff3d: the patterns hold no counts; nothing to reconstruct")
+    probe = normalize_probe(torch.from_numpy(data.probe), data_config.probe_scale).numpy()
+    groups = group_positions(
+        data.xcoords,
+        data.ycoords,
+        grid.gridsize,
+        grid.neighbor_count,
+        n_groups=data_config.n_groups if n_groups is None else n_groups,
+        seed=data_config.seed,
+    )
+    return PreparedScan(
+        inputs=inputs,
+        groups=groups,
+        input_scale=float(input_scale),
+        intensity_scale=intensity_scale(inputs, nphotons),
+        nphotons=float(nphotons),
+        probe=probe.astype(np.complex64),
+        bad_pixels=None if data.bad_pixels is None else data.bad_pixels.copy(),
+    )
+
+
+class GroupDataset(Dataset):
+    """Groups of a prepared scan as tensors: inputs (C,N,N), offsets (C,2) [, targets].
+
+    ``targets`` (supervised mode): complex object patches (M, N, N) at each pattern's position,
+    gathered per group like the inputs.
+    """
+
+    def __init__(
+        self,
+        scan: PreparedScan,
+        rows: np.ndarray | None = None,
+        targets: np.ndarray | None = None,
+    ) -> None:
+        self._rows = np.arange(scan.n_groups) if rows is None else np.asarray(rows)
+        indices = scan.groups.indices[self._rows]
+        self._inputs = torch.from_numpy(scan.inputs)
+        self._indices = torch.from_numpy(indices)
+        self._offsets = torch.from_numpy(scan.groups.offsets[self._rows].astype(np.float32))
+        self._targets = None if targets is None else torch.from_numpy(targets)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
+        members = self._indices[item]
+        sample = {"inputs": self._inputs[members], "offsets": self._offsets[item]}
+        if self._targets is not None:
+            sample["targets"] = self._targets[members]
+        return sample
+
+
+def split_rows(n_groups: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/validation split of group rows (at least one validation group)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n_groups)
+    n_val = max(1, int(round(fraction * n_groups))) if n_groups > 1 and fraction > 0 else 0
+    return np.sort(order[n_val:]), np.sort(order[:n_val])

@@ -1,0 +1,387 @@
+"""Training: a Lightning Trainer built from the execution config, behaviour added by Callbacks.
+
+``train(payload, data, ...)`` is the one entry point used by the CLI, the Ptychodus host and the
+Qt worker. What differs between them (a progress bar, a live loss plot, a Stop button) is
+attached through ``TrainingObserver`` and ``CancelToken``, adapted here into Lightning Callback
+hooks, not threaded through the training code as flags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from .config import SUPPORTED_BACKEND, ExecutionConfig
+from .data import PtychoData
+from .model import EpochRecord, TrainedModel
+from .module import TRAIN_LOSS, VAL_LOSS, PINNModule, SupervisedModule
+from .payload import TrainingPayload
+from .prepare import GroupDataset, PreparedScan, prepare_scan, split_rows
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingObserver(Protocol):
+    """What a front end (CLI, Ptychodus, Qt) hears during training. All methods optional."""
+
+    def on_train_start(self, total_epochs: int, batches_per_epoch: int) -> None: ...
+
+    def on_batch_end(self, epoch: int, batch: int, batches: int, loss: float) -> None: ...
+
+    def on_epoch_end(self, record: EpochRecord) -> None: ...
+
+
+class CancelToken:
+    """Cooperative cancellation, safe to set from another thread; checked every batch."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass
+class TrainingResult:
+    """What training returns: the model (best weights so far) and how the run went."""
+
+    model: TrainedModel
+    history: list[EpochRecord]
+    cancelled: bool
+    best_epoch: int | None
+    output_dir: Path | None
+    backend: str = SUPPORTED_BACKEND
+    checkpoint_paths: list[Path] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- callbacks
+class _ObserverCallback(Callback):
+    def __init__(self, observer: Any) -> None:
+        self._observer = observer
+
+    def _call(self, name: str, *args: Any) -> None:
+        method = getattr(self._observer, name, None)
+        if method is not None:
+            method(*args)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._call("on_train_start", trainer.max_epochs, int(trainer.num_training_batches))
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float("nan")
+        self._call(
+            "on_batch_end", trainer.current_epoch, idx, int(trainer.num_training_batches), value
+        )
+
+
+class _CancelCallback(Callback):
+    """Stops within one batch of ``token.cancel()``: checked after every batch.
+
+    It must run after every other batch-end hook (``train`` adds it last), so a cancel raised
+    by an observer or another thread during batch k stops training right after batch k.
+    """
+
+    def __init__(self, token: CancelToken) -> None:
+        self.token = token
+        self.cancelled = False
+
+    def _check(self, trainer: L.Trainer) -> None:
+        if self.token.cancelled:
+            self.cancelled = True
+            trainer.should_stop = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        self._check(trainer)
+
+
+class _HistoryCallback(Callback):
+    """Per-epoch records and the best weights so far, kept in memory (no disk needed)."""
+
+    def __init__(self, monitor: str, mode: str, observer: Any) -> None:
+        self.monitor = monitor
+        self.mode = mode
+        self.observer = observer
+        self.history: list[EpochRecord] = []
+        self.best_value: float | None = None
+        self.best_epoch: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self._started = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        train_loss = metrics.get(f"{TRAIN_LOSS}_epoch", metrics.get(TRAIN_LOSS))
+        if train_loss is None:  # epoch cancelled before its first batch finished
+            return
+        val_loss = metrics.get(VAL_LOSS)
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        record = EpochRecord(
+            epoch=len(self.history) + 1,
+            train_loss=float(train_loss),
+            val_loss=None if val_loss is None else float(val_loss),
+            learning_rate=float(optimizer.param_groups[0]["lr"]) if optimizer else 0.0,
+            seconds=time.perf_counter() - self._started,
+        )
+        self.history.append(record)
+        value = metrics.get(self.monitor)
+        if value is not None:
+            value = float(value)
+            better = (
+                self.best_value is None
+                or (self.mode == "min" and value < self.best_value)
+                or (self.mode == "max" and value > self.best_value)
+            )
+            if better:
+                self.best_value, self.best_epoch = value, record.epoch
+                self.best_state = copy.deepcopy(pl_module.autoencoder.state_dict())
+        method = getattr(self.observer, "on_epoch_end", None)
+        if method is not None:
+            method(record)
+
+
+# ----------------------------------------------------------------------------- trainer
+def resolve_accelerator(accelerator: str) -> str:
+    """Lightning's accelerator name; 'gpu'/'cuda' fail clearly when no GPU is present."""
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"accelerator = {accelerator!r} was requested but no CUDA GPU is available to "
+            "PyTorch: use accelerator 'auto' or 'cpu', or install a CUDA build of torch"
+        )
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("accelerator = 'mps' was requested but Apple MPS is not available")
+    return "cuda" if accelerator == "gpu" else accelerator
+
+
+def _logger(execution: ExecutionConfig, root: Path) -> Any:
+    if execution.logger == "none":
+        return False
+    if execution.logger == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(root, name="logs")
+    if execution.logger == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(root, name="tensorboard")
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    return MLFlowLogger(tracking_uri=(root / "mlruns").as_uri())
+
+
+def _deterministic(execution: ExecutionConfig, accelerator: str) -> bool | str:
+    """CUDA's grid/bilinear backward has no deterministic kernel: warn instead of crashing."""
+    if not execution.deterministic:
+        return False
+    cuda_possible = accelerator in ("cuda", "auto") and torch.cuda.is_available()
+    return "warn" if cuda_possible else True
+
+
+@contextlib.contextmanager
+def _run_directory(output_dir: Path | None) -> Iterator[Path]:
+    if output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        yield output_dir
+    else:
+        with tempfile.TemporaryDirectory(prefix="ptychodus-torch-") as tmp:
+            yield Path(tmp)
+
+
+def _supervised_targets(data: PtychoData) -> np.ndarray:
+    if data.object_guess is None:
+        raise ValueError(
+            "objectGuess: not found, expected a ground-truth object for supervised training; "
+            "use the PINN (unsupervised) mode for data without ground truth"
+        )
+    from .simulate import extract_patches
+
+    patches = extract_patches(data.object_guess, data.xcoords, data.ycoords, data.N)
+    # The amplitude head is bounded (sigmoid): learn amplitudes relative to the object's peak.
+    peak = float(np.abs(data.object_guess).max()) or 1.0
+    return (patches / peak).astype(np.complex64)
+
+
+def train(
+    payload: TrainingPayload,
+    data: PtychoData,
+    *,
+    test_data: PtychoData | None = None,
+    output_dir: str | Path | None = None,
+    observer: Any | None = None,
+    cancel: CancelToken | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> TrainingResult:
+    """Train a generator on ``data`` as configured by ``payload``.
+
+    Validation uses ``test_data`` when given, else a seeded ``validation_fraction`` split of
+    the groups. Returns the best weights by the monitored metric (the last ones when nothing
+    was monitored), also when training was cancelled.
+    """
+    grid, execution = payload.grid, payload.execution
+    accelerator = resolve_accelerator(execution.accelerator)
+    L.seed_everything(payload.data.seed, workers=True, verbose=False)
+
+    scan = prepare_scan(data, grid, payload.data)
+    supervised = payload.training.mode == "supervised"
+    targets = _supervised_targets(data) if supervised else None
+    if test_data is not None:
+        val_scan: PreparedScan | None = prepare_scan(
+            test_data, grid, payload.data, input_scale=scan.input_scale
+        )
+        train_rows = np.arange(scan.n_groups)
+        val_targets = _supervised_targets(test_data) if supervised else None
+        val_set = GroupDataset(val_scan, targets=val_targets)
+    else:
+        train_rows, val_rows = split_rows(
+            scan.n_groups, payload.data.validation_fraction, payload.data.seed
+        )
+        val_set = GroupDataset(scan, val_rows, targets=targets) if len(val_rows) else None
+    train_set = GroupDataset(scan, train_rows, targets=targets)
+
+    checkpointing = execution.checkpointing
+    monitor = checkpointing.monitor
+    if val_set is None and monitor == VAL_LOSS:
+        logger.warning("no validation data (validation_fraction = 0): monitoring %s", TRAIN_LOSS)
+        monitor = TRAIN_LOSS
+    if monitor not in (TRAIN_LOSS, VAL_LOSS):
+        raise ValueError(
+            f"CheckpointConfig.monitor = {monitor!r} is invalid: allowed {VAL_LOSS!r} or "
+            f"{TRAIN_LOSS!r} (the metrics this module logs)"
+        )
+
+    model = TrainedModel.build(
+        payload.to_flat(),
+        scan.probe,
+        input_scale=scan.input_scale,
+        intensity_scale=scan.intensity_scale,
+        nphotons=scan.nphotons,
+    )
+    module_kwargs: dict[str, Any] = {
+        "learning_rate": execution.learning_rate,
+        "scheduler": execution.scheduler,
+        "max_epochs": payload.training.epochs,
+        "monitor": monitor,
+    }
+    if supervised:
+        module: L.LightningModule = SupervisedModule(model.autoencoder, **module_kwargs)
+    else:
+        mask = None if scan.bad_pixels is None else torch.from_numpy(scan.bad_pixels)
+        module = PINNModule(
+            model.autoencoder,
+            intensity_scale=scan.intensity_scale,
+            loss=payload.training.loss,
+            bad_pixels=mask,
+            **module_kwargs,
+        )
+
+    generator = torch.Generator().manual_seed(payload.data.seed)
+    loader_kwargs: dict[str, Any] = {
+        "batch_size": payload.training.batch_size,
+        "num_workers": execution.num_workers,
+        "persistent_workers": execution.num_workers > 0,
+    }
+    train_loader = DataLoader(train_set, shuffle=True, generator=generator, **loader_kwargs)
+    val_loader = DataLoader(val_set, shuffle=False, **loader_kwargs) if val_set else None
+
+    history_cb = _HistoryCallback(monitor, checkpointing.mode, observer)
+    cancel_cb = _CancelCallback(cancel or CancelToken())
+    all_callbacks: list[Callback] = [history_cb, *callbacks]
+    if observer is not None:
+        all_callbacks.append(_ObserverCallback(observer))
+    if execution.early_stop_patience is not None:
+        all_callbacks.append(
+            EarlyStopping(monitor, patience=execution.early_stop_patience, mode=checkpointing.mode)
+        )
+
+    out = None if output_dir is None else Path(output_dir)
+    with _run_directory(out) as root:
+        checkpoint_cb = None
+        if checkpointing.enable and out is not None:
+            checkpoint_cb = ModelCheckpoint(
+                dirpath=root / "checkpoints",
+                filename="epoch{epoch:03d}-{" + monitor + ":.4f}",
+                auto_insert_metric_name=False,
+                monitor=monitor,
+                mode=checkpointing.mode,
+                save_top_k=checkpointing.save_top_k,
+                save_last=True,
+            )
+            all_callbacks.append(checkpoint_cb)
+        all_callbacks.append(cancel_cb)  # last: sees a cancel raised by any hook before it
+        trainer = L.Trainer(
+            accelerator=accelerator,
+            devices=execution.devices,
+            num_nodes=execution.num_nodes,
+            strategy=execution.strategy,
+            precision=execution.precision,
+            deterministic=_deterministic(execution, accelerator),
+            max_epochs=payload.training.epochs,
+            gradient_clip_val=execution.gradient_clip_val,
+            accumulate_grad_batches=execution.accumulate_grad_batches,
+            logger=_logger(execution, root),
+            enable_checkpointing=checkpoint_cb is not None,
+            enable_progress_bar=execution.enable_progress_bar,
+            enable_model_summary=False,
+            callbacks=all_callbacks,
+            default_root_dir=root,
+            num_sanity_val_steps=0,
+            log_every_n_steps=1,
+        )
+        trainer.fit(module, train_loader, val_loader)
+        checkpoint_paths = _checkpoint_files(checkpoint_cb)
+
+    if history_cb.best_state is not None:
+        model.autoencoder.load_state_dict(history_cb.best_state)
+    model.autoencoder.cpu()
+    model.history = list(history_cb.history)
+    model.training_device = str(trainer.strategy.root_device)
+    if cancel_cb.cancelled:
+        logger.warning(
+            "training stopped by request after %d epoch(s); keeping the best model so far "
+            "(epoch %s)",
+            len(model.history),
+            history_cb.best_epoch,
+        )
+    return TrainingResult(
+        model=model,
+        history=model.history,
+        cancelled=cancel_cb.cancelled,
+        best_epoch=history_cb.best_epoch,
+        output_dir=out,
+        backend=model.backend,
+        checkpoint_paths=checkpoint_paths,
+    )
+
+
+def _checkpoint_files(checkpoint_cb: ModelCheckpoint | None) -> list[Path]:
+    if checkpoint_cb is None or not checkpoint_cb.dirpath:
+        return []
+    directory = Path(checkpoint_cb.dirpath)
+    return sorted(directory.glob("*.ckpt")) if directory.exists() else []

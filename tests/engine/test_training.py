@@ -1,0 +1,119 @@
+"""Lightning training: gridsize channels, observers, cancellation, schedulers, checkpoints."""
+
+import numpy as np
+import pytest
+from conftest import tiny_overrides
+
+from ptychodus_torch_plugin.engine.payload import create_training_payload
+from ptychodus_torch_plugin.engine.training import CancelToken, train
+
+
+class Recorder:
+    def __init__(self, cancel_at=None, token=None):
+        self.events = []
+        self.cancel_at = cancel_at
+        self.token = token
+
+    def on_train_start(self, total_epochs, batches_per_epoch):
+        self.events.append(("start", total_epochs, batches_per_epoch))
+
+    def on_batch_end(self, epoch, batch, batches, loss):
+        self.events.append(("batch", epoch, batch, loss))
+        if self.cancel_at == (epoch, batch):
+            self.token.cancel()
+
+    def on_epoch_end(self, record):
+        self.events.append(("epoch", record))
+
+
+@pytest.mark.parametrize("gridsize", [1, 2])
+def test_training_runs_and_reports_in_order(small_scan, gridsize):
+    recorder = Recorder()
+    payload = create_training_payload(tiny_overrides(gridsize=gridsize))
+    result = train(payload, small_scan, observer=recorder)
+    first_conv = next(m for m in result.model.generator.modules() if hasattr(m, "in_channels"))
+    assert first_conv.in_channels == gridsize * gridsize
+    assert result.backend == "pytorch" and not result.cancelled
+    assert [r.epoch for r in result.history] == [1, 2]
+    assert all(r.train_loss > 0 and r.val_loss > 0 for r in result.history)  # full NLL >= 0
+    kinds = [e[0] for e in recorder.events]
+    assert kinds[0] == "start" and kinds[-1] == "epoch"
+    n_batches = recorder.events[0][2]
+    assert kinds.count("batch") == 2 * n_batches and kinds.count("epoch") == 2
+    assert result.model.epochs_trained == 2
+
+
+def test_cancel_stops_within_one_batch(small_scan):
+    token = CancelToken()
+    recorder = Recorder(cancel_at=(0, 2), token=token)
+    payload = create_training_payload(tiny_overrides(epochs=20, batch_size=8))
+    result = train(payload, small_scan, observer=recorder, cancel=token)
+    batches = [e for e in recorder.events if e[0] == "batch"]
+    assert result.cancelled
+    assert [(e[1], e[2]) for e in batches] == [(0, 0), (0, 1), (0, 2)]
+    assert len(result.history) <= 1
+    # The model is still usable.
+    patches = result.model.predict(np.zeros((2, 1, 32, 32), np.float32))
+    assert patches.shape == (2, 1, 32, 32) and np.isfinite(patches).all()
+
+
+@pytest.mark.parametrize("scheduler", ["exponential", "cosine"])
+def test_schedulers_really_step(small_scan, scheduler):
+    payload = create_training_payload(tiny_overrides(epochs=3, scheduler=scheduler, n_groups=48))
+    rates = [r.learning_rate for r in train(payload, small_scan).history]
+    assert len(set(rates)) == 3, rates
+
+
+def test_plateau_scheduler_monitors_the_validation_loss(small_scan):
+    payload = create_training_payload(tiny_overrides(epochs=2, scheduler="plateau", n_groups=48))
+    assert len(train(payload, small_scan).history) == 2
+
+
+def test_checkpoints_and_csv_logs_on_the_real_metric(small_scan, tmp_path):
+    payload = create_training_payload(
+        tiny_overrides(logger="csv", n_groups=64, checkpoint_save_top_k=1)
+    )
+    result = train(payload, small_scan, output_dir=tmp_path)
+    names = [p.name for p in result.checkpoint_paths]
+    assert "last.ckpt" in names and any("epoch" in n for n in names), names
+    metrics = list(tmp_path.glob("logs/*/metrics.csv"))
+    assert metrics, list(tmp_path.rglob("*"))
+    header = metrics[0].read_text().splitlines()[0]
+    assert "val_loss" in header and "train_loss_epoch" in header
+    assert result.best_epoch in (1, 2)
+
+
+def test_early_stopping_uses_the_monitored_metric(small_scan):
+    payload = create_training_payload(
+        tiny_overrides(epochs=3, early_stop_patience=1, n_groups=48, learning_rate=1e-9)
+    )
+    result = train(payload, small_scan)
+    assert 1 <= len(result.history) <= 3
+
+
+def test_test_data_is_used_for_validation(small_scan):
+    payload = create_training_payload(tiny_overrides(epochs=1, n_groups=32))
+    result = train(
+        payload, small_scan.subset(np.arange(64)), test_data=small_scan.subset(np.arange(64, 96))
+    )
+    assert result.history[0].val_loss is not None
+
+
+def test_supervised_mode_needs_ground_truth(small_scan):
+    payload = create_training_payload(tiny_overrides(epochs=1, mode="supervised", n_groups=32))
+    result = train(payload, small_scan)
+    assert result.history[0].train_loss > 0
+    no_truth = small_scan.subset(np.arange(small_scan.n_patterns))
+    object.__setattr__(no_truth, "object_guess", None)
+    with pytest.raises(ValueError, match="objectGuess: not found"):
+        train(payload, no_truth)
+
+
+def test_unavailable_gpu_is_a_clear_error(small_scan):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    payload = create_training_payload(tiny_overrides(accelerator="gpu"))
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        train(payload, small_scan)
