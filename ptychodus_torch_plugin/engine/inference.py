@@ -1,0 +1,439 @@
+"""Inference: predict object patches for a scan and stitch them into one object image.
+
+Why stitching looks the way it does (shared/design/PTYCHOPINN.md section 8):
+
+* Every channel patch is placed at **its own absolute scan position**. The reference averaged a
+  group's channels at the group centroid without shifting them, which blurs every gridsize > 1
+  reconstruction; here a group is just C independent patches for the stitcher.
+* Only the central ``round(N * crop_fraction)`` box of a patch is used: the network's border
+  pixels are the least constrained (probe intensity is low there).
+* Patches are weighted by the probe intensity ``sum_modes |P|^2`` (cropped the same way), the
+  local signal-to-noise of the prediction, or uniformly. The stitched object is
+  ``sum(w * patch) / sum(w)``, so overlapping true patches reproduce the object exactly.
+* Fractional positions are splatted bilinearly: each cropped pixel spreads over the four
+  nearest canvas pixels. Numerator and denominator get the same bilinear weights, so a constant
+  object comes back constant whatever the sub-pixel positions are.
+* Geometry is the engine-wide convention: patch pixel ``j`` of a pattern at position ``x``
+  samples object coordinate ``x - N/2 + j`` (rows likewise), object pixel ``i`` is centred at
+  coordinate ``i``; positions are ``(x, y) = (column, row)``.
+* The canvas geometry (origin and size) is explicit and returned, so a host can place the image;
+  a host that passes its object frame ``CanvasGeometry(0, 0, W, H)`` gets the result in it.
+
+Everything is vectorised (``np.add.at`` on flattened indices, applied in patch order so chunked
+and one-shot stitching perform the identical sequence of additions), and the streaming entry
+point :func:`reconstruct_iter` holds only one chunk of patches at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from .data import PtychoData
+from .model import TrainedModel
+from .payload import InferencePayload
+from .prepare import prepare_scan
+
+__all__ = [
+    "CanvasGeometry",
+    "InferenceChunk",
+    "InferenceResult",
+    "StitchedObject",
+    "Stitcher",
+    "crop_size",
+    "reconstruct",
+    "reconstruct_iter",
+    "select_device",
+    "stitch_patches",
+]
+
+Weighting = Literal["probe", "uniform"]
+
+#: Canvas pixels whose summed weight is below this fraction of the largest single-pixel patch
+#: weight count as uncovered (they are 0 in the result). Relative, so the probe's scale does
+#: not matter.
+_RELATIVE_EPS = 1e-9
+#: Patches splatted per vectorised block inside :meth:`Stitcher.add` (bounds index memory).
+_BLOCK = 512
+
+
+def crop_size(N: int, crop_fraction: float) -> int:  # noqa: N803 - N is the patch size
+    """Side of the central box of a patch that is stitched: ``round(N * crop_fraction)``."""
+    if not 0.0 < crop_fraction <= 1.0:
+        raise ValueError(f"crop_fraction = {crop_fraction!r} is invalid: allowed (0, 1]")
+    return max(1, min(N, int(round(N * crop_fraction))))
+
+
+def _crop_start(N: int, size: int) -> int:  # noqa: N803
+    """First patch index of the central box; keeps pixel ``N//2`` central like ``center_crop``."""
+    return N // 2 - size // 2
+
+
+@dataclass(frozen=True)
+class CanvasGeometry:
+    """Where the stitched image lies: canvas pixel (r, c) is object coordinate
+    ``(origin_y + r, origin_x + c)`` (row, column)."""
+
+    origin_x: float
+    origin_y: float
+    width: int
+    height: int
+
+    def __post_init__(self) -> None:
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"CanvasGeometry.{name} = {value!r} is invalid: allowed >= 1")
+        for name in ("origin_x", "origin_y"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"CanvasGeometry.{name} = {getattr(self, name)!r} is not finite")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the canvas arrays."""
+        return (int(self.height), int(self.width))
+
+    @classmethod
+    def covering(
+        cls,
+        positions: np.ndarray,
+        N: int,  # noqa: N803
+        crop_fraction: float = 0.5,
+    ) -> CanvasGeometry:
+        """The smallest integer-origin canvas holding every cropped patch at ``positions``.
+
+        ``positions`` is (..., 2) in (x, y). A 1-pixel margin on every side leaves room for the
+        bilinear splat of fractional positions, so nothing is ever dropped at the edge.
+        """
+        pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
+        if pos.shape[0] == 0:
+            raise ValueError("positions: found none, expected at least one (x, y) position")
+        if not np.all(np.isfinite(pos)):
+            raise ValueError("positions: found NaN/inf values, expected finite positions")
+        size = crop_size(N, crop_fraction)
+        first = _crop_start(N, size) - N / 2.0  # coordinate of cropped pixel 0 minus position
+        low = np.floor(pos.min(axis=0) + first) - 1.0
+        high = np.ceil(pos.max(axis=0) + first + size - 1) + 1.0
+        width, height = (high - low + 1).astype(np.int64)
+        return cls(float(low[0]), float(low[1]), int(width), int(height))
+
+
+@dataclass
+class StitchedObject:
+    """A stitched object: ``object`` (H, W) complex64, 0 wherever ``weights`` is ~0."""
+
+    object: np.ndarray  # (H, W) complex64
+    weights: np.ndarray  # (H, W) float32 summed patch weights
+    canvas: CanvasGeometry
+
+    @property
+    def covered(self) -> np.ndarray:
+        """(H, W) bool: pixels that received patch weight."""
+        return self.weights > 0
+
+
+def _probe_weight(probe: np.ndarray | None, N: int, weighting: str) -> np.ndarray:  # noqa: N803
+    """(N, N) float64 per-pixel patch weight before cropping."""
+    if weighting == "uniform":
+        return np.ones((N, N), dtype=np.float64)
+    if weighting != "probe":
+        raise ValueError(f"weighting = {weighting!r} is invalid: allowed 'probe' or 'uniform'")
+    if probe is None:
+        raise ValueError("weighting = 'probe' needs a probe: pass probe=, or use 'uniform'")
+    p = np.asarray(probe)
+    if p.ndim == 2:
+        p = p[np.newaxis]
+    if p.ndim != 3 or p.shape[1:] != (N, N):
+        raise ValueError(
+            f"probe: found shape {np.shape(probe)}, expected ({N}, {N}) or (modes, N, N)"
+        )
+    intensity = np.sum(np.abs(p.astype(np.complex128)) ** 2, axis=0)
+    if not np.all(np.isfinite(intensity)) or intensity.max() <= 0:
+        raise ValueError("probe: its intensity is zero or not finite; cannot weight patches")
+    return intensity
+
+
+class Stitcher:
+    """Accumulates weighted, cropped, bilinearly splatted patches on a fixed canvas.
+
+    Call :meth:`add` once per chunk of patches (memory is bounded by the chunk) and
+    :meth:`result` whenever a snapshot is wanted; ``result`` does not disturb the accumulation.
+    """
+
+    def __init__(
+        self,
+        canvas: CanvasGeometry,
+        N: int,  # noqa: N803
+        probe: np.ndarray | None = None,
+        weighting: Weighting | str = "probe",
+        crop_fraction: float = 0.5,
+    ) -> None:
+        self.canvas = canvas
+        self.N = int(N)
+        self.crop = crop_size(self.N, crop_fraction)
+        self._start = _crop_start(self.N, self.crop)
+        box = slice(self._start, self._start + self.crop)
+        self._weight = np.ascontiguousarray(_probe_weight(probe, self.N, weighting)[box, box])
+        self._eps = _RELATIVE_EPS * float(self._weight.max())
+        h, w = canvas.shape
+        # float64 accumulators: many overlapping patches are summed without visible rounding.
+        self._numerator = np.zeros(h * w, dtype=np.complex128)
+        self._denominator = np.zeros(h * w, dtype=np.float64)
+        self.patches_added = 0
+
+    def add(self, patches: np.ndarray, positions: np.ndarray) -> None:
+        """Splat ``patches`` (..., N, N) complex, each at its own ``positions`` (..., 2) (x, y).
+
+        Typically (G, C, N, N) with (G, C, 2) absolute channel positions from
+        ``grouping.Groups.positions``; any matching leading shape works (e.g. (M, N, N)).
+        """
+        n = self.N
+        patches = np.asarray(patches)
+        positions = np.asarray(positions, dtype=np.float64)
+        if patches.ndim < 3 or patches.shape[-2:] != (n, n):
+            raise ValueError(f"patches: found shape {patches.shape}, expected (..., {n}, {n})")
+        if positions.shape != (*patches.shape[:-2], 2):
+            raise ValueError(
+                f"positions: found shape {positions.shape}, expected "
+                f"{(*patches.shape[:-2], 2)} (one (x, y) per patch)"
+            )
+        flat_patches = patches.reshape(-1, n, n)
+        flat_positions = positions.reshape(-1, 2)
+        if not np.all(np.isfinite(flat_positions)):
+            raise ValueError("positions: found NaN/inf values, expected finite positions")
+        box = slice(self._start, self._start + self.crop)
+        for begin in range(0, flat_patches.shape[0], _BLOCK):
+            block = flat_patches[begin : begin + _BLOCK, box, box].astype(np.complex128)
+            self._splat(block, flat_positions[begin : begin + _BLOCK])
+        self.patches_added += flat_patches.shape[0]
+
+    def _splat(self, cropped: np.ndarray, positions: np.ndarray) -> None:
+        """Bilinear splat of cropped patches (P, n, n) at positions (P, 2), vectorised."""
+        h, w = self.canvas.shape
+        k = np.arange(self.crop, dtype=np.float64)
+        first = self._start - self.N / 2.0
+        # Canvas coordinate of cropped pixel 0 of each patch, split in integer + fraction; the
+        # fraction is shared by every pixel of a patch (integer positions: exactly 0).
+        col0 = positions[:, 0] + first - self.canvas.origin_x
+        row0 = positions[:, 1] + first - self.canvas.origin_y
+        col_int, row_int = np.floor(col0), np.floor(row0)
+        fx, fy = col0 - col_int, row0 - row_int
+        cols = col_int[:, None] + k  # (P, n)
+        rows = row_int[:, None] + k
+        corners = (
+            (0, 0, (1 - fx) * (1 - fy)),
+            (0, 1, fx * (1 - fy)),
+            (1, 0, (1 - fx) * fy),
+            (1, 1, fx * fy),
+        )
+        for dr, dc, corner_weight in corners:
+            use = corner_weight > 0  # skip exact zeros: adding 0 changes nothing
+            if not use.any():
+                continue
+            r = (rows[use] + dr).astype(np.int64)[:, :, None]  # (p, n, 1)
+            c = (cols[use] + dc).astype(np.int64)[:, None, :]  # (p, 1, n)
+            wts = corner_weight[use][:, None, None] * self._weight  # (p, n, n)
+            inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)  # host canvases may clip
+            index = np.broadcast_to(r * w + c, inside.shape)[inside]
+            np.add.at(self._numerator, index, (wts * cropped[use])[inside])
+            np.add.at(self._denominator, index, np.broadcast_to(wts, inside.shape)[inside])
+
+    def result(self) -> StitchedObject:
+        """numerator / denominator where the denominator exceeds a tiny eps, else 0."""
+        h, w = self.canvas.shape
+        covered = self._denominator > self._eps
+        obj = np.zeros(h * w, dtype=np.complex128)
+        np.divide(self._numerator, self._denominator, out=obj, where=covered)
+        weights = np.where(covered, self._denominator, 0.0)
+        return StitchedObject(
+            object=obj.reshape(h, w).astype(np.complex64),
+            weights=weights.reshape(h, w).astype(np.float32),
+            canvas=self.canvas,
+        )
+
+
+def stitch_patches(
+    patches: np.ndarray,
+    positions: np.ndarray,
+    N: int,  # noqa: N803
+    probe: np.ndarray | None = None,
+    weighting: Weighting | str = "probe",
+    crop_fraction: float = 0.5,
+    canvas: CanvasGeometry | None = None,
+) -> StitchedObject:
+    """One-shot stitching of all ``patches`` (..., N, N) at ``positions`` (..., 2).
+
+    ``canvas`` defaults to :meth:`CanvasGeometry.covering` of the positions.
+    """
+    if canvas is None:
+        canvas = CanvasGeometry.covering(positions, N, crop_fraction)
+    stitcher = Stitcher(canvas, N, probe, weighting, crop_fraction)
+    stitcher.add(patches, positions)
+    return stitcher.result()
+
+
+# ---------------------------------------------------------------------------------------------
+# Model inference
+# ---------------------------------------------------------------------------------------------
+
+
+def select_device(accelerator: str) -> torch.device:
+    """Device for ``ExecutionConfig.accelerator``: auto prefers cuda, then mps, then cpu.
+
+    An explicit request for hardware that is missing fails loudly instead of silently running
+    on the CPU (a trap of the reference's CLI).
+    """
+    if accelerator == "cpu":
+        return torch.device("cpu")
+    if accelerator == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"accelerator = {accelerator!r} was requested but CUDA is not available "
+                f"(torch {torch.__version__}); use accelerator 'cpu' or 'auto'"
+            )
+        return torch.device("cuda")
+    if accelerator == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise RuntimeError(
+                "accelerator = 'mps' was requested but MPS is not available; "
+                "use accelerator 'cpu' or 'auto'"
+            )
+        return torch.device("mps")
+    raise ValueError(
+        f"accelerator = {accelerator!r} is invalid: allowed 'auto', 'cpu', 'gpu', 'cuda', 'mps'"
+    )
+
+
+@dataclass
+class InferenceChunk:
+    """One streamed step: the stitched object so far and how far the scan has got."""
+
+    stitched: StitchedObject
+    groups_done: int
+    groups_total: int
+    chunk_index: int  # 0-based
+    n_chunks: int
+
+
+@dataclass
+class InferenceResult:
+    """A finished reconstruction, tagged with the backend that produced it."""
+
+    stitched: StitchedObject
+    backend: str
+    timings: dict[str, float] = field(default_factory=dict)  # "group", "predict", "stitch" (s)
+    n_groups: int = 0
+
+
+def _run(
+    model: TrainedModel,
+    data: PtychoData,
+    payload: InferencePayload | None,
+    canvas: CanvasGeometry | None,
+    should_stop: Callable[[], bool] | None,
+    timings: dict[str, float],
+) -> Iterator[tuple[Stitcher, int, int, int, int]]:
+    """Shared engine of :func:`reconstruct_iter` and :func:`reconstruct`.
+
+    Yields (stitcher, groups_done, groups_total, chunk_index, n_chunks) after each chunk and
+    accumulates the seconds spent per stage in ``timings``; taking the snapshot is left to the
+    caller so a one-shot run does not pay for a division per chunk.
+    """
+    payload = model.inference_payload() if payload is None else payload
+    for key in ("group", "predict", "stitch"):
+        timings.setdefault(key, 0.0)
+    device = select_device(payload.execution.accelerator)
+    model.autoencoder.to(device)
+
+    tic = time.perf_counter()
+    scan = prepare_scan(
+        data,
+        payload.grid,
+        payload.data,
+        n_groups=payload.inference.n_groups,
+        input_scale=model.input_scale,
+    )
+    timings["group"] += time.perf_counter() - tic
+
+    n = payload.grid.N
+    crop_fraction = payload.inference.crop_fraction
+    groups = scan.groups
+    if canvas is None:
+        canvas = CanvasGeometry.covering(groups.positions, n, crop_fraction)
+    stitcher = Stitcher(canvas, n, model.probe, payload.inference.patch_weighting, crop_fraction)
+    total = groups.n_groups
+    chunk = payload.inference.chunk_size
+    n_chunks = math.ceil(total / chunk)
+    batch_size = payload.execution.inference_batch_size
+    for index in range(n_chunks):
+        if should_stop is not None and should_stop():
+            return
+        rows = slice(index * chunk, min(total, (index + 1) * chunk))
+        tic = time.perf_counter()
+        patches = model.predict(scan.group_inputs(rows), batch_size=batch_size)
+        timings["predict"] += time.perf_counter() - tic
+        tic = time.perf_counter()
+        stitcher.add(patches, groups.positions[rows])
+        timings["stitch"] += time.perf_counter() - tic
+        del patches
+        yield stitcher, rows.stop, total, index, n_chunks
+
+
+def reconstruct_iter(
+    model: TrainedModel,
+    data: PtychoData,
+    payload: InferencePayload | None = None,
+    canvas: CanvasGeometry | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[InferenceChunk]:
+    """Stream a reconstruction chunk by chunk (for live display and cancellation).
+
+    ``payload`` defaults to ``model.inference_payload()`` (the model's own geometry). The
+    groups are split into chunks of ``payload.inference.chunk_size``; after each chunk the
+    stitched snapshot so far is yielded. ``should_stop`` is polled before every chunk and ends
+    the stream early when it returns True. The model's networks are moved to the device chosen
+    by ``payload.execution.accelerator`` (they stay there afterwards).
+    """
+    timings: dict[str, float] = {}
+    for stitcher, done, total, index, n_chunks in _run(
+        model, data, payload, canvas, should_stop, timings
+    ):
+        yield InferenceChunk(stitcher.result(), done, total, index, n_chunks)
+
+
+def reconstruct(
+    model: TrainedModel,
+    data: PtychoData,
+    payload: InferencePayload | None = None,
+    canvas: CanvasGeometry | None = None,
+) -> InferenceResult:
+    """Reconstruct a whole scan; returns the stitched object, backend tag and stage timings."""
+    timings: dict[str, float] = {}
+    last: Stitcher | None = None
+    total = 0
+    for stitcher, _done, groups_total, _index, _n in _run(
+        model, data, payload, canvas, None, timings
+    ):
+        last, total = stitcher, groups_total
+    if last is None:  # pragma: no cover - prepare_scan always yields at least one group
+        raise RuntimeError("inference produced no groups")
+    tic = time.perf_counter()
+    stitched = last.result()
+    timings["stitch"] += time.perf_counter() - tic
+    return InferenceResult(
+        stitched=stitched, backend=model.backend, timings=timings, n_groups=total
+    )

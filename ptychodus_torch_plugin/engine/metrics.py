@@ -1,0 +1,400 @@
+"""Reconstruction quality against a known object: alignment, SSIM, PSNR and FRC.
+
+Why alignment comes first: a ptychographic reconstruction is only defined up to ambiguities
+that say nothing about its quality - a global complex factor (amplitude scale and constant
+phase), a small sub-pixel translation of the whole image, and (with an uncertain probe) a
+linear phase ramp. Scoring without removing them would rank reconstructions by those
+ambiguities. :func:`align` removes them in that order of robustness; :func:`evaluate` then
+scores amplitude and phase separately (they fail differently) on the scanned region only,
+because pixels the probe never illuminated are not reconstructed by any method.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage, optimize
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from skimage.registration import phase_cross_correlation
+
+__all__ = [
+    "QualityMetrics",
+    "align",
+    "evaluate",
+    "frc",
+    "frc_threshold",
+    "global_scale",
+    "register_shift",
+    "remove_linear_phase",
+    "scanned_region",
+]
+
+_UPSAMPLE = 20  # sub-pixel registration precision: 1/20 pixel
+
+
+def _check_pair(reconstruction: np.ndarray, reference: np.ndarray) -> None:
+    if reconstruction.ndim != 2 or reconstruction.shape != reference.shape:
+        raise ValueError(
+            f"reconstruction/reference: found shapes {reconstruction.shape} and "
+            f"{reference.shape}, expected two 2-D images of the same shape"
+        )
+
+
+def _mask_for(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    if mask is None:
+        return np.ones(shape, dtype=bool)
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != shape:
+        raise ValueError(f"mask: found shape {mask.shape}, expected {shape}")
+    if not mask.any():
+        raise ValueError("mask: it selects no pixel; nothing to compare")
+    return mask
+
+
+def scanned_region(weights: np.ndarray, erode: int = 0, threshold: float = 1e-3) -> np.ndarray:
+    """Pixels the scan reconstructed: ``weights > threshold * max(weights)``, then eroded.
+
+    ``weights`` are a stitcher's summed patch weights. Eroding by ``erode`` pixels drops the
+    thinly covered rim, where every method is poorly constrained.
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    peak = float(weights.max()) if weights.size else 0.0
+    if peak <= 0:
+        return np.zeros(weights.shape, dtype=bool)
+    region = weights > threshold * peak
+    if erode > 0:
+        region = ndimage.binary_erosion(region, iterations=int(erode))
+    return region
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, slice]:
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
+def _registration_image(amplitude: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Amplitude minus its mean inside the region, zero outside, tapered by a Hann window.
+
+    Mean removal and zeroing avoid a step at the region edge; the taper removes the step at
+    the array border that a periodic (FFT) correlation would otherwise lock onto at zero shift.
+    """
+    centred = np.where(mask, amplitude - amplitude[mask].mean(), 0.0)
+    return centred * (np.hanning(amplitude.shape[0])[:, None] * np.hanning(amplitude.shape[1]))
+
+
+def _correlation_cost(moved: np.ndarray, fixed: np.ndarray) -> float:
+    """1 - Pearson correlation: insensitive to the amplitude scale and offset."""
+    a = moved - moved.mean()
+    b = fixed - fixed.mean()
+    norm = math.sqrt(float(np.sum(a * a) * np.sum(b * b)))
+    return 1.0 - float(np.sum(a * b)) / norm if norm > 0 else 1.0
+
+
+def register_shift(
+    reconstruction: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """(row, column) shift that moves the reconstruction's amplitude onto the reference's.
+
+    Two stages, because either alone is not accurate enough on a finite, non-periodic region:
+    ``phase_cross_correlation`` (upsample factor 20) of the windowed amplitudes gives a robust
+    estimate, biased towards zero by the window; a Nelder-Mead refinement then maximises the
+    correlation of the cubic-spline-shifted amplitude with the reference inside the region
+    (eroded by the shift, so no extrapolated pixel counts). Returns (0, 0) when either image
+    is flat inside the region (there is no position to find).
+    """
+    rec = np.asarray(reconstruction)
+    ref = np.asarray(reference)
+    _check_pair(rec, ref)
+    mask = _mask_for(mask, rec.shape)
+    rows, cols = _bounding_box(mask)
+    region = mask[rows, cols]
+    moving = np.abs(rec[rows, cols]).astype(np.float64)
+    fixed = np.abs(ref[rows, cols]).astype(np.float64)
+    if moving[region].std() <= 0 or fixed[region].std() <= 0 or min(region.shape) < 4:
+        return np.zeros(2)
+    coarse, _, _ = phase_cross_correlation(
+        _registration_image(fixed, region),
+        _registration_image(moving, region),
+        upsample_factor=_UPSAMPLE,
+        normalization=None,
+    )
+    coarse = np.asarray(coarse, dtype=np.float64)
+    if not np.all(np.isfinite(coarse)):
+        return np.zeros(2)
+    margin = int(math.ceil(float(np.abs(coarse).max()))) + 3
+    interior = ndimage.binary_erosion(region, iterations=margin, border_value=0)
+    if interior.sum() < 16:
+        return coarse
+    coefficients = ndimage.spline_filter(moving, order=3, mode="nearest")
+    target = fixed[interior]
+
+    def cost(shift: np.ndarray) -> float:
+        moved = ndimage.shift(coefficients, shift, order=3, mode="nearest", prefilter=False)
+        return _correlation_cost(moved[interior], target)
+
+    step = 0.5
+    simplex = np.array([coarse, coarse + [step, 0.0], coarse + [0.0, step]])
+    refined = optimize.minimize(
+        cost,
+        coarse,
+        method="Nelder-Mead",
+        options={"initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-12, "maxiter": 200},
+    )
+    if refined.success or refined.fun < cost(coarse):
+        if np.all(np.abs(refined.x - coarse) <= margin - 2):
+            return np.asarray(refined.x, dtype=np.float64)
+    return coarse
+
+
+def _shift_complex(image: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Sub-pixel shift of a complex image (cubic spline on real and imaginary parts).
+
+    A spline avoids the wrap-around ringing a Fourier shift gives on non-periodic images and
+    is more accurate than bilinear interpolation for the same cost here.
+    """
+    kw: dict[str, Any] = {"order": 3, "mode": "nearest"}
+    real = ndimage.shift(image.real.astype(np.float64), shift, **kw)
+    imag = ndimage.shift(image.imag.astype(np.float64), shift, **kw)
+    return real + 1j * imag
+
+
+def remove_linear_phase(
+    reconstruction: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """Multiply ``reconstruction`` by the linear phase ramp that best matches ``reference``.
+
+    Least-squares fit of a plane a + b*x + c*y to the phase difference over the mask, weighted
+    by the product of the amplitudes (phase is meaningless where either is dark). The
+    difference is unwrapped first so ramps of several radians across the image are handled.
+    """
+    from skimage.restoration import unwrap_phase
+
+    rec = np.asarray(reconstruction, dtype=np.complex128)
+    ref = np.asarray(reference, dtype=np.complex128)
+    _check_pair(rec, ref)
+    mask = _mask_for(mask, rec.shape)
+    rows, cols = _bounding_box(mask)
+    sub_mask = mask[rows, cols]
+    wrapped = np.angle(ref[rows, cols] * np.conj(rec[rows, cols]))
+    if sub_mask.all():
+        difference = unwrap_phase(wrapped)
+    else:
+        difference = np.ma.getdata(unwrap_phase(np.ma.masked_array(wrapped, ~sub_mask)))
+    yy, xx = np.nonzero(sub_mask)
+    weight = np.sqrt(np.abs(ref[rows, cols]) * np.abs(rec[rows, cols]))[sub_mask]
+    if not np.any(weight > 0):
+        return rec
+    design = np.stack([np.ones_like(xx), xx, yy], axis=1).astype(np.float64)
+    coef, *_ = np.linalg.lstsq(design * weight[:, None], difference[sub_mask] * weight, rcond=None)
+    y_all, x_all = np.mgrid[0 : rec.shape[0], 0 : rec.shape[1]].astype(np.float64)
+    ramp = coef[0] + coef[1] * (x_all - cols.start) + coef[2] * (y_all - rows.start)
+    return rec * np.exp(1j * ramp)
+
+
+def global_scale(
+    reconstruction: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None
+) -> complex:
+    """c = sum(conj(rec) * ref) / sum(|rec|^2) over the mask: the least-squares complex factor."""
+    rec = np.asarray(reconstruction, dtype=np.complex128)
+    ref = np.asarray(reference, dtype=np.complex128)
+    mask = _mask_for(mask, rec.shape)
+    power = float(np.sum(np.abs(rec[mask]) ** 2))
+    if power <= 0:
+        return 1.0 + 0.0j
+    return complex(np.sum(np.conj(rec[mask]) * ref[mask]) / power)
+
+
+def align(
+    reconstruction: np.ndarray,
+    reference: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    register: bool = True,
+    remove_phase_ramp: bool = False,
+) -> np.ndarray:
+    """The reconstruction with its translation, phase ramp and global complex factor removed.
+
+    1. ``register``: sub-pixel shift of the reconstruction onto the reference (see
+       :func:`register_shift`: ``phase_cross_correlation`` of the amplitudes inside the region,
+       upsample factor 20, refined to ~1/1000 px), applied with a cubic spline.
+    2. ``remove_phase_ramp``: remove the best-fitting linear phase ramp (see
+       :func:`remove_linear_phase`).
+    3. Multiply by :func:`global_scale` (amplitude scale and constant phase).
+
+    Returns a complex128 image of the reference's shape.
+    """
+    rec = np.asarray(reconstruction, dtype=np.complex128)
+    ref = np.asarray(reference, dtype=np.complex128)
+    _check_pair(rec, ref)
+    mask = _mask_for(mask, rec.shape)
+    if register:
+        shift = register_shift(rec, ref, mask)
+        if np.any(shift != 0):
+            rec = _shift_complex(rec, shift)
+    if remove_phase_ramp:
+        rec = remove_linear_phase(rec, ref, mask)
+    return rec * global_scale(rec, ref, mask)
+
+
+def _fourier_rings(n: int) -> np.ndarray:
+    freq = np.fft.fftfreq(n) * n
+    radius = np.hypot(freq[:, None], freq[None, :])
+    return np.rint(radius).astype(np.int64)
+
+
+def _square_crop(shape: tuple[int, int], mask: np.ndarray | None) -> tuple[slice, slice]:
+    """The largest square centred in the mask's bounding box (the whole image without mask)."""
+    rows, cols = (slice(0, shape[0]), slice(0, shape[1])) if mask is None else _bounding_box(mask)
+    h, w = rows.stop - rows.start, cols.stop - cols.start
+    side = min(h, w)
+    top = rows.start + (h - side) // 2
+    left = cols.start + (w - side) // 2
+    return slice(top, top + side), slice(left, left + side)
+
+
+def frc(
+    a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, *, window: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fourier ring correlation of two complex images.
+
+    Computed on the largest centred square of ``mask``'s bounding box (the whole image, cropped
+    square, without a mask), optionally tapered by a 2-D Hann window so the image edges do not
+    add spurious correlated high frequencies. Returns (frequencies in cycles/pixel, 1/n ..
+    0.5, curve). A ring with no power in either image counts as correlated (1).
+    """
+    a = np.asarray(a, dtype=np.complex128)
+    b = np.asarray(b, dtype=np.complex128)
+    _check_pair(a, b)
+    rows, cols = _square_crop(a.shape, None if mask is None else _mask_for(mask, a.shape))
+    a, b = a[rows, cols], b[rows, cols]
+    n = a.shape[0]
+    if n < 4:
+        raise ValueError(f"frc: the region is {n} px wide, expected at least 4 px")
+    if window:
+        hann = np.hanning(n)
+        taper = hann[:, None] * hann[None, :]
+        a, b = a * taper, b * taper
+    fa, fb = np.fft.fft2(a), np.fft.fft2(b)
+    rings = _fourier_rings(n).ravel()
+    n_rings = n // 2 + 1
+    keep = rings < n_rings
+    rings = rings[keep]
+    cross = fa.ravel()[keep] * np.conj(fb.ravel()[keep])
+    numerator = np.abs(
+        np.bincount(rings, cross.real, n_rings) + 1j * np.bincount(rings, cross.imag, n_rings)
+    )
+    power_a = np.bincount(rings, np.abs(fa.ravel()[keep]) ** 2, n_rings)
+    power_b = np.bincount(rings, np.abs(fb.ravel()[keep]) ** 2, n_rings)
+    denominator = np.sqrt(power_a * power_b)
+    scale = max(float(power_a.max()), float(power_b.max()), 1e-300)
+    empty_a, empty_b = power_a <= 1e-24 * scale, power_b <= 1e-24 * scale
+    curve = np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), 0.0)
+    curve = np.where(empty_a & empty_b, 1.0, curve)
+    curve = np.where(empty_a ^ empty_b, 0.0, curve)
+    frequencies = np.arange(n_rings, dtype=np.float64) / n
+    return frequencies[1:], np.clip(curve[1:], 0.0, 1.0)
+
+
+def frc_threshold(frequencies: np.ndarray, curve: np.ndarray, threshold: float = 0.5) -> float:
+    """First spatial frequency (cycles/pixel) where the FRC drops below ``threshold``.
+
+    The crossing is interpolated linearly between the last ring above and the first ring
+    below; a curve that starts below gives its first frequency, one that never drops gives 0.5
+    (the Nyquist frequency: resolution limited by the pixel, not by the reconstruction).
+    """
+    frequencies = np.asarray(frequencies, dtype=np.float64)
+    curve = np.asarray(curve, dtype=np.float64)
+    below = np.flatnonzero(curve < threshold)
+    if below.size == 0:
+        return 0.5
+    i = int(below[0])
+    if i == 0:
+        return float(frequencies[0])
+    f0, f1, c0, c1 = frequencies[i - 1], frequencies[i], curve[i - 1], curve[i]
+    return float(f0 + (c0 - threshold) / (c0 - c1) * (f1 - f0))
+
+
+@dataclass(frozen=True)
+class QualityMetrics:
+    """Scores of an aligned reconstruction against the reference on the scanned region."""
+
+    amplitude_ssim: float
+    phase_ssim: float
+    amplitude_psnr: float  # dB; inf for identical images
+    phase_psnr: float
+    frc50: float  # cycles/pixel where the FRC falls below 0.5 (0.5 = never)
+
+    def to_dict(self) -> dict[str, float]:
+        return {key: float(value) for key, value in asdict(self).items()}
+
+
+def _data_range(values: np.ndarray, fallback: float) -> float:
+    span = float(values.max() - values.min()) if values.size else 0.0
+    return span if span > 0 else fallback
+
+
+def _ssim_psnr(rec: np.ndarray, ref: np.ndarray, data_range: float) -> tuple[float, float]:
+    side = min(rec.shape)
+    win = min(7, side if side % 2 else side - 1)
+    ssim = (
+        float(structural_similarity(ref, rec, data_range=data_range, win_size=win))
+        if win >= 3
+        else math.nan
+    )
+    with np.errstate(divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        psnr = float(peak_signal_noise_ratio(ref, rec, data_range=data_range))
+    return ssim, psnr
+
+
+def evaluate(
+    reconstruction: np.ndarray,
+    reference: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    register: bool = True,
+    remove_phase_ramp: bool = False,
+) -> QualityMetrics:
+    """Align, then score amplitude and phase (SSIM, PSNR) and the complex images (FRC 0.5).
+
+    Scores are computed on the bounding box of ``mask`` with the pixels outside the mask made
+    equal in both images, so they count neither for nor against. Phase is compared as
+    reference phase + wrapped phase difference, after removing the mean difference, so phase
+    wrapping and the global phase offset cannot create errors. ``data_range`` comes from the
+    reference on the region.
+    """
+    ref = np.asarray(reference, dtype=np.complex128)
+    mask = _mask_for(mask, ref.shape)
+    aligned = align(
+        reconstruction, ref, mask, register=register, remove_phase_ramp=remove_phase_ramp
+    )
+    rows, cols = _bounding_box(mask)
+    region = mask[rows, cols]
+    rec_box, ref_box = aligned[rows, cols], ref[rows, cols]
+
+    amp_ref = np.abs(ref_box)
+    amp_rec = np.where(region, np.abs(rec_box), amp_ref)
+    amp_range = _data_range(amp_ref[region], max(float(amp_ref[region].max()), 1.0))
+    amp_ssim, amp_psnr = _ssim_psnr(amp_rec, amp_ref, amp_range)
+
+    phase_ref = np.angle(ref_box)
+    difference = np.angle(rec_box * np.conj(ref_box))
+    difference = difference - difference[region].mean()
+    phase_rec = np.where(region, phase_ref + difference, phase_ref)
+    phase_range = _data_range(phase_ref[region], 2 * math.pi)
+    phase_ssim, phase_psnr = _ssim_psnr(phase_rec, phase_ref, phase_range)
+
+    rec_frc = np.where(region, rec_box, ref_box)
+    frequencies, curve = frc(rec_frc, ref_box, region)
+    return QualityMetrics(
+        amplitude_ssim=amp_ssim,
+        phase_ssim=phase_ssim,
+        amplitude_psnr=amp_psnr,
+        phase_psnr=phase_psnr,
+        frc50=frc_threshold(frequencies, curve),
+    )

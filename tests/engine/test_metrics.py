@@ -1,0 +1,129 @@
+"""Tests of the reconstruction-quality metrics (alignment, SSIM/PSNR, FRC)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ptychodus_torch_plugin.engine import simulate as sim
+from ptychodus_torch_plugin.engine.metrics import (
+    QualityMetrics,
+    align,
+    evaluate,
+    frc,
+    frc_threshold,
+    scanned_region,
+)
+
+
+def _reference(shape=(96, 96), seed=2) -> np.ndarray:
+    return sim.random_object(shape, seed=seed, smoothness=3.0).astype(np.complex128)
+
+
+def _shift(image: np.ndarray, shift) -> np.ndarray:
+    kw = {"order": 3, "mode": "nearest"}
+    return ndimage.shift(image.real, shift, **kw) + 1j * ndimage.shift(image.imag, shift, **kw)
+
+
+def test_identical_images_score_perfectly():
+    ref = _reference()
+    mask = np.ones(ref.shape, bool)
+    metrics = evaluate(ref, ref, mask)
+    assert isinstance(metrics, QualityMetrics)
+    assert metrics.amplitude_ssim == pytest.approx(1.0, abs=1e-6)
+    assert metrics.phase_ssim == pytest.approx(1.0, abs=1e-6)
+    assert metrics.amplitude_psnr > 100 and metrics.phase_psnr > 100
+    assert metrics.frc50 == 0.5
+    assert set(metrics.to_dict()) == {
+        "amplitude_ssim",
+        "phase_ssim",
+        "amplitude_psnr",
+        "phase_psnr",
+        "frc50",
+    }
+
+
+def test_shift_and_global_scale_are_aligned_back():
+    ref = _reference()
+    factor = 0.7 * np.exp(0.4j)
+    moved = factor * _shift(ref, (1.5, -2.25))
+    interior = (slice(12, -12), slice(12, -12))
+    before = np.abs(moved - ref)[interior].max()
+    aligned = align(moved, ref)
+    after = np.abs(aligned - ref)[interior].max()
+    assert before > 0.2
+    assert after < 0.02, after
+    # Without registration only the global factor is fixed: the shift remains.
+    unregistered = align(moved, ref, register=False)
+    assert np.abs(unregistered - ref)[interior].max() > 10 * after
+    metrics = evaluate(moved, ref, np.pad(np.ones((72, 72), bool), 12))
+    assert metrics.amplitude_ssim > 0.97 and metrics.phase_ssim > 0.97
+
+
+def test_flat_object_scores_lower_than_noisy_copy():
+    ref = _reference()
+    rng = np.random.default_rng(0)
+    noisy = ref + 0.03 * (rng.standard_normal(ref.shape) + 1j * rng.standard_normal(ref.shape))
+    flat = np.full(ref.shape, np.abs(ref).mean(), dtype=np.complex128)
+    mask = np.ones(ref.shape, bool)
+    good = evaluate(noisy, ref, mask)
+    bad = evaluate(flat, ref, mask)
+    assert good.amplitude_ssim > bad.amplitude_ssim + 0.3
+    assert good.phase_ssim > bad.phase_ssim + 0.3
+    assert good.amplitude_psnr > bad.amplitude_psnr
+    assert good.frc50 > bad.frc50
+
+
+def test_phase_ramp_removal():
+    ref = _reference()
+    yy, xx = np.mgrid[0 : ref.shape[0], 0 : ref.shape[1]]
+    ramp = 0.12 * xx - 0.08 * yy + 0.5  # spans ~19 rad: the difference wraps many times
+    rec = ref * np.exp(1j * ramp)
+    mask = np.zeros(ref.shape, bool)
+    mask[10:-10, 10:-10] = True
+    kept = align(rec, ref, mask, register=False)
+    removed = align(rec, ref, mask, register=False, remove_phase_ramp=True)
+    assert np.abs(kept - ref)[mask].max() > 0.5
+    np.testing.assert_allclose(removed[mask], ref[mask], atol=1e-4)
+    metrics = evaluate(rec, ref, mask, remove_phase_ramp=True)
+    assert metrics.phase_ssim > 0.999
+
+
+def test_scanned_region_and_erosion():
+    weights = np.zeros((40, 40))
+    weights[5:35, 8:30] = 1.0
+    weights[20, 20] = 3.0
+    region = scanned_region(weights)
+    assert region.sum() == 30 * 22
+    eroded = scanned_region(weights, erode=2)
+    assert eroded.sum() == 26 * 18 and not (eroded & ~region).any()
+    assert not scanned_region(np.zeros((5, 5))).any()
+
+
+def test_frc_curve_and_threshold():
+    ref = _reference((64, 64))
+    freqs, curve = frc(ref, ref)
+    assert freqs[0] == pytest.approx(1 / 64) and freqs[-1] == pytest.approx(0.5)
+    np.testing.assert_allclose(curve, 1.0, atol=1e-9)
+    assert frc_threshold(freqs, curve) == 0.5
+    rng = np.random.default_rng(3)
+    noise = rng.standard_normal((64, 64)) + 1j * rng.standard_normal((64, 64))
+    _, noise_curve = frc(ref, noise)
+    assert frc_threshold(freqs, noise_curve) < 0.1
+    # Interpolated crossing between the last ring above and the first below 0.5.
+    f = np.array([0.1, 0.2, 0.3, 0.4])
+    c = np.array([0.9, 0.7, 0.3, 0.1])
+    assert frc_threshold(f, c) == pytest.approx(0.25)
+    assert frc_threshold(f, c, threshold=0.95) == pytest.approx(0.1)
+
+
+def test_mask_excludes_outside_pixels():
+    ref = _reference((64, 64))
+    rec = ref.copy()
+    rec[:8] = 0  # garbage outside the region
+    mask = np.zeros(ref.shape, bool)
+    mask[12:56, 10:54] = True
+    metrics = evaluate(rec, ref, mask, register=False)
+    assert metrics.amplitude_ssim == pytest.approx(1.0, abs=1e-6)
+    assert metrics.frc50 == 0.5
