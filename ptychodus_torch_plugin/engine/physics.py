@@ -136,12 +136,22 @@ def _central_box(n: int, size: int, device: torch.device | None = None) -> Tenso
 # ---------------------------------------------------------------------------------------------
 
 
-def merge_and_reextract(patches: Tensor, offsets: Tensor, eps: float = 1e-6) -> Tensor:
+#: Merge weight of a patch's border (outside its central N/2 box) when the network predicts
+#: one (probe_big). Small, so a central prediction dominates wherever one exists, yet non-zero,
+#: so illuminated object outside every central box is still represented: real probes spill
+#: out of the N/2 box (28% of the Run1084 probe's energy lies outside it), and a zero object
+#: there would make the measured diffraction impossible to fit at gridsize > 1.
+BORDER_MERGE_WEIGHT = 0.01
+
+
+def merge_and_reextract(
+    patches: Tensor, offsets: Tensor, eps: float = 1e-6, border_weight: float = 0.0
+) -> Tensor:
     """Enforce that the C patches of a group are views of one object (the overlap constraint).
 
     Each patch is padded to a canvas of side S centred on the group centroid, translated by
     ``+r_c``, and the central N/2 box of each (the part the network is trusted to predict) is
-    averaged: ``O = sum_c w_c T(O_c) / (sum_c w_c + eps)`` with ``w_c`` the translated box
+    averaged: ``O = sum_c w_c T(O_c) / sum_c w_c`` with ``w_c`` the translated box
     indicator; pixels no box covers are zero. Every channel is then re-extracted by translating
     the merged canvas by ``-r_c`` and centre-cropping to N.
 
@@ -153,6 +163,10 @@ def merge_and_reextract(patches: Tensor, offsets: Tensor, eps: float = 1e-6) -> 
     round trip is exact; otherwise interpolation is unavoidable and is what it is.
     The canvas side follows the design rule on the applied shifts:
     S = smallest even >= N/2 + 2*ceil(max|shift|) and >= N, so no box is ever clipped.
+
+    ``border_weight`` > 0 also merges each patch's border (outside its central box) with that
+    weight (see ``BORDER_MERGE_WEIGHT``); the canvas then grows to N + 2*ceil(max|shift|) so no
+    border is clipped. Consistent patches still come back unchanged.
 
     For C == 1 there is nothing to constrain and the input is returned unchanged.
     """
@@ -173,14 +187,18 @@ def merge_and_reextract(patches: Tensor, offsets: Tensor, eps: float = 1e-6) -> 
     delta = ref - torch.round(ref)
     shifts = offsets - delta
     max_shift = float(shifts.detach().abs().max()) if shifts.numel() else 0.0
-    side = max(n, n // 2 + 2 * math.ceil(max_shift - 1e-6))
+    margin = 2 * math.ceil(max_shift - 1e-6)
+    side = max(n, n // 2 + margin, n + margin if border_weight > 0 else 0)
     side += side % 2
 
     canvas = translate(pad_to(patches, side), shifts)
-    box = _central_box(n, n // 2, device=patches.device).expand(batch, channels, n, n)
+    box = _central_box(n, n // 2, device=patches.device)
+    if border_weight > 0:
+        box = box + border_weight * (1.0 - box)
+    box = box.expand(batch, channels, n, n)
     weights = translate(pad_to(box, side), shifts)
     total = weights.sum(dim=1, keepdim=True)
-    merged = (weights * canvas).sum(dim=1, keepdim=True) / (total + eps)
+    merged = (weights * canvas).sum(dim=1, keepdim=True) / total.clamp_min(eps)
     merged = torch.where(total > eps, merged, torch.zeros_like(merged))
     return center_crop(translate(merged.expand(batch, channels, side, side), -shifts), n)
 
@@ -275,6 +293,7 @@ class ForwardModel(torch.nn.Module):
         object_big: bool = True,
         probe_scale: float = 4.0,
         probe_mask: Tensor | np.ndarray | None = None,
+        border_weight: float = 0.0,
     ) -> None:
         super().__init__()
         probe_t = torch.as_tensor(np.asarray(probe) if not isinstance(probe, Tensor) else probe)
@@ -297,6 +316,7 @@ class ForwardModel(torch.nn.Module):
         self.gridsize = int(gridsize)
         self.object_big = bool(object_big)
         self.probe_scale = float(probe_scale)
+        self.border_weight = float(border_weight)
 
     @classmethod
     def from_config(
@@ -308,6 +328,7 @@ class ForwardModel(torch.nn.Module):
             gridsize=config.grid.gridsize,
             object_big=config.object_big,
             probe_scale=probe_scale,
+            border_weight=BORDER_MERGE_WEIGHT if config.probe_big else 0.0,
         )
 
     @property
@@ -333,7 +354,7 @@ class ForwardModel(torch.nn.Module):
         if self.channels > 1 and self.object_big:
             if offsets is None:
                 raise ValueError("ForwardModel: offsets are required when gridsize > 1")
-            patches = merge_and_reextract(patches, offsets)
+            patches = merge_and_reextract(patches, offsets, border_weight=self.border_weight)
         probe = self.probe if self.probe_mask is None else self.probe * self.probe_mask
         return predicted_amplitude(patches, probe)
 

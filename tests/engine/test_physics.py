@@ -8,7 +8,9 @@ import torch
 from scipy.special import gammaln
 from scipy.stats import poisson
 
+from ptychodus_torch_plugin.engine.config import GridConfig, ModelConfig
 from ptychodus_torch_plugin.engine.physics import (
+    BORDER_MERGE_WEIGHT,
     ForwardModel,
     center_crop,
     disk_mask,
@@ -160,6 +162,27 @@ def test_merge_and_reextract_averages_inconsistent_patches():
     assert out[..., ~box].abs().max() == 0  # nothing covers the outside of the box
 
 
+def test_merge_with_border_weight_keeps_consistent_full_patches():
+    """With probe_big the border is merged too: true patches come back whole, not just centres."""
+    n = 32
+    patches, offsets = _consistent_group(n, 2, (0.0, 0.0))
+    out = merge_and_reextract(patches, offsets, border_weight=BORDER_MERGE_WEIGHT)
+    diff = (out - patches)[..., 1:-1, 1:-1].abs().max()
+    assert diff < 1e-5 * patches.abs().max()
+
+
+def test_merge_with_border_weight_lets_the_centre_dominate():
+    n = 16
+    centre = torch.from_numpy(_central_box(n))
+    first = torch.where(centre, 1.0, 5.0)  # channel 0: centre 1, border 5
+    second = torch.full((n, n), 3.0)
+    patches = torch.stack([first, second]).to(torch.complex64)[None]
+    out = merge_and_reextract(patches, torch.zeros(1, 2, 2), border_weight=0.01)
+    torch.testing.assert_close(out[..., centre].real, torch.full_like(out[..., centre].real, 2.0))
+    # outside every central box both borders count equally: (5 + 3) / 2
+    torch.testing.assert_close(out[..., ~centre].real, torch.full_like(out[..., ~centre].real, 4.0))
+
+
 def test_merge_and_reextract_single_channel_is_identity():
     patches = torch.from_numpy(_random_complex((3, 1, 16, 16)))
     assert merge_and_reextract(patches, torch.rand(3, 1, 2)) is patches
@@ -209,6 +232,24 @@ def test_forward_model_matches_numpy_reference_gridsize_1():
     out = model(obj).numpy()
     assert np.abs(out - ref).max() < 1e-5 * ref.max()
     assert "probe" in model.state_dict()
+
+
+def test_forward_model_gridsize_2_with_a_probe_larger_than_the_central_box():
+    """Real probes spill out of the N/2 box (Run1084: 28% of the energy): with probe_big the
+    overlap constraint must still reproduce the far field of true patches."""
+    n = 32
+    patches, offsets = _consistent_group(n, 2, (0.0, 0.0), seed=9, batch=2)
+    probe = _probe(n, radius=0.45 * n)
+    outside = 1.0 - torch.from_numpy(_central_box(n)).float().numpy()
+    assert (np.abs(probe) ** 2 * outside).sum() > 0.3 * (np.abs(probe) ** 2).sum()
+    config = ModelConfig(grid=GridConfig(N=n, gridsize=2), probe_big=True)
+    model = ForwardModel.from_config(config, probe)
+    out = model(patches, offsets).numpy()
+    p_used = model.probe[0].numpy()
+    ref = np.abs(
+        np.fft.fftshift(np.fft.fft2(p_used * patches.numpy(), norm="ortho"), axes=(-2, -1))
+    )
+    assert np.abs(out - ref).max() < 1e-5 * ref.max()
 
 
 def test_forward_model_gridsize_2_with_consistent_patches():

@@ -1,0 +1,171 @@
+"""Speed benchmark (not a test): predict and training throughput against the machine's roofline.
+
+Prints, all measured in the same run (medians of repeated runs):
+- the fp32 GFLOP/s of a large matmul: the roofline of this machine;
+- the network's FLOPs per group and the roofline-implied bound in groups/s;
+- predict and training-step groups/s at N=64 (gridsize 1, 2) and N=128 (gridsize 1), batch 16
+  and 64, and predict's fraction of the bound;
+- the end-to-end inference split (load, group, predict, stitch) for the 1,087-pattern Run1084
+  scan, and its throughput relative to predict alone;
+- peak resident memory.
+
+Run:  .venv/bin/python benchmarks/speed.py [--repeats 5] [--json FILE]
+The end-to-end part is skipped (with a note) when ../shared/data is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ptychodus_torch_plugin.engine.data import load_npz, save_npz
+from ptychodus_torch_plugin.engine.inference import reconstruct
+from ptychodus_torch_plugin.engine.model import TrainedModel
+from ptychodus_torch_plugin.engine.network import flops_per_group
+from ptychodus_torch_plugin.engine.payload import create_training_payload
+from ptychodus_torch_plugin.engine.physics import poisson_nll
+from ptychodus_torch_plugin.engine.simulate import disk_probe, simulate_from_object_npz
+
+RUN1084 = Path(__file__).resolve().parents[2] / "shared" / "data" / "run1084_object_probe.npz"
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:  # noqa: ANN001
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_gflops(repeats: int, n: int = 3072) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / median_time(lambda: a @ b, repeats) / 1e9
+
+
+def build_model(n: int, gridsize: int) -> TrainedModel:
+    config = create_training_payload({"N": n, "gridsize": gridsize}).to_flat()
+    return TrainedModel.build(
+        config, disk_probe(n), input_scale=1.0, intensity_scale=30.0, nphotons=1e6
+    )
+
+
+def predict_rate(model: TrainedModel, batch: int, repeats: int) -> float:
+    c, n = model.gridsize**2, model.N
+    inputs = np.random.default_rng(0).random((batch * 4, c, n, n), dtype=np.float32)
+    return inputs.shape[0] / median_time(lambda: model.predict(inputs, batch_size=batch), repeats)
+
+
+def train_step_rate(model: TrainedModel, batch: int, repeats: int) -> float:
+    c, n = model.gridsize**2, model.N
+    autoencoder = model.autoencoder.train().to(memory_format=torch.contiguous_format)
+    optimizer = torch.optim.Adam(autoencoder.parameters(), lr=1e-4)
+    inputs = torch.rand(batch, c, n, n)
+    offsets = torch.randn(batch, c, 2)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        _, predicted = autoencoder(inputs, offsets)
+        poisson_nll(predicted, inputs, 30.0).backward()
+        optimizer.step()
+
+    return batch / median_time(step, repeats)
+
+
+def end_to_end(repeats: int) -> dict:
+    data = simulate_from_object_npz(RUN1084, nphotons=1e6, seed=1)
+    model = build_model(64, 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_npz(data, Path(tmp) / "scan.npz")
+        splits = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            loaded = load_npz(path)
+            load_s = time.perf_counter() - start
+            result = reconstruct(model, loaded)
+            total = time.perf_counter() - start
+            splits.append({"load": load_s, **result.timings, "total": total})
+    split = {k: statistics.median(s[k] for s in splits) for k in splits[0]}
+    groups = data.n_patterns
+    return {
+        "patterns": groups,
+        "seconds": {k: round(v, 3) for k, v in split.items()},
+        "end_to_end_groups_per_s": round(groups / split["total"], 1),
+        "predict_only_groups_per_s": round(groups / split["predict"], 1),
+        "end_to_end_fraction_of_predict": round(split["predict"] / split["total"], 3),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    report: dict = {
+        "machine": f"{platform.machine()} {platform.processor()}".strip(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    roofline = matmul_gflops(args.repeats)
+    report["matmul_fp32_gflops"] = round(roofline, 1)
+    print(f"machine: {report['machine']}, torch {report['torch']}, {report['threads']} threads")
+    print(f"roofline: fp32 matmul {roofline:.1f} GFLOP/s (3072^3, median of {args.repeats})")
+    rows = []
+    for n, gridsize in [(64, 1), (64, 2), (128, 1)]:
+        model = build_model(n, gridsize)
+        flops = flops_per_group(model.model_config)
+        bound = roofline * 1e9 / flops
+        for batch in (16, 64):
+            predict = predict_rate(model, batch, args.repeats)
+            train = train_step_rate(model, batch, max(3, args.repeats // 2))
+            row = {
+                "N": n,
+                "gridsize": gridsize,
+                "batch": batch,
+                "gflop_per_group": round(flops / 1e9, 3),
+                "bound_groups_per_s": round(bound, 1),
+                "predict_groups_per_s": round(predict, 1),
+                "predict_fraction_of_bound": round(predict / bound, 3),
+                "train_groups_per_s": round(train, 1),
+            }
+            rows.append(row)
+            print(
+                f"N={n:3d} g={gridsize} batch={batch:2d}: {flops / 1e9:.2f} GFLOP/group, bound "
+                f"{bound:6.1f}/s | predict {predict:6.1f}/s ({predict / bound:5.1%} of bound) | "
+                f"train step {train:6.1f}/s",
+                flush=True,
+            )
+    report["rows"] = rows
+    if RUN1084.exists():
+        e2e = end_to_end(max(3, args.repeats // 2))
+        report["end_to_end"] = e2e
+        print(f"end-to-end inference, Run1084 ({e2e['patterns']} patterns): {e2e['seconds']}")
+        print(
+            f"  {e2e['end_to_end_groups_per_s']} groups/s end to end vs "
+            f"{e2e['predict_only_groups_per_s']} predict alone "
+            f"({e2e['end_to_end_fraction_of_predict']:.1%})"
+        )
+    else:
+        print(f"end-to-end: SKIP ({RUN1084} not found)")
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report["peak_rss_mib"] = round(peak_mib, 1)
+    print(f"peak RSS: {peak_mib:.0f} MiB")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

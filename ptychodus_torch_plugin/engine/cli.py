@@ -1,0 +1,809 @@
+"""The engine's command line: ``ptychodus-torch {simulate,train,infer,inspect}``.
+
+Every setting flag defaults to ``None`` ("not given"), and the flags that were given go to the
+payload factory as explicit overrides, so the factory's precedence (override > archive >
+defaults) and its ``sources`` record hold for the command line exactly as for the GUI. The
+documented defaults are therefore the payload defaults (see docs/cli.md).
+
+Errors a user can fix (a missing file, an invalid setting, an archive of another backend) end
+with exit status 1 and a one-line message naming the file or setting, never a traceback; bad
+flags exit 2 with argparse's usage message.
+
+Nothing heavy is imported at module level: ``build_parser`` and ``--help`` stay fast, and
+matplotlib is only imported when ``infer`` writes its PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import (
+    ACCELERATORS,
+    CHECKPOINT_MODES,
+    LOGGERS,
+    PATCH_WEIGHTINGS,
+    PRECISIONS,
+    SCHEDULERS,
+    CheckpointConfig,
+    DataConfig,
+    ExecutionConfig,
+    GridConfig,
+    InferenceConfig,
+    TrainingConfig,
+)
+
+PROG = "ptychodus-torch"
+DEFAULT_TRAIN_OUTPUT = "training_outputs"
+DEFAULT_INFER_OUTPUT = "inference_outputs"
+DEFAULT_SIMULATE_OUTPUT = "simulated.npz"
+_PACKAGE_LOGGER = "ptychodus_torch_plugin"
+# Defaults shown in --help come from the configs themselves, so they cannot drift.
+_G, _D, _T, _E = GridConfig(), DataConfig(), TrainingConfig(), ExecutionConfig()
+_C, _I = CheckpointConfig(), InferenceConfig()
+
+
+class CLIError(Exception):
+    """A user-fixable problem: printed as one line, exit status 1."""
+
+
+# ----------------------------------------------------------------------------- parser
+def _devices(text: str) -> int | str:
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid devices value {text!r}: allowed 'auto' or a positive integer"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid devices value {text!r}: must be >= 1")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a PtychoPINN model on an NPZ and write wts.h5.zip",
+        description="Train a PtychoPINN model. Unset flags take the payload defaults "
+        "(docs/cli.md); N is taken from the data's pattern size.",
+    )
+    p.add_argument("--train_data_file", required=True, metavar="NPZ", help="training data")
+    p.add_argument(
+        "--test_data_file",
+        metavar="NPZ",
+        help="validation data (default: a seeded 5%% split of the training groups)",
+    )
+    p.add_argument(
+        "--output_dir",
+        default=DEFAULT_TRAIN_OUTPUT,
+        metavar="DIR",
+        help=f"where wts.h5.zip, checkpoints and metrics go (default: {DEFAULT_TRAIN_OUTPUT})",
+    )
+    p.add_argument(
+        "--max_epochs", type=_positive_int, help=f"training epochs (default: {_T.epochs})"
+    )
+    p.add_argument(
+        "--n_groups",
+        type=_nonnegative_int,
+        help="number of groups to train on (default: 0 = one per scan position)",
+    )
+    p.add_argument(
+        "--n_images", type=_nonnegative_int, help=argparse.SUPPRESS, dest="n_images"
+    )  # deprecated alias of --n_groups
+    p.add_argument(
+        "--gridsize",
+        type=_positive_int,
+        help=f"patterns per group side, C = gridsize**2 (default: {_G.gridsize})",
+    )
+    p.add_argument(
+        "--neighbor_count",
+        type=_positive_int,
+        help=f"K nearest neighbours a group is drawn from (default: {_G.neighbor_count})",
+    )
+    p.add_argument(
+        "--batch_size", type=_positive_int, help=f"groups per batch (default: {_T.batch_size})"
+    )
+    p.add_argument(
+        "--nphotons",
+        type=float,
+        help="mean counts per pattern for the Poisson loss (default: measured from the data)",
+    )
+    p.add_argument("--seed", type=_nonnegative_int, help=f"random seed (default: {_D.seed})")
+    _add_accelerator(p)
+    p.add_argument(
+        "--device", help=argparse.SUPPRESS, dest="device"
+    )  # deprecated alias of --accelerator
+    p.add_argument(
+        "--devices", type=_devices, help=f"devices per node: 'auto' or N (default: {_E.devices})"
+    )
+    p.add_argument("--num_nodes", type=_positive_int, help=f"nodes (default: {_E.num_nodes})")
+    p.add_argument("--strategy", help=f"Lightning strategy (default: {_E.strategy})")
+    p.add_argument(
+        "--precision", choices=PRECISIONS, help=f"numeric precision (default: {_E.precision})"
+    )
+    p.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="deterministic algorithms (default: off; 'warn' mode on CUDA)",
+    )
+    p.add_argument(
+        "--num-workers",
+        dest="num_workers",
+        type=_nonnegative_int,
+        help=f"DataLoader worker processes (default: {_E.num_workers})",
+    )
+    p.add_argument(
+        "--learning-rate",
+        dest="learning_rate",
+        type=float,
+        help=f"Adam learning rate (default: {_E.learning_rate:g})",
+    )
+    p.add_argument(
+        "--scheduler", choices=SCHEDULERS, help=f"learning-rate schedule (default: {_E.scheduler})"
+    )
+    p.add_argument(
+        "--accumulate-grad-batches",
+        dest="accumulate_grad_batches",
+        type=_positive_int,
+        help=f"batches per optimiser step (default: {_E.accumulate_grad_batches})",
+    )
+    p.add_argument(
+        "--gradient-clip-val",
+        dest="gradient_clip_val",
+        type=float,
+        help="gradient norm clip (default: none)",
+    )
+    p.add_argument(
+        "--enable-checkpointing",
+        dest="checkpoint_enable",
+        action="store_const",
+        const=True,
+        default=None,
+        help="write checkpoints into OUTPUT/checkpoints (the default)",
+    )
+    p.add_argument(
+        "--disable-checkpointing",
+        dest="checkpoint_enable",
+        action="store_const",
+        const=False,
+        help="write no checkpoints",
+    )
+    p.add_argument(
+        "--checkpoint-save-top-k",
+        dest="checkpoint_save_top_k",
+        type=int,
+        help=f"best checkpoints kept, -1 = all (default: {_C.save_top_k})",
+    )
+    p.add_argument(
+        "--checkpoint-monitor",
+        dest="checkpoint_monitor",
+        help="metric for the best model and checkpoints: val_loss or train_loss "
+        f"(default: {_C.monitor})",
+    )
+    p.add_argument(
+        "--checkpoint-mode",
+        dest="checkpoint_mode",
+        choices=CHECKPOINT_MODES,
+        help=f"whether the monitored metric is better low or high (default: {_C.mode})",
+    )
+    p.add_argument(
+        "--early-stop-patience",
+        dest="early_stop_patience",
+        type=_positive_int,
+        help="epochs without improvement before stopping (default: no early stopping)",
+    )
+    p.add_argument("--logger", choices=LOGGERS, help=f"metrics logger (default: {_E.logger})")
+    p.add_argument(
+        "--disable_mlflow", action="store_true", help=argparse.SUPPRESS
+    )  # deprecated: --logger none --quiet
+    _add_quiet(p)
+    p.set_defaults(handler=_cmd_train)
+
+
+def _add_accelerator(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--accelerator", choices=ACCELERATORS, help=f"hardware (default: {_E.accelerator})"
+    )
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quiet", action="store_true", default=None, help="no progress bar, warnings only"
+    )
+
+
+def _add_infer(sub: Any) -> None:
+    p = sub.add_parser(
+        "infer",
+        help="reconstruct a scan with a trained model archive",
+        description="Reconstruct an NPZ scan with a model archive. The archive's N, gridsize "
+        "and neighbor_count are used.",
+    )
+    p.add_argument(
+        "--model_path",
+        required=True,
+        metavar="PATH",
+        help="wts.h5.zip, or a directory holding it",
+    )
+    p.add_argument("--test_data", required=True, metavar="NPZ", help="scan to reconstruct")
+    p.add_argument(
+        "--output_dir",
+        default=DEFAULT_INFER_OUTPUT,
+        metavar="DIR",
+        help=f"where the reconstruction goes (default: {DEFAULT_INFER_OUTPUT})",
+    )
+    p.add_argument(
+        "--n_groups",
+        type=_nonnegative_int,
+        help="groups to reconstruct (default: 0 = one per scan position, all patterns)",
+    )
+    p.add_argument(
+        "--inference-batch-size",
+        dest="inference_batch_size",
+        type=_positive_int,
+        help=f"groups per forward pass (default: {_E.inference_batch_size})",
+    )
+    _add_accelerator(p)
+    p.add_argument(
+        "--patch-weighting",
+        dest="patch_weighting",
+        choices=PATCH_WEIGHTINGS,
+        help=f"stitching weights: probe intensity or uniform (default: {_I.patch_weighting})",
+    )
+    _add_quiet(p)
+    p.set_defaults(handler=_cmd_infer)
+
+
+def _add_simulate(sub: Any) -> None:
+    from .simulate import OBJECT_KINDS, PROBE_KINDS, SCAN_KINDS
+
+    p = sub.add_parser(
+        "simulate",
+        help="write a synthetic scan (NPZ with ground truth objectGuess)",
+        description="Simulate a scan with Poisson noise and write it in the NPZ contract.",
+    )
+    p.add_argument(
+        "--output",
+        default=DEFAULT_SIMULATE_OUTPUT,
+        metavar="NPZ",
+        help=f"file to write (default: {DEFAULT_SIMULATE_OUTPUT})",
+    )
+    p.add_argument("--N", type=int, choices=(32, 64, 128, 256), help="pattern size (default: 64)")
+    p.add_argument("--object", choices=OBJECT_KINDS, help="object (default: random)")
+    p.add_argument("--probe", choices=PROBE_KINDS, help="probe (default: disk)")
+    p.add_argument("--scan", choices=SCAN_KINDS, help="scan pattern (default: raster)")
+    p.add_argument(
+        "--nphotons", type=float, default=1e6, help="mean counts per pattern (default: 1e6)"
+    )
+    p.add_argument("--step", type=float, help="scan step in pixels (default: N/4)")
+    p.add_argument("--jitter", type=float, help="random position jitter in pixels (default: 0)")
+    p.add_argument("--seed", type=_nonnegative_int, default=0, help="random seed (default: 0)")
+    p.add_argument(
+        "--from-object",
+        dest="from_object",
+        metavar="NPZ",
+        help="simulate from an NPZ holding objectGuess, probeGuess, xcoords, ycoords "
+        "(--N/--object/--probe/--scan/--step/--jitter then do not apply)",
+    )
+    _add_quiet(p)
+    p.set_defaults(handler=_cmd_simulate)
+
+
+def _add_inspect(sub: Any) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="print a model archive's manifest and config as JSON",
+        description="Print a model archive's manifest and config as JSON (sha256 verified).",
+    )
+    p.add_argument("path", nargs="?", metavar="PATH", help="wts.h5.zip or a directory holding it")
+    p.add_argument("--model_path", metavar="PATH", help="same as PATH")
+    p.set_defaults(handler=_cmd_inspect)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ptychodus-torch`` argument parser (subcommands simulate, train, infer, inspect)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="PyTorch PtychoPINN: simulate data, train, reconstruct, inspect archives.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_simulate(sub)
+    _add_train(sub)
+    _add_infer(sub)
+    _add_inspect(sub)
+    return parser
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return str(__version__)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _deprecated(message: str) -> None:
+    """A deprecation: a DeprecationWarning for code, and a visible line for people."""
+    warnings.warn(message, DeprecationWarning, stacklevel=3)
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _require_file(path: str | None, what: str) -> Path:
+    if path is None:
+        raise CLIError(f"{what}: no file given")
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{what} not found: {file}")
+    return file
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(text)
+
+
+@contextlib.contextmanager
+def _console_logging(quiet: bool) -> Iterator[None]:
+    """Show the engine's log records on stderr for one command; quiet: warnings only."""
+    package = logging.getLogger(_PACKAGE_LOGGER)
+    lightning = logging.getLogger("lightning.pytorch")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    level = logging.WARNING if quiet else logging.INFO
+    handler.setLevel(level)
+    old = (package.level, lightning.level)
+    package.addHandler(handler)
+    if package.level == logging.NOTSET or package.level > level:
+        package.setLevel(level)
+    if quiet:
+        lightning.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            if quiet:  # Lightning's advice and its own deprecations are noise to a CLI user
+                warnings.filterwarnings("ignore", module=r"lightning(\.|$)")
+                with contextlib.suppress(ImportError):
+                    from lightning.fabric.utilities.warnings import PossibleUserWarning
+
+                    warnings.simplefilter("ignore", PossibleUserWarning)
+            yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(old[0])
+        lightning.setLevel(old[1])
+
+
+def _check_hardware(check: Any, accelerator: str) -> None:
+    """Requested hardware that is missing is a user error (exit 1), not a traceback."""
+    try:
+        check(accelerator)
+    except RuntimeError as exc:
+        raise CLIError(str(exc)) from exc
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    from .atomic import atomic_write_path
+
+    with atomic_write_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+
+
+def _atomic_save_npz(path: Path, **arrays: Any) -> None:
+    from .atomic import atomic_write_path
+
+    with atomic_write_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def _atomic_save_json(path: Path, value: Any) -> None:
+    from .atomic import atomic_write_path
+
+    with atomic_write_path(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------- train
+_TRAIN_FLAGS = {
+    # flag dest -> payload field
+    "max_epochs": "epochs",
+    "n_groups": "n_groups",
+    "gridsize": "gridsize",
+    "neighbor_count": "neighbor_count",
+    "batch_size": "batch_size",
+    "nphotons": "nphotons",
+    "seed": "seed",
+    "accelerator": "accelerator",
+    "devices": "devices",
+    "num_nodes": "num_nodes",
+    "strategy": "strategy",
+    "precision": "precision",
+    "deterministic": "deterministic",
+    "num_workers": "num_workers",
+    "learning_rate": "learning_rate",
+    "scheduler": "scheduler",
+    "accumulate_grad_batches": "accumulate_grad_batches",
+    "gradient_clip_val": "gradient_clip_val",
+    "checkpoint_enable": "checkpoint_enable",
+    "checkpoint_save_top_k": "checkpoint_save_top_k",
+    "checkpoint_monitor": "checkpoint_monitor",
+    "checkpoint_mode": "checkpoint_mode",
+    "early_stop_patience": "early_stop_patience",
+    "logger": "logger",
+}
+
+
+def _accelerator_from_device(device: str) -> str:
+    name = device.strip().lower().split(":", 1)[0]
+    if name not in ACCELERATORS:
+        raise CLIError(
+            f"--device {device!r} is invalid: allowed {', '.join(ACCELERATORS)} "
+            "(and --device is deprecated: use --accelerator)"
+        )
+    return name
+
+
+def _apply_deprecated_train_flags(args: argparse.Namespace) -> None:
+    """Map --n_images, --device and --disable_mlflow onto their replacements (never over an
+    explicit new-style flag)."""
+    if args.n_images is not None:
+        if args.n_groups is None:
+            _deprecated("--n_images is deprecated: use --n_groups (taking --n_images as it)")
+            args.n_groups = args.n_images
+        else:
+            _deprecated("--n_images is deprecated and ignored: --n_groups is given")
+    if args.device is not None:
+        accelerator = _accelerator_from_device(args.device)
+        if args.accelerator is None:
+            _deprecated(f"--device is deprecated: use --accelerator (taking {accelerator!r})")
+            args.accelerator = accelerator
+        else:
+            _deprecated(
+                f"--device is deprecated and ignored: --accelerator {args.accelerator!r} is given"
+            )
+    if args.disable_mlflow:
+        _deprecated("--disable_mlflow is deprecated: it means --logger none --quiet")
+        if args.logger is None:
+            args.logger = "none"
+        args.quiet = True
+
+
+def training_overrides(args: argparse.Namespace, N: int) -> dict[str, Any]:  # noqa: N803
+    """The payload overrides for parsed ``train`` flags (unset flags are left out)."""
+    overrides: dict[str, Any] = {"N": N}
+    for dest, key in _TRAIN_FLAGS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            overrides[key] = value
+    if args.quiet:
+        overrides["enable_progress_bar"] = False
+    return overrides
+
+
+class _TrainPrinter:
+    """One line per epoch when there is no progress bar and the run is not quiet."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def on_epoch_end(self, record: Any) -> None:
+        if self.enabled:
+            val = "-" if record.val_loss is None else f"{record.val_loss:.5g}"
+            print(
+                f"epoch {record.epoch}: train_loss {record.train_loss:.5g}, val_loss {val}, "
+                f"lr {record.learning_rate:.3g}, {record.seconds:.1f} s",
+                flush=True,
+            )
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    _apply_deprecated_train_flags(args)
+    train_file = _require_file(args.train_data_file, "training data file")
+    test_file = (
+        None
+        if args.test_data_file is None
+        else _require_file(args.test_data_file, "test data file")
+    )
+    output_dir = Path(args.output_dir)
+
+    from .archive import save_archive
+    from .data import load_npz
+    from .payload import create_training_payload
+    from .training import resolve_accelerator, train
+
+    with _console_logging(bool(args.quiet)):
+        data = load_npz(train_file)
+        test_data = None if test_file is None else load_npz(test_file)
+        payload = create_training_payload(training_overrides(args, data.N))
+        _check_hardware(resolve_accelerator, payload.execution.accelerator)
+        _say(
+            args,
+            f"training on {train_file} ({data.n_patterns} patterns, N = {data.N}, gridsize "
+            f"{payload.grid.gridsize}, {payload.training.epochs} epoch(s)) -> {output_dir}",
+        )
+        tic = time.perf_counter()
+        result = train(
+            payload,
+            data,
+            test_data=test_data,
+            output_dir=output_dir,
+            observer=_TrainPrinter(not args.quiet and not payload.execution.enable_progress_bar),
+        )
+        elapsed = time.perf_counter() - tic
+        archive = save_archive(result.model, output_dir)
+        summary = {
+            "backend": result.backend,
+            "archive": str(archive),
+            "epochs_trained": len(result.history),
+            "best_epoch": result.best_epoch,
+            "cancelled": result.cancelled,
+            "seconds": elapsed,
+            "training_device": result.model.training_device,
+            "input_scale": result.model.input_scale,
+            "intensity_scale": result.model.intensity_scale,
+            "nphotons": result.model.nphotons,
+            "checkpoints": [str(p) for p in result.checkpoint_paths],
+            "sources": dict(payload.sources),
+            "history": [record.to_dict() for record in result.history],
+        }
+        _atomic_save_json(output_dir / "history.json", summary)
+    last = result.history[-1] if result.history else None
+    if last is not None:
+        val = "-" if last.val_loss is None else f"{last.val_loss:.5g}"
+        _say(args, f"final epoch {last.epoch}: train_loss {last.train_loss:.5g}, val_loss {val}")
+    _say(args, f"wrote {archive} ({elapsed:.1f} s of training)")
+    return 130 if result.cancelled else 0
+
+
+# ----------------------------------------------------------------------------- infer
+def _save_images(output_dir: Path, obj: np.ndarray, covered: np.ndarray) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    from .atomic import atomic_write_path
+
+    written = []
+    amplitude = np.abs(obj)
+    phase = np.where(covered, np.angle(obj), np.nan)
+    for name, image, cmap, label in (
+        ("amplitude.png", amplitude, "gray", "amplitude"),
+        ("phase.png", phase, "twilight", "phase (rad)"),
+    ):
+        figure = Figure(figsize=(6, 5), dpi=100)
+        axes = figure.add_subplot()
+        shown = axes.imshow(image, cmap=cmap, interpolation="nearest")
+        axes.set_title(label)
+        axes.set_xlabel("x (pixels)")
+        axes.set_ylabel("y (pixels)")
+        figure.colorbar(shown, ax=axes, label=label)
+        figure.tight_layout()
+        path = output_dir / name
+        with atomic_write_path(path) as tmp:
+            figure.savefig(tmp, format="png")
+        written.append(path)
+    return written
+
+
+def _quality(result: Any, reference: np.ndarray, N: int) -> dict[str, Any]:  # noqa: N803
+    from .metrics import evaluate, scanned_region
+
+    stitched = result.stitched
+    erode = max(1, N // 8)
+    mask = scanned_region(stitched.weights, erode=erode)
+    report: dict[str, Any] = {
+        "reference": "objectGuess",
+        "region": f"scanned region eroded by {erode} px",
+        "region_pixels": int(mask.sum()),
+    }
+    if not mask.any():
+        report["error"] = "the scanned region is empty after erosion; no metrics"
+        return report
+    metrics = evaluate(stitched.object, reference, mask)
+    report.update(metrics.to_dict())
+    return report
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from .archive import load_archive
+    from .data import load_npz
+    from .inference import CanvasGeometry, reconstruct, select_device
+
+    data_file = _require_file(args.test_data, "test data file")
+    output_dir = Path(args.output_dir)
+    with _console_logging(bool(args.quiet)):
+        model = load_archive(args.model_path)
+        data = load_npz(data_file)
+        overrides = {
+            "n_groups": args.n_groups,
+            "inference_batch_size": args.inference_batch_size,
+            "accelerator": args.accelerator,
+            "patch_weighting": args.patch_weighting,
+        }
+        payload = model.inference_payload(overrides)
+        _check_hardware(select_device, payload.execution.accelerator)
+        canvas = None
+        if data.object_guess is not None:
+            height, width = data.object_guess.shape
+            canvas = CanvasGeometry(0.0, 0.0, int(width), int(height))
+        _say(
+            args,
+            f"reconstructing {data_file} ({data.n_patterns} patterns) with "
+            f"{args.model_path} (N = {model.N}, gridsize {model.gridsize}, "
+            f"neighbor_count {payload.grid.neighbor_count})",
+        )
+        tic = time.perf_counter()
+        result = reconstruct(model, data, payload, canvas)
+        elapsed = time.perf_counter() - tic
+        stitched = result.stitched
+        obj = stitched.object.astype(np.complex64)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_save_npy(output_dir / "object.npy", obj)
+        _atomic_save_npz(
+            output_dir / "reconstruction.npz",
+            object=obj,
+            weights=stitched.weights,
+            origin_x=np.float64(stitched.canvas.origin_x),
+            origin_y=np.float64(stitched.canvas.origin_y),
+            backend=np.asarray(result.backend),
+            n_groups=np.int64(result.n_groups),
+        )
+        written = [output_dir / "object.npy", output_dir / "reconstruction.npz"]
+        written += _save_images(output_dir, obj, stitched.weights > 0)
+        if data.object_guess is not None:
+            report = _quality(result, data.object_guess, model.N)
+            report.update(
+                {
+                    "backend": result.backend,
+                    "n_groups": result.n_groups,
+                    "seconds": elapsed,
+                    "timings": dict(result.timings),
+                }
+            )
+            _atomic_save_json(output_dir / "metrics.json", _json_safe(report))
+            written.append(output_dir / "metrics.json")
+            if "amplitude_ssim" in report:
+                _say(
+                    args,
+                    f"amplitude SSIM {report['amplitude_ssim']:.3f}, phase SSIM "
+                    f"{report['phase_ssim']:.3f}, amplitude PSNR "
+                    f"{report['amplitude_psnr']:.2f} dB, FRC50 {report['frc50']:.3f}",
+                )
+    _say(
+        args,
+        f"{result.n_groups} groups reconstructed in {elapsed:.2f} s ({result.backend}); wrote "
+        + ", ".join(p.name for p in written)
+        + f" to {output_dir}",
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------- simulate
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from .data import save_npz
+    from .simulate import simulate_dataset, simulate_from_object_npz
+
+    output = Path(args.output)
+    with _console_logging(bool(args.quiet)):
+        if args.from_object is not None:
+            source = _require_file(args.from_object, "object file")
+            ignored = [
+                f"--{name}"
+                for name in ("N", "object", "probe", "scan", "step", "jitter")
+                if getattr(args, name) is not None
+            ]
+            if ignored:
+                print(
+                    f"warning: {', '.join(ignored)} do(es) not apply with --from-object "
+                    "(the file gives object, probe and positions)",
+                    file=sys.stderr,
+                )
+            data = simulate_from_object_npz(
+                source, nphotons=args.nphotons, seed=args.seed, pad="auto"
+            )
+        else:
+            kwargs: dict[str, Any] = {"nphotons": args.nphotons, "seed": args.seed}
+            for name, key in (
+                ("N", "N"),
+                ("object", "object_kind"),
+                ("probe", "probe_kind"),
+                ("scan", "scan_kind"),
+                ("step", "step"),
+                ("jitter", "jitter"),
+            ):
+                if getattr(args, name) is not None:
+                    kwargs[key] = getattr(args, name)
+            data = simulate_dataset(**kwargs)
+        save_npz(data, output)
+    shape = "none" if data.object_guess is None else "x".join(map(str, data.object_guess.shape))
+    _say(
+        args,
+        f"wrote {output}: {data.n_patterns} patterns of {data.N}x{data.N}, object {shape}, "
+        f"{data.mean_photons():.3g} mean counts per pattern",
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------- inspect
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .archive import inspect_archive
+
+    if args.path is not None and args.model_path is not None and args.path != args.model_path:
+        raise CLIError("give the archive either as PATH or as --model_path, not both")
+    path = args.path if args.path is not None else args.model_path
+    if path is None:
+        raise CLIError("inspect: no archive given (PATH or --model_path)")
+    info = inspect_archive(path)
+    print(json.dumps(info, indent=2, sort_keys=False, default=str))
+    return 0
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (argparse exits 2 on bad flags)."""
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return int(args.handler(args))
+    except FileNotFoundError as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, CLIError) as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `ptychodus-torch inspect X | head`
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

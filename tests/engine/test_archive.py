@@ -1,0 +1,284 @@
+"""Model archive wts.h5.zip: round trip, integrity, refusal of foreign or unsafe content."""
+
+import io
+import json
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from ptychodus_torch_plugin.engine import archive as archive_module
+from ptychodus_torch_plugin.engine.archive import (
+    ARCHIVE_NAME,
+    inspect_archive,
+    load_archive,
+    read_manifest,
+    save_archive,
+)
+from ptychodus_torch_plugin.engine.model import EpochRecord, TrainedModel
+from ptychodus_torch_plugin.engine.payload import create_training_payload
+from ptychodus_torch_plugin.engine.simulate import make_probe
+
+
+def _model(gridsize=2, neighbor_count=5, seed=0):
+    torch.manual_seed(seed)
+    config = create_training_payload(
+        tiny_overrides(gridsize=gridsize, neighbor_count=neighbor_count)
+    ).to_flat()
+    history = [
+        EpochRecord(1, 10.5, 11.0, 1e-3, 0.25),
+        EpochRecord(2, 9.5, None, 5e-4, 0.5),
+    ]
+    return TrainedModel.build(
+        config,
+        make_probe("disk", 32),
+        input_scale=1.25,
+        intensity_scale=3.5,
+        nphotons=1e5,
+        history=history,
+        training_device="cpu",
+    )
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model = _model()
+    path = save_archive(model, tmp_path_factory.mktemp("archive"))
+    return model, path
+
+
+def _rewrite(src, dst, *, replace=None, drop=(), update_sha=True, extra=None):
+    """Copy an archive, replacing/dropping members; optionally keep the manifest consistent."""
+    replace = dict(replace or {})
+    with zipfile.ZipFile(src) as zin:
+        members = {name: zin.read(name) for name in zin.namelist()}
+    members.update(replace)
+    for name in drop:
+        members.pop(name)
+    members.update(extra or {})
+    if update_sha:
+        manifest = json.loads(members["manifest.json"])
+        for name in replace:
+            manifest["sha256"][name] = archive_module._sha256(members[name])
+        members["manifest.json"] = json.dumps(manifest).encode()
+    with zipfile.ZipFile(dst, "w") as zout:
+        for name, data in members.items():
+            zout.writestr(name, data)
+    return dst
+
+
+# ----------------------------------------------------------------------------- round trip
+def test_round_trip_identical_predictions_and_settings(saved, tmp_path):
+    model, path = saved
+    assert path.name == ARCHIVE_NAME
+    for where in (path, path.parent):  # the file, or the directory holding it
+        loaded = load_archive(where)
+        inputs = torch.rand(5, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+        assert np.abs(loaded.predict(inputs) - model.predict(inputs)).max() == 0.0
+        offsets = torch.randn(5, 4, 2, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            _, amp_a = model.autoencoder.eval()(inputs, offsets)
+            _, amp_b = loaded.autoencoder(inputs, offsets)
+        assert torch.equal(amp_a, amp_b)
+        assert np.array_equal(loaded.probe, model.probe)
+        assert loaded.probe.dtype == np.complex64
+        assert (loaded.N, loaded.gridsize, loaded.config["neighbor_count"]) == (32, 2, 5)
+        assert loaded.config == model.config
+        assert loaded.history == model.history
+        assert loaded.history[1].val_loss is None
+        assert (loaded.input_scale, loaded.intensity_scale, loaded.nphotons) == (1.25, 3.5, 1e5)
+        assert loaded.backend == "pytorch"
+    # The archive's geometry feeds the inference payload.
+    payload = loaded.inference_payload()
+    assert (payload.grid.N, payload.grid.gridsize, payload.grid.neighbor_count) == (32, 2, 5)
+    assert payload.sources["neighbor_count"] == "archive"
+
+
+def test_save_to_explicit_file_name(tmp_path):
+    path = save_archive(_model(gridsize=1, neighbor_count=4), tmp_path / "sub" / "my.zip")
+    assert path == tmp_path / "sub" / "my.zip" and path.is_file()
+    assert load_archive(path).gridsize == 1
+
+
+def test_manifest_and_inspect(saved):
+    model, path = saved
+    manifest = read_manifest(path)
+    assert manifest["backend"] == "pytorch"
+    assert manifest["models"] == ["diffraction_to_obj", "autoencoder"]
+    assert manifest["format_version"] == 1
+    with zipfile.ZipFile(path) as zf:
+        names = set(zf.namelist())
+        dill_copy = pickle.loads(zf.read("manifest.dill"))
+    assert set(manifest["sha256"]) == names - {"manifest.json"}
+    # The compatibility copy is the same plain dict (less its own hash).
+    expected = {**manifest, "sha256": dict(manifest["sha256"])}
+    expected["sha256"].pop("manifest.dill")
+    assert dill_copy == expected
+
+    info = inspect_archive(path)
+    assert info["backend"] == "pytorch" and info["verified"] is True
+    assert info["config"]["config"]["gridsize"] == 2
+    assert [r["epoch"] for r in info["config"]["history"]] == [1, 2]
+    assert "sign_conventions" in info["config"]
+    json.dumps(info)  # printable as JSON
+
+
+# ----------------------------------------------------------------------------- refusals
+def _tensorflow_archive(path, with_json=True):
+    manifest = {"models": ["autoencoder", "diffraction_to_obj"], "version": "1.0"}
+    with zipfile.ZipFile(path, "w") as zf:
+        if with_json:
+            zf.writestr("manifest.json", json.dumps(manifest))
+        else:
+            zf.writestr("manifest.dill", pickle.dumps(manifest, protocol=2))
+        zf.writestr("autoencoder/model.keras", b"PK-keras-bytes")
+        zf.writestr("diffraction_to_obj/model.keras", b"PK-keras-bytes")
+        zf.writestr("autoencoder/params.dill", b"not read")
+    return path
+
+
+@pytest.mark.parametrize("with_json", [True, False], ids=["manifest.json", "manifest.dill"])
+def test_tensorflow_archive_is_refused_naming_both_backends(tmp_path, with_json):
+    path = _tensorflow_archive(tmp_path / "wts.h5.zip", with_json)
+    with pytest.raises(ValueError, match="tensorflow backend; this loader is pytorch") as info:
+        load_archive(path)
+    assert "retrain" in str(info.value)
+    assert read_manifest(path)["backend"] == "tensorflow"
+    described = inspect_archive(tmp_path)
+    assert described["backend"] == "tensorflow" and described["config"] is None
+    assert "cannot load" in described["note"]
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("with_json", [False, True], ids=["dill-only", "dill-beside-json"])
+def test_malicious_manifest_dill_never_runs(saved, tmp_path, with_json):
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps({"backend": "pytorch", "payload": _Exploit(marker)}, protocol=2)
+    path = tmp_path / "evil.zip"
+    if with_json:  # a tampered compatibility copy inside a real archive: caught by sha256
+        _rewrite(saved[1], path, replace={"manifest.dill": evil}, update_sha=False)
+        with pytest.raises(ValueError, match="sha256 mismatch for member 'manifest.dill'"):
+            load_archive(path)
+    else:
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("manifest.dill", evil)
+        for call in (load_archive, read_manifest, inspect_archive):
+            with pytest.raises(ValueError, match="refus"):
+                call(path)
+    assert not marker.exists()
+
+
+def test_missing_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothere.zip"):
+        load_archive(tmp_path / "nothere.zip")
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / ARCHIVE_NAME)):
+        load_archive(tmp_path)  # a directory without wts.h5.zip
+    with pytest.raises(FileNotFoundError):
+        inspect_archive(tmp_path / "nothere.zip")
+
+
+def test_truncated_and_corrupt_zips(saved, tmp_path):
+    data = saved[1].read_bytes()
+    cases = {
+        "truncated.zip": data[: len(data) // 2],
+        "garbage.zip": b"this is not a zip file at all" * 10,
+        "empty.zip": b"",
+    }
+    for name, content in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match="not a valid or complete model archive"):
+            load_archive(path)
+    # Damage inside a member's compressed bytes (the central directory still reads).
+    with zipfile.ZipFile(saved[1]) as zf:
+        info = zf.getinfo("autoencoder/weights.safetensors")
+    damaged = bytearray(data)
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    for i in range(start + 64, start + 96):
+        damaged[i] ^= 0xFF
+    path = tmp_path / "damaged.zip"
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match="not a valid or complete|sha256 mismatch"):
+        load_archive(path)
+
+
+def test_sha256_mismatch_names_the_member(saved, tmp_path):
+    config = json.loads(zipfile.ZipFile(saved[1]).read("config.json"))
+    config["input_scale"] = 99.0
+    path = _rewrite(
+        saved[1],
+        tmp_path / "x.zip",
+        replace={"config.json": json.dumps(config).encode()},
+        update_sha=False,
+    )
+    with pytest.raises(ValueError, match="sha256 mismatch for member 'config.json'"):
+        load_archive(path)
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        inspect_archive(path)
+
+
+@pytest.mark.parametrize(
+    "member", ["probe.npy", "autoencoder/weights.safetensors", "config.json", "manifest.json"]
+)
+def test_missing_member_is_named(saved, tmp_path, member):
+    path = _rewrite(saved[1], tmp_path / "x.zip", drop=[member], update_sha=False)
+    with pytest.raises(ValueError, match=f"'{member}' is missing"):
+        load_archive(path)
+
+
+def test_weights_that_do_not_fit_are_refused(saved, tmp_path):
+    with zipfile.ZipFile(saved[1]) as zf:
+        document = json.loads(zf.read("config.json"))
+    document["config"]["n_filters_scale"] = 2  # a wider network than the stored weights
+    path = _rewrite(
+        saved[1], tmp_path / "x.zip", replace={"config.json": json.dumps(document).encode()}
+    )
+    with pytest.raises(ValueError, match="do not fit.*shape/dtype mismatch"):
+        load_archive(path)
+
+
+def test_probe_is_read_without_pickle(saved, tmp_path):
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    path = _rewrite(saved[1], tmp_path / "x.zip", replace={"probe.npy": buffer.getvalue()})
+    with pytest.raises(ValueError, match="probe.npy"):
+        load_archive(path)
+
+
+# ----------------------------------------------------------------------------- atomic save
+def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
+    model = _model(gridsize=1, neighbor_count=4)
+    original = archive_module._tensor_bytes
+    calls = []
+
+    def failing(state):
+        calls.append(1)
+        if len(calls) == 2:  # the first weights member is already in the zip
+            raise KeyboardInterrupt("simulated interruption mid-write")
+        return original(state)
+
+    monkeypatch.setattr(archive_module, "_tensor_bytes", failing)
+    with pytest.raises(KeyboardInterrupt):
+        save_archive(model, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no wts.h5.zip, no temp file
+
+    # An interrupted save over an existing archive keeps the old one intact.
+    monkeypatch.setattr(archive_module, "_tensor_bytes", original)
+    path = save_archive(model, tmp_path)
+    before = path.read_bytes()
+    calls.clear()
+    monkeypatch.setattr(archive_module, "_tensor_bytes", failing)
+    with pytest.raises(KeyboardInterrupt):
+        save_archive(model, tmp_path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ARCHIVE_NAME]

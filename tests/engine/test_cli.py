@@ -1,0 +1,264 @@
+"""The ptychodus-torch command line, run in-process through main(argv)."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from ptychodus_torch_plugin.engine import cli
+from ptychodus_torch_plugin.engine.data import load_npz, save_npz
+from ptychodus_torch_plugin.engine.payload import create_training_payload
+from ptychodus_torch_plugin.engine.simulate import make_probe, simulate_dataset
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """A tiny N = 32 scan with ground truth (169 patterns)."""
+    path = tmp_path_factory.mktemp("data") / "D.npz"
+    save_npz(simulate_dataset(N=32, nphotons=1e5, seed=0), path)
+    return path
+
+
+@pytest.fixture
+def small_network(monkeypatch):
+    """CLI training with n_filters_scale 1 (the CLI has no flag for it): keeps CI fast."""
+    original = cli.training_overrides
+
+    def overrides(args, N):  # noqa: N803
+        return {**original(args, N), "n_filters_scale": 1}
+
+    monkeypatch.setattr(cli, "training_overrides", overrides)
+
+
+def test_smoke_command_from_the_issue(data_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "D.npz").write_bytes(data_file.read_bytes())
+    argv = (
+        "train --train_data_file D.npz --test_data_file D.npz --output_dir OUT --max_epochs 1 "
+        "--n_images 32 --gridsize 1 --batch_size 4 --accelerator cpu --deterministic "
+        "--num-workers 0 --learning-rate 1e-3 --disable_mlflow"
+    ).split()
+    with pytest.warns(DeprecationWarning) as caught:
+        assert cli.main(argv) == 0
+    messages = " ".join(str(w.message) for w in caught)
+    assert "--n_images" in messages and "--disable_mlflow" in messages
+    err = capsys.readouterr().err
+    assert "warning: --n_images is deprecated" in err
+    assert "warning: --disable_mlflow is deprecated" in err
+    out = tmp_path / "OUT"
+    assert (out / "wts.h5.zip").is_file()
+    assert list((out / "checkpoints").glob("*.ckpt"))
+    assert not (out / "logs").exists()  # --disable_mlflow: logger none
+    history = json.loads((out / "history.json").read_text())
+    assert history["epochs_trained"] == 1 and history["backend"] == "pytorch"
+    assert history["sources"]["n_groups"] == "override"
+    assert history["sources"]["neighbor_count"] == "default"
+
+    assert cli.main(["inspect", str(out)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["backend"] == "pytorch" and shown["verified"] is True
+    settings = shown["config"]["config"]
+    assert (settings["N"], settings["gridsize"], settings["n_groups"]) == (32, 1, 32)
+    assert (settings["batch_size"], settings["logger"], settings["deterministic"]) == (
+        4,
+        "none",
+        True,
+    )
+    assert settings["enable_progress_bar"] is False  # --disable_mlflow implies --quiet
+    assert settings["nphotons"] is None  # measured from the data
+    assert shown["config"]["nphotons"] == pytest.approx(load_npz(data_file).mean_photons())
+
+
+@pytest.mark.parametrize("gridsize", [1, 2])
+def test_train_then_infer(data_file, tmp_path, small_network, gridsize, capsys):
+    out, inf = tmp_path / "train", tmp_path / "infer"
+    status = cli.main(
+        [
+            "train",
+            "--train_data_file",
+            str(data_file),
+            "--output_dir",
+            str(out),
+            "--max_epochs",
+            "1",
+            "--n_groups",
+            "16",
+            "--gridsize",
+            str(gridsize),
+            "--batch_size",
+            "8",
+            "--accelerator",
+            "cpu",
+            "--quiet",
+        ]
+    )
+    assert status == 0
+    assert capsys.readouterr().out == ""  # --quiet
+    assert (out / "wts.h5.zip").is_file()
+    assert list((out / "logs").rglob("metrics.csv"))  # default logger: csv
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+
+    status = cli.main(
+        [
+            "infer",
+            "--model_path",
+            str(out),
+            "--test_data",
+            str(data_file),
+            "--output_dir",
+            str(inf),
+            "--inference-batch-size",
+            "32",
+            "--accelerator",
+            "cpu",
+            "--patch-weighting",
+            "uniform" if gridsize == 2 else "probe",
+        ]
+    )
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "groups reconstructed" in printed
+    truth = load_npz(data_file).object_guess
+    obj = np.load(inf / "object.npy", allow_pickle=False)
+    assert obj.dtype == np.complex64 and obj.shape == truth.shape  # the object's frame
+    with np.load(inf / "reconstruction.npz", allow_pickle=False) as npz:
+        assert np.array_equal(npz["object"], obj)
+        assert npz["weights"].shape == truth.shape
+        assert (float(npz["origin_x"]), float(npz["origin_y"])) == (0.0, 0.0)
+        assert str(npz["backend"]) == "pytorch"
+        assert int(npz["n_groups"]) == 169  # default: every pattern
+    for png in ("amplitude.png", "phase.png"):
+        assert (inf / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((inf / "metrics.json").read_text())
+    for key in ("amplitude_ssim", "phase_ssim", "amplitude_psnr", "phase_psnr", "frc50"):
+        assert isinstance(metrics[key], float)
+    assert metrics["n_groups"] == 169 and metrics["region_pixels"] > 0
+
+
+def test_device_alias_maps_to_accelerator_without_overriding():
+    parser = cli.build_parser()
+    args = parser.parse_args(["train", "--train_data_file", "x.npz", "--device", "cpu"])
+    with pytest.warns(DeprecationWarning, match="--device is deprecated"):
+        cli._apply_deprecated_train_flags(args)
+    payload = create_training_payload(cli.training_overrides(args, 32))
+    assert payload.execution.accelerator == "cpu"
+    assert payload.sources["accelerator"] == "override"
+
+    args = parser.parse_args(
+        ["train", "--train_data_file", "x.npz", "--accelerator", "auto", "--device", "cpu"]
+    )
+    with pytest.warns(DeprecationWarning, match="ignored"):
+        cli._apply_deprecated_train_flags(args)
+    assert args.accelerator == "auto"
+
+    args = parser.parse_args(["train", "--train_data_file", "x.npz", "--device", "cuda:0"])
+    with pytest.warns(DeprecationWarning):
+        cli._apply_deprecated_train_flags(args)
+    assert args.accelerator == "cuda"
+
+
+def test_unset_flags_are_not_overrides():
+    args = cli.build_parser().parse_args(["train", "--train_data_file", "x.npz"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecation when no deprecated flag is used
+        cli._apply_deprecated_train_flags(args)
+    assert cli.training_overrides(args, 64) == {"N": 64}
+    payload = create_training_payload(cli.training_overrides(args, 64))
+    assert payload.grid.neighbor_count == 4 and payload.execution.accelerator == "auto"
+    assert payload.sources["epochs"] == "default"
+
+    args = cli.build_parser().parse_args(
+        ["train", "--train_data_file", "x.npz", "--disable-checkpointing", "--no-deterministic"]
+    )
+    overrides = cli.training_overrides(args, 64)
+    assert overrides["checkpoint_enable"] is False and overrides["deterministic"] is False
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--train_data_file", "x.npz", "--bogus"],
+        ["train", "--train_data_file", "x.npz", "--accelerator", "tpu"],
+        ["train", "--train_data_file", "x.npz", "--max_epochs", "zero"],
+        ["train"],  # --train_data_file is required
+        ["infer", "--model_path", "m"],  # --test_data is required
+        ["frobnicate"],
+        [],
+    ],
+)
+def test_bad_flags_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_missing_files_exit_1_naming_the_path(tmp_path, data_file, capsys):
+    missing = tmp_path / "no_such_data.npz"
+    assert cli.main(["train", "--train_data_file", str(missing), "--output_dir", "o"]) == 1
+    err = capsys.readouterr().err
+    assert str(missing) in err and "Traceback" not in err
+
+    archive = tmp_path / "no_model"
+    argv = ["infer", "--model_path", str(archive), "--test_data", str(data_file)]
+    assert cli.main([*argv, "--output_dir", str(tmp_path / "o")]) == 1
+    assert str(archive) in capsys.readouterr().err
+
+    assert cli.main(["inspect", str(tmp_path / "x.zip")]) == 1
+    assert "x.zip" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_invalid_settings_exit_1_with_the_message(data_file, tmp_path, capsys):
+    argv = ["train", "--train_data_file", str(data_file), "--output_dir", str(tmp_path)]
+    assert cli.main([*argv, "--gridsize", "2", "--neighbor_count", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "neighbor_count = 3 is invalid" in err and "Traceback" not in err
+
+
+def test_simulate(tmp_path, capsys):
+    out = tmp_path / "sim.npz"
+    argv = ["simulate", "--output", str(out), "--N", "32", "--nphotons", "1e4"]
+    assert cli.main([*argv, "--scan", "fermat", "--probe", "gaussian", "--seed", "3"]) == 0
+    data = load_npz(out)
+    assert data.N == 32 and data.object_guess is not None
+    assert data.mean_photons() == pytest.approx(1e4, rel=0.05)
+    assert "wrote" in capsys.readouterr().out
+
+    # From an object/probe/positions file (like shared/data/run1084_object_probe.npz).
+    source = tmp_path / "object_probe.npz"
+    rng = np.random.default_rng(0)
+    obj = np.exp(1j * rng.uniform(0, 1, (80, 80))).astype(np.complex64)
+    xs, ys = np.meshgrid(np.arange(16.0, 64.0, 8.0), np.arange(16.0, 64.0, 8.0))
+    np.savez(
+        source,
+        objectGuess=obj,
+        probeGuess=make_probe("disk", 32),
+        xcoords=xs.ravel(),
+        ycoords=ys.ravel(),
+    )
+    out2 = tmp_path / "from_object.npz"
+    argv = ["simulate", "--from-object", str(source), "--output", str(out2), "--quiet"]
+    assert cli.main([*argv, "--nphotons", "1e5"]) == 0
+    data = load_npz(out2)
+    assert data.n_patterns == 36 and data.N == 32
+    assert cli.main(["simulate", "--from-object", str(tmp_path / "none.npz")]) == 1
+    assert "none.npz" in capsys.readouterr().err
+
+
+def test_inspect_describes_a_tensorflow_archive(tmp_path, capsys):
+    import zipfile
+
+    path = tmp_path / "wts.h5.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("manifest.json", json.dumps({"version": "1.0", "models": ["autoencoder"]}))
+        zf.writestr("autoencoder/model.keras", b"keras")
+    assert cli.main(["inspect", "--model_path", str(tmp_path)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["backend"] == "tensorflow" and "cannot load" in shown["note"]
+
+    argv = ["infer", "--model_path", str(path), "--test_data", str(path), "--output_dir", "o"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "tensorflow backend; this loader is pytorch" in err
