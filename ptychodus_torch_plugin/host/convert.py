@@ -1,0 +1,275 @@
+"""Ptychodus data <-> engine arrays: units, geometry, masks, probe modes, losses.
+
+* Patterns: Ptychodus hands over **intensities** (counts, possibly uint16). They become
+  amplitudes via ``PtychoData.from_counts`` (float64 before the square root). Bad pixels are
+  zeroed here, whatever the host did (batch mode does not zero them), and the mask goes to the
+  engine so the loss ignores them. Negative counts (background-subtracted data) are clipped.
+* Positions: metres -> object pixels with the input object's geometry (pixel ``i`` centred at
+  ``i``). Ptychodus anchors an N-pixel patch at ``x - (N-1)/2``, the engine at ``x - N/2``, so
+  engine coordinates are Ptychodus pixel coordinates + 0.5; with that, both share one object
+  pixel frame and the stitched canvas ``CanvasGeometry(0, 0, W, H)`` *is* the input object.
+* Probe: the incoherent mode stack at OPR index 0, shape (modes, N, N).
+* Result: an ``Object`` with the input's pixel geometry, centre and layer spacing; the
+  reconstruction (the total transmission) goes into layer 0 and the other layers are 1 there,
+  so the product of the layers is the reconstruction; pixels no patch has reached yet keep
+  the input object, so a streamed image fills in chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from ptychodus.api.object import Object
+from ptychodus.api.product import LossValue, Product
+from ptychodus.api.reconstruct import ReconstructInput
+
+from .names import LOGGER_NAME, TEST_DATA_NAME, TRAINING_DATA_NAME
+
+if TYPE_CHECKING:  # engine types; the modules are imported lazily at work time
+    from ..engine.data import PtychoData
+    from ..engine.inference import CanvasGeometry, StitchedObject
+
+logger = logging.getLogger(f"{LOGGER_NAME}.host.convert")
+
+#: Engine patch anchoring minus Ptychodus patch anchoring, in object pixels (see above).
+ENGINE_MINUS_HOST_PX = 0.5
+
+DIFFRACTION_FILE = "diffraction.h5"
+PRODUCT_FILE = "product.h5"
+
+
+def probe_modes(product: Product) -> np.ndarray:
+    """(modes, H, W) complex probe stack at OPR index 0."""
+    array = np.asarray(product.probes.get_array())
+    return array[0] if array.ndim == 4 else array
+
+
+def object_pixel_positions(product: Product) -> tuple[np.ndarray, np.ndarray]:
+    """Scan positions in engine object-pixel coordinates (x = column, y = row)."""
+    geometry = product.object_.get_geometry()
+    x = geometry.map_probe_positions_to_object_x_px(product.probe_positions)
+    y = geometry.map_probe_positions_to_object_y_px(product.probe_positions)
+    return (
+        np.asarray(x, dtype=np.float64) + ENGINE_MINUS_HOST_PX,
+        np.asarray(y, dtype=np.float64) + ENGINE_MINUS_HOST_PX,
+    )
+
+
+def masked_counts(patterns: np.ndarray, bad_pixels: np.ndarray | None) -> np.ndarray:
+    """float64 counts with bad pixels zeroed and negative counts clipped to 0."""
+    counts = np.array(patterns, dtype=np.float64, copy=True)
+    if bad_pixels is not None and bad_pixels.any():
+        counts[:, bad_pixels] = 0.0
+    negative = counts < 0
+    if negative.any():
+        logger.warning(
+            "%d negative intensities (min %.3g) clipped to 0 before the square root",
+            int(negative.sum()),
+            float(counts.min()),
+        )
+        counts[negative] = 0.0
+    return counts
+
+
+def bad_pixel_mask(parameters: ReconstructInput) -> np.ndarray | None:
+    mask = parameters.bad_pixels
+    if mask is None:
+        return None
+    mask = np.asarray(mask, dtype=bool)
+    shape = np.shape(parameters.diffraction_patterns)[1:]
+    if mask.shape != shape:
+        logger.warning("bad-pixel mask has shape %s, patterns %s: ignoring it", mask.shape, shape)
+        return None
+    return mask
+
+
+def reconstruct_input_to_data(
+    parameters: ReconstructInput, *, with_object: bool = True
+) -> PtychoData:
+    """A Ptychodus ``ReconstructInput`` as the engine's validated ``PtychoData``."""
+    from ..engine.data import PtychoData
+
+    patterns = np.asarray(parameters.diffraction_patterns)
+    if patterns.ndim != 3 or patterns.shape[0] == 0:
+        raise ValueError(
+            f"diffraction patterns: found shape {patterns.shape}, expected (n, N, N) with n >= 1"
+        )
+    if patterns.shape[1] != patterns.shape[2]:
+        raise ValueError(
+            f"diffraction patterns: found {patterns.shape[1]} x {patterns.shape[2]} pixels, "
+            "expected square patterns: crop the detector to a square region in Ptychodus"
+        )
+    mask = bad_pixel_mask(parameters)
+    product = parameters.product
+    x, y = object_pixel_positions(product)
+    obj = product.object_
+    object_guess = None
+    if with_object and obj.height_px > 0 and obj.width_px > 0:
+        object_guess = np.asarray(obj.get_layers_flattened())
+    return PtychoData.from_counts(
+        masked_counts(patterns, mask),
+        x,
+        y,
+        probe_modes(product),
+        object_guess=object_guess,
+        bad_pixels=mask,
+    )
+
+
+def canvas_for(obj: Object) -> CanvasGeometry:
+    """The input object's own pixel frame as an engine canvas."""
+    from ..engine.inference import CanvasGeometry
+
+    return CanvasGeometry(0.0, 0.0, int(obj.width_px), int(obj.height_px))
+
+
+def stitched_to_object(stitched: StitchedObject, template: Object) -> Object:
+    """The stitched canvas (in ``template``'s pixel frame) as a Ptychodus ``Object``."""
+    array = np.array(template.get_array(), dtype=np.complex128, copy=True)  # (L, H, W)
+    if array.shape[-2:] != stitched.object.shape:
+        raise ValueError(
+            f"stitched object has shape {stitched.object.shape}, expected the input object's "
+            f"{array.shape[-2:]}"
+        )
+    covered = stitched.covered
+    array[0][covered] = stitched.object[covered]
+    for layer in range(1, array.shape[0]):
+        array[layer][covered] = 1.0
+    return Object(
+        array=array,
+        pixel_geometry=template.get_pixel_geometry().copy(),
+        center=template.get_center().copy(),
+        layer_spacing_m=list(template.layer_spacing_m),
+    )
+
+
+def losses_from_history(history: Sequence[Any]) -> list[LossValue]:
+    """Training losses per epoch for the GUI's log-scale plot (positive, finite values only)."""
+    return [
+        LossValue(epoch=int(r.epoch), value=float(r.train_loss))
+        for r in history
+        if math.isfinite(r.train_loss) and r.train_loss > 0
+    ]
+
+
+def validation_losses(history: Sequence[Any]) -> list[LossValue]:
+    return [
+        LossValue(epoch=int(r.epoch), value=float(r.val_loss))
+        for r in history
+        if r.val_loss is not None and math.isfinite(r.val_loss) and r.val_loss > 0
+    ]
+
+
+def with_object(product: Product, obj: Object, losses: Sequence[LossValue]) -> Product:
+    return Product(
+        metadata=product.metadata,
+        probe_positions=product.probe_positions,
+        probes=product.probes,
+        object_=obj,
+        losses=list(losses),
+    )
+
+
+# ----------------------------------------------------------------------------- training data
+def _looks_like_counts(values: np.ndarray) -> bool:
+    """Float patterns that are all whole numbers are detector counts, not amplitudes."""
+    sample = values.reshape(-1)[:1_000_000]
+    finite = sample[np.isfinite(sample)]
+    return finite.size > 0 and finite.max() > 1.0 and bool(np.all(finite == np.round(finite)))
+
+
+def load_training_npz(path: Path) -> PtychoData:
+    """Our NPZ (amplitudes + ``diff3d_units``) or Ptychodus's PtychoPINN export (counts).
+
+    Units: the ``diff3d_units`` key when present, else integer dtype = counts (the engine's
+    rule); a Ptychodus export keeps the source dtype, so float patterns holding only whole
+    numbers are read as counts too (amplitudes, square roots, almost never are).
+    """
+    from ..engine.data import DIFFRACTION_KEYS, PtychoData, load_npz
+
+    with np.load(path, allow_pickle=False) as npz:
+        files = set(npz.files)
+        key = next((k for k in DIFFRACTION_KEYS if k in files), None)
+        counts_by_value = (
+            key is not None
+            and "diff3d_units" not in files
+            and np.issubdtype(npz[key].dtype, np.floating)
+            and _looks_like_counts(npz[key])
+        )
+        if not counts_by_value:
+            return load_npz(path)
+        logger.info("%s: '%s' holds whole numbers and no diff3d_units: reading counts", path, key)
+        optional = {
+            name: (npz[src] if src in files else None)
+            for name, src in (
+                ("object_guess", "objectGuess"),
+                ("scan_index", "scan_index"),
+                ("xcoords_start", "xcoords_start"),
+                ("ycoords_start", "ycoords_start"),
+                ("bad_pixels", "bad_pixels"),
+            )
+        }
+        for required in ("xcoords", "ycoords", "probeGuess"):
+            if required not in files:
+                raise ValueError(f"{path}: missing key '{required}'; found {sorted(files)}")
+        mask = optional["bad_pixels"]
+        counts = masked_counts(npz[key], None if mask is None else np.asarray(mask, bool))
+        return PtychoData.from_counts(
+            counts, npz["xcoords"], npz["ycoords"], npz["probeGuess"], **optional
+        )
+
+
+def load_batch_layout(directory: Path) -> PtychoData:
+    """``diffraction.h5`` + ``product.h5`` (the batch layout) read with Ptychodus's readers."""
+    from ptychodus.api.io import load_diffraction_data, load_product
+    from ptychodus.api.reconstruct import prepare_reconstruct_input
+
+    assembled = load_diffraction_data(directory / DIFFRACTION_FILE)
+    product = load_product(directory / PRODUCT_FILE)
+    return reconstruct_input_to_data(prepare_reconstruct_input(assembled, product))
+
+
+def find_training_data(input_path: Path) -> tuple[PtychoData, PtychoData | None, str]:
+    """Training (and optional test) data from a file or directory, with a description.
+
+    A directory is searched in this order: ``diffraction.h5`` + ``product.h5`` (batch layout),
+    ``train_data.npz`` (with ``test_data.npz`` as validation when present), the only ``*.npz``,
+    the newest ``*.npz``.
+    """
+    path = Path(input_path)
+    if path.is_file():
+        return load_training_npz(path), None, str(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"training data not found: {path} is neither a file nor a folder")
+    if (path / DIFFRACTION_FILE).is_file() and (path / PRODUCT_FILE).is_file():
+        description = f"{path / DIFFRACTION_FILE} + {path / PRODUCT_FILE}"
+        return load_batch_layout(path), None, description
+    train_file = path / TRAINING_DATA_NAME
+    if train_file.is_file():
+        test_file = path / TEST_DATA_NAME
+        test = load_training_npz(test_file) if test_file.is_file() else None
+        description = str(train_file) + (f" (validation: {test_file})" if test else "")
+        return load_training_npz(train_file), test, description
+    candidates = sorted(
+        (p for p in path.glob("*.npz") if p.name != TEST_DATA_NAME),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if not candidates:
+        raise FileNotFoundError(
+            f"no training data in {path}: expected {DIFFRACTION_FILE} + {PRODUCT_FILE}, "
+            f"{TRAINING_DATA_NAME}, or an NPZ file (Processing > Export Training Data...)"
+        )
+    if len(candidates) > 1:
+        logger.warning(
+            "%d NPZ files in %s: training on the newest, %s (name one %s to choose)",
+            len(candidates),
+            path,
+            candidates[-1].name,
+            TRAINING_DATA_NAME,
+        )
+    return load_training_npz(candidates[-1]), None, str(candidates[-1])

@@ -1,0 +1,111 @@
+"""The TorchPINN ``ReconstructorLibrary``: settings, the shared model slot, two reconstructors.
+
+Built by the registration bootstrap right before Ptychodus builds its processing core, from
+``(settings_registry, is_developer_mode_enabled)`` like the built-in libraries. Construction is
+cheap and never imports torch: when torch or Lightning is missing the library still registers
+(the user sees an actionable error when work starts instead of a missing entry).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ptychodus.api.reconstruct import Reconstructor, ReconstructorLibrary
+from ptychodus.api.settings import SettingsRegistry
+
+from .backend import backend_available
+from .model_slot import ModelSlot
+from .names import LIBRARY_NAME, LOGGER_NAME, PINN_NAME, RECONSTRUCTOR_MODES, SUPERVISED_NAME
+from .reconstructor import TorchPINNReconstructor
+from .settings import TorchPINNSettings
+
+
+class TorchPINNLibrary(ReconstructorLibrary):
+    """PtychoPINN in PyTorch: ``PINN`` (unsupervised) and ``Supervised`` reconstructors."""
+
+    def __init__(
+        self, settings_registry: SettingsRegistry, is_developer_mode_enabled: bool = False
+    ) -> None:
+        super().__init__(LOGGER_NAME)
+        self.settings = TorchPINNSettings(settings_registry)
+        self.model_slot = ModelSlot(self.settings)
+        self._processing_core: Any = None
+        self._task_manager: Any = None
+        self.reconstructors = [
+            TorchPINNReconstructor(name, RECONSTRUCTOR_MODES[name], self)
+            for name in (PINN_NAME, SUPERVISED_NAME)
+        ]
+        logger = self.get_logger()
+        try:
+            version = importlib.metadata.version("ptychodus-torch-plugin")
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+        logger.debug("%s %s (ptychodus-torch-plugin %s)", LIBRARY_NAME, "ready", version)
+        if not backend_available():
+            logger.warning(
+                "%s is registered, but torch and/or lightning are not installed: training "
+                'and inference will fail until you run pip install "torch>=2.2" "lightning>=2.4"',
+                LIBRARY_NAME,
+            )
+
+    @property
+    def name(self) -> str:
+        return LIBRARY_NAME
+
+    def __iter__(self) -> Iterator[Reconstructor]:
+        return iter(self.reconstructors)
+
+    def reconstructor(self, name: str) -> TorchPINNReconstructor:
+        """The reconstructor called ``name`` (case-insensitive, e.g. 'pinn')."""
+        for reconstructor in self.reconstructors:
+            if reconstructor.name.casefold() == name.casefold():
+                return reconstructor
+        raise KeyError(f"{LIBRARY_NAME} has no reconstructor {name!r}")
+
+    # ------------------------------------------------------------------ host hooks
+    def attach_host(self, processing_core: Any, task_manager: Any = None) -> None:
+        """Called by the bootstrap once Ptychodus built its processing core around us."""
+        self._processing_core = processing_core
+        self._task_manager = task_manager
+
+    @property
+    def processing_core(self) -> Any:
+        return self._processing_core
+
+    def _task_monitor(self) -> Any:
+        core = self._processing_core
+        api = getattr(core, "processing_api", None)
+        return getattr(api, "task_monitor", None)
+
+    def is_stopping(self) -> bool:
+        """True while the host's running processing task was asked to stop (Stop button)."""
+        monitor = self._task_monitor()
+        if monitor is None:
+            return False
+        try:
+            return bool(monitor.is_processing and monitor.is_stopping)
+        except Exception:  # a host without these properties: rely on generator closing
+            return False
+
+    def run_on_host_thread(self, task: Callable[[], None]) -> None:
+        """Run ``task`` on Ptychodus's foreground (Qt) thread, or now without a host."""
+        manager = self._task_manager
+        if manager is not None and hasattr(manager, "put_foreground_task"):
+            manager.put_foreground_task(task)
+        else:
+            task()
+
+    def on_model_trained(self, archive: Path) -> None:
+        """Remember the new archive and let the GUI re-enable Infer (on the host thread)."""
+
+        def update() -> None:
+            self.model_slot.remember_path(archive)
+            core = self._processing_core
+            parameter = getattr(core, "algorithm_parameter", None)
+            if parameter is not None and hasattr(parameter, "notify_observers"):
+                parameter.notify_observers()
+
+        self.run_on_host_thread(update)

@@ -1,0 +1,195 @@
+"""The library's current model: a remembered archive path and, once needed, the loaded model.
+
+``load_model_from_file`` runs on the Qt thread, so it must be quick: it checks the archive with
+the standard library only (a readable zip holding a PyTorch manifest) and remembers the path.
+The weights are loaded on the worker thread when inference first needs them (or at once when
+torch is already imported, which makes loading cheap). The path lives in the ``ModelPath``
+setting, so it is saved with the settings and reused after a restart and by batch mode.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .names import ARCHIVE_NAME, LOGGER_NAME, MODEL_FILE_EXTENSION
+from .settings import TorchPINNSettings
+
+if TYPE_CHECKING:
+    from ..engine.model import TrainedModel
+
+logger = logging.getLogger(f"{LOGGER_NAME}.host.model")
+
+
+def resolve_archive(path: Path) -> Path:
+    """The archive file for ``path``: the file itself or ``path/wts.h5.zip`` for a folder."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / ARCHIVE_NAME
+        if not candidate.is_file():
+            raise FileNotFoundError(
+                f"model archive not found: the folder {path} holds no {ARCHIVE_NAME}"
+            )
+        return candidate
+    if not path.is_file():
+        raise FileNotFoundError(f"model archive not found: {path}")
+    return path
+
+
+def check_archive(path: Path) -> Path:
+    """Quick stdlib check that ``path`` is a readable PyTorch model archive; returns the file."""
+    file = resolve_archive(path)
+    try:
+        with zipfile.ZipFile(file) as archive:
+            names = set(archive.namelist())
+            if "manifest.json" not in names:
+                raise ValueError(
+                    f"{file} is not a PtychoPINN model archive (no manifest.json; found "
+                    f"{sorted(names)[:8]})"
+                )
+            manifest = json.loads(archive.read("manifest.json").decode("utf-8"))
+    except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
+        if isinstance(exc, ValueError) and str(exc).startswith(str(file)):
+            raise
+        raise ValueError(
+            f"{file} is not a valid or complete model archive ({type(exc).__name__}: {exc}); "
+            "the file may be truncated or corrupt: re-save or re-copy it"
+        ) from exc
+    backend = manifest.get("backend", "tensorflow") if isinstance(manifest, dict) else None
+    if backend != "pytorch":
+        raise ValueError(
+            f"{file}: the archive was written by the {backend} backend; this plugin loads "
+            "PyTorch archives only (train a model with TorchPINN, or use the PtychoPINN "
+            "library for TensorFlow models)"
+        )
+    return file
+
+
+class ModelSlot:
+    """The model both reconstructors of the library use (thread-safe)."""
+
+    def __init__(self, settings: TorchPINNSettings) -> None:
+        self._settings = settings
+        self._lock = threading.RLock()
+        self._model: TrainedModel | None = None
+        self._model_file: Path | None = None  # the archive self._model was loaded from
+        # ModelPath before adopt(): still means "the adopted model" until the host thread
+        # has stored the new archive's path (training runs on the worker thread).
+        self._superseded_path: Path | None = None
+
+    @property
+    def path(self) -> Path | None:
+        return self._settings.get_model_path()
+
+    def is_loaded(self) -> bool:
+        """A model is in memory, or the remembered archive exists (it loads when needed)."""
+        with self._lock:
+            if self._model is not None:
+                return True
+        path = self.path
+        if path is None:
+            return False
+        file = path / ARCHIVE_NAME if path.is_dir() else path
+        return file.is_file()
+
+    def select(self, path: Path) -> Path:
+        """Check and remember an archive; load it now when torch is already imported."""
+        file = check_archive(Path(path)).resolve()
+        model = None
+        if "torch" in sys.modules:  # loading is cheap now: verify the weights at once
+            from ..engine.archive import load_archive
+
+            model = load_archive(file)
+        with self._lock:
+            self._model, self._model_file = model, (file if model is not None else None)
+            self._superseded_path = None
+        self._settings.set_model_path(file)
+        logger.info("model archive selected: %s", file)
+        return file
+
+    def adopt(self, model: TrainedModel, file: Path) -> None:
+        """Use ``model``, just saved at ``file`` (after training); no reload needed."""
+        with self._lock:
+            self._model = model
+            self._model_file = Path(file).resolve()
+            self._superseded_path = self.path
+
+    def remember_path(self, file: Path) -> None:
+        self._settings.set_model_path(Path(file).resolve())
+
+    def get(self) -> TrainedModel:
+        """The model, loading the remembered archive on first use."""
+        path = self.path
+        with self._lock:
+            if self._model is not None and (
+                path is None
+                or self._model_file is None
+                or path == self._superseded_path
+                or self._same(path, self._model_file)
+            ):
+                return self._model
+            if path is None:
+                raise RuntimeError(
+                    "No TorchPINN model is loaded. Train one (Train button, or "
+                    "`ptychodus -b train -i IN -o OUT`), or load a model archive "
+                    f"(*{MODEL_FILE_EXTENSION}) with Load Model..., or put model"
+                    f"{MODEL_FILE_EXTENSION} into the batch input folder."
+                )
+            from ..engine.archive import load_archive
+
+            file = resolve_archive(path)
+            try:
+                model = load_archive(file)
+            except Exception as exc:
+                logger.error("cannot load the model archive %s: %s", file, exc)
+                raise
+            self._model, self._model_file = model, file.resolve()
+            self._superseded_path = None
+            logger.info(
+                "model loaded from %s (N=%d, gridsize=%d, %d epochs trained on %s)",
+                file,
+                model.N,
+                model.gridsize,
+                model.epochs_trained,
+                model.training_device,
+            )
+            return model
+
+    @staticmethod
+    def _same(path: Path, file: Path) -> bool:
+        candidate = path / ARCHIVE_NAME if path.is_dir() else path
+        try:
+            return candidate.resolve() == file
+        except OSError:
+            return False
+
+    def save_copy(self, destination: Path) -> Path:
+        """Copy the current archive to ``destination`` (a file, or a folder gets wts.h5.zip)."""
+        import shutil
+
+        from ..engine.atomic import atomic_write_path
+
+        path = self.path
+        source: Path | None = None
+        if path is not None:
+            source = resolve_archive(path)
+        elif self._model_file is not None:
+            source = self._model_file
+        if source is None:
+            raise RuntimeError("No TorchPINN model to save: train or load one first.")
+        target = Path(destination)
+        if target.is_dir():
+            target = target / ARCHIVE_NAME
+        elif not target.name.endswith(".zip"):
+            target = target.with_name(target.name + MODEL_FILE_EXTENSION)
+        if target.exists() and target.resolve() == source.resolve():
+            return target
+        with atomic_write_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+        logger.info("model archive copied to %s", target)
+        return target

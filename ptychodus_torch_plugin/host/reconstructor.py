@@ -1,0 +1,290 @@
+"""The two TorchPINN reconstructors: PINN (physics-informed, unsupervised) and Supervised.
+
+Both infer the same way (a trained generator predicts object patches, the engine stitches them
+at their absolute positions) and differ in how they train. Inference streams one
+``ReconstructOutput`` per chunk of groups, with ``progress`` = chunks done and
+``get_progress_goal()`` = number of chunks, so the progress bar moves, the image fills in, and
+Stop takes effect between chunks (the host's Stop flag is also polled before every chunk).
+Training runs the engine in a helper thread and yields one ``TrainOutput`` per epoch; closing
+the generator (Stop) cancels training within one batch, and the best model so far is kept.
+
+Nothing here imports torch at module import: :func:`require_backend` runs first in every
+piece of work.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ptychodus.api.reconstruct import (
+    ReconstructInput,
+    ReconstructOutput,
+    TrainableReconstructor,
+    TrainOutput,
+)
+
+from .backend import require_backend
+from .convert import (
+    canvas_for,
+    find_training_data,
+    losses_from_history,
+    reconstruct_input_to_data,
+    stitched_to_object,
+    validation_losses,
+    with_object,
+)
+from .names import (
+    ARCHIVE_NAME,
+    LOGGER_NAME,
+    MODEL_FILE_EXTENSION,
+    MODEL_FILE_FILTER,
+    TRAINING_DATA_FILE_FILTER,
+)
+
+if TYPE_CHECKING:
+    from .library import TorchPINNLibrary
+
+_DONE = object()
+_POLL_SECONDS = 0.25
+
+
+class TorchPINNReconstructor(TrainableReconstructor):
+    """One TorchPINN reconstructor; ``mode`` is the engine's training mode."""
+
+    def __init__(self, name: str, mode: str, library: TorchPINNLibrary) -> None:
+        super().__init__()
+        self._name = name
+        self._mode = mode
+        self._library = library
+        self._logger = logging.getLogger(f"{LOGGER_NAME}.host.{name.casefold()}")
+        self._goal = 0
+        #: Chunks predicted by the last reconstruct() (0-based indexes), for diagnostics.
+        self.chunks_run: list[int] = []
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    def get_progress_goal(self) -> int:
+        """Chunks of the running inference, epochs of the running training.
+
+        Ptychodus asks before the work starts (then the configured epochs are the best guess)
+        and again after every yield, when the exact value is known.
+        """
+        return self._goal if self._goal > 0 else self._library.settings.epochs.get_value()
+
+    # ------------------------------------------------------------------ inference
+    def reconstruct(self, parameters: ReconstructInput) -> Iterator[ReconstructOutput]:
+        require_backend()
+        from ..engine.inference import reconstruct_iter
+
+        model = self._library.model_slot.get()
+        data = reconstruct_input_to_data(parameters, with_object=False)
+        payload = model.inference_payload(self._library.settings.inference_overrides())
+        template = parameters.product.object_
+        losses = losses_from_history(model.history)
+        groups = payload.inference.n_groups or data.n_patterns
+        self._goal = max(1, math.ceil(groups / payload.inference.chunk_size))
+        self.chunks_run = []
+        self._logger.info(
+            "%s inference: %d patterns of %d px into a %d x %d px object, chunks of %d groups",
+            self._name,
+            data.n_patterns,
+            data.N,
+            template.width_px,
+            template.height_px,
+            payload.inference.chunk_size,
+        )
+        chunks = reconstruct_iter(
+            model,
+            data,
+            payload,
+            canvas=canvas_for(template),
+            should_stop=self._library.is_stopping,
+        )
+        try:
+            for chunk in chunks:
+                self.chunks_run.append(chunk.chunk_index)
+                self._goal = chunk.n_chunks
+                self._logger.debug(
+                    "chunk %d/%d: %d/%d groups",
+                    chunk.chunk_index + 1,
+                    chunk.n_chunks,
+                    chunk.groups_done,
+                    chunk.groups_total,
+                )
+                product = with_object(
+                    parameters.product, stitched_to_object(chunk.stitched, template), losses
+                )
+                yield ReconstructOutput(product=product, progress=chunk.chunk_index + 1)
+        finally:
+            chunks.close()
+            self._goal = 0
+
+    # ------------------------------------------------------------------ model files
+    def is_model_loaded(self) -> bool:
+        return self._library.model_slot.is_loaded()
+
+    def get_model_file_filter(self) -> str:
+        return MODEL_FILE_FILTER
+
+    def get_model_file_extension(self) -> str:
+        return MODEL_FILE_EXTENSION
+
+    def load_model_from_file(self, file_path: Path) -> None:
+        try:
+            self._library.model_slot.select(Path(file_path))
+        except Exception as exc:
+            self._logger.error("cannot load model archive %s: %s", file_path, exc)
+            raise
+
+    def save_model(self, file_path: Path) -> None:
+        self._library.model_slot.save_copy(Path(file_path))
+
+    # ------------------------------------------------------------------ training data
+    def get_training_data_file_filter(self) -> str:
+        return TRAINING_DATA_FILE_FILTER
+
+    def export_training_data(self, file_path: Path, parameters: ReconstructInput) -> None:
+        from ..engine.data import save_npz
+
+        path = Path(file_path)
+        if path.suffix.casefold() != ".npz":
+            path = path.with_name(path.name + ".npz")
+        data = reconstruct_input_to_data(parameters, with_object=True)
+        save_npz(data, path)
+        self._logger.info("training data written to %s (%d patterns)", path, data.n_patterns)
+
+    # ------------------------------------------------------------------ training
+    def train(self, input_path: Path, output_path: Path) -> Iterator[TrainOutput]:
+        require_backend()
+        from ..engine.payload import create_training_payload
+        from ..engine.training import CancelToken
+        from ..engine.training import train as engine_train
+
+        data, test_data, description = find_training_data(Path(input_path))
+        settings = self._library.settings
+        payload = create_training_payload(settings.training_overrides(self._mode, data.N))
+        epochs = payload.training.epochs
+        self._goal = epochs
+        self._logger.info(
+            "%s training on %s: %d patterns of %d px, gridsize %d, %d epochs, accelerator %s",
+            self._name,
+            description,
+            data.n_patterns,
+            data.N,
+            payload.grid.gridsize,
+            epochs,
+            payload.execution.accelerator,
+        )
+        records: queue.Queue[Any] = queue.Queue()
+        token = CancelToken()
+        outcome: dict[str, Any] = {}
+
+        class _Observer:
+            def on_epoch_end(self, record: Any) -> None:
+                records.put(record)
+
+        def run() -> None:
+            try:
+                outcome["result"] = engine_train(
+                    payload, data, test_data=test_data, observer=_Observer(), cancel=token
+                )
+            except BaseException as exc:  # handed to the generator, re-raised there
+                outcome["error"] = exc
+            finally:
+                records.put(_DONE)
+
+        worker = threading.Thread(target=run, name="torchpinn-train", daemon=True)
+        worker.start()
+        history: list[Any] = []
+        finished = False
+        try:
+            while True:
+                try:
+                    item = records.get(timeout=_POLL_SECONDS)
+                except queue.Empty:
+                    if self._library.is_stopping():
+                        token.cancel()
+                    continue
+                if item is _DONE:
+                    break
+                history.append(item)
+                self._logger.info(
+                    "epoch %d/%d: loss %.6g%s",
+                    item.epoch,
+                    epochs,
+                    item.train_loss,
+                    "" if item.val_loss is None else f", validation {item.val_loss:.6g}",
+                )
+                yield TrainOutput(
+                    training_loss=losses_from_history(history),
+                    validation_loss=validation_losses(history),
+                    progress=item.epoch,
+                )
+            finished = True
+        finally:
+            if not finished:  # closed by the host (Stop) or an error: stop within one batch
+                token.cancel()
+            worker.join()
+            self._goal = 0
+            if finished:
+                self._finish_training(outcome, Path(output_path), epochs, raise_errors=True)
+            else:
+                self._finish_training(outcome, Path(output_path), epochs, raise_errors=False)
+
+    def _finish_training(
+        self, outcome: dict[str, Any], output_path: Path, epochs: int, *, raise_errors: bool
+    ) -> None:
+        """Save and load the (best) model; a stopped run keeps what it has and says so."""
+        error = outcome.get("error")
+        if error is not None:
+            if raise_errors:
+                raise error
+            self._logger.error("training failed: %s", error)
+            return
+        result = outcome.get("result")
+        if result is None:
+            return
+        if not result.history:
+            self._logger.warning(
+                "training stopped before the first epoch finished: no model was saved"
+            )
+            return
+        try:
+            from ..engine.archive import save_archive
+
+            file = save_archive(result.model, output_path / ARCHIVE_NAME)
+        except Exception as exc:
+            if raise_errors:
+                raise
+            self._logger.error("cannot save the model archive into %s: %s", output_path, exc)
+            return
+        self._library.model_slot.adopt(result.model, file)
+        self._library.on_model_trained(file)
+        if result.cancelled:
+            self._logger.warning(
+                "training stopped after %d of %d epochs: kept the best model so far (epoch %s), "
+                "saved to %s and loaded",
+                len(result.history),
+                epochs,
+                result.best_epoch,
+                file,
+            )
+        else:
+            self._logger.info(
+                "training finished (%d epochs, best epoch %s): model saved to %s and loaded",
+                len(result.history),
+                result.best_epoch,
+                file,
+            )

@@ -1,0 +1,430 @@
+"""Registration bootstrap: add every ``ptychodus.reconstructors`` library to Ptychodus 1.7.
+
+Ptychodus 1.7 reads no reconstructor entry points. It does import every module in
+``ptychodus/plugins/`` while ``ModelCore.__init__`` runs, *before* it builds its processing
+core, and it looks the core's class up as a module global at that moment. So the autoload
+module (and the ``ptychodus-torch launch`` command) call :func:`bootstrap`, which
+
+1. checks the host version (1.7.x) and the constructor signatures it relies on;
+2. replaces ``ptychodus.model.core.ProcessingCore`` by a subclass that builds every library of
+   the entry-point group and appends it to the built-in ones;
+3. arranges that ``ptychodus.controller.core.ProcessingController`` gets the same treatment
+   for the GUI view factories, lazily, with an import hook: batch mode never imports Qt.
+
+Everything is idempotent (a second bootstrap, or the launcher plus the autoload module, changes
+nothing) and fail-safe: any mismatch or error logs one warning and leaves Ptychodus as it was,
+except a guard that logs an ERROR when a settings file selects a library that failed to load
+(Ptychodus itself would silently fall back to a do-nothing reconstructor).
+"""
+
+from __future__ import annotations
+
+import configparser
+import functools
+import importlib.abc
+import importlib.metadata
+import inspect
+import logging
+import sys
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .names import ENTRY_POINT_GROUP, LIBRARY_NAME, LOGGER_NAME, SUPPORTED_HOST_SERIES
+
+logger = logging.getLogger(f"{LOGGER_NAME}.registration")
+
+_MARK = "_ptychodus_torch_plugin_wrapped"
+_MODEL_MODULE = "ptychodus.model.core"
+_CONTROLLER_MODULE = "ptychodus.controller.core"
+_CORE_PARAMETERS = [
+    "self",
+    "task_manager",
+    "settings_registry",
+    "product_api",
+    "algorithm_libraries",
+]
+_CONTROLLER_PARAMETERS = [
+    "self",
+    "algorithm_parameter",
+    "processing_api",
+    "product_repository",
+    "product_table_model",
+    "globus",
+    "genesis",
+    "view",
+    "status_view",
+    "file_dialog_factory",
+    "view_controller_factories",
+]
+
+#: Libraries that did not load: casefolded name -> reason (read by the selection guard).
+FAILED_LIBRARIES: dict[str, str] = {}
+
+
+@dataclass
+class RegisteredLibrary:
+    """One library built from the entry-point group, and the object that built it."""
+
+    name: str
+    plugin: Any
+    library: Any
+
+
+#: Libraries per processing core, keyed by its algorithm parameter (what the controller gets).
+_REGISTERED: weakref.WeakKeyDictionary[Any, list[RegisteredLibrary]] = weakref.WeakKeyDictionary()
+_WARNED_VIEWS: set[str] = set()
+
+
+# ----------------------------------------------------------------------------- checks
+def host_version() -> str:
+    import ptychodus
+
+    return str(getattr(ptychodus, "__version__", "unknown"))
+
+
+def check_host_version(version: str | None = None) -> None:
+    """Raise ``RuntimeError`` unless the host is a supported Ptychodus release (1.7.x)."""
+    version = host_version() if version is None else version
+    parts = version.split(".")
+    try:
+        series = (int(parts[0]), int(parts[1]))
+    except (IndexError, ValueError):
+        series = None
+    if series not in SUPPORTED_HOST_SERIES:
+        supported = ", ".join(f"{a}.{b}.x" for a, b in SUPPORTED_HOST_SERIES)
+        raise RuntimeError(
+            f"Ptychodus {version} is not supported by this plugin (supported: {supported}); "
+            "install a matching ptychodus-torch-plugin release"
+        )
+
+
+def _check_signature(cls: type, expected: Sequence[str]) -> None:
+    found = list(inspect.signature(cls.__init__).parameters)
+    if found != list(expected):
+        raise RuntimeError(
+            f"{cls.__module__}.{cls.__qualname__}.__init__{tuple(found)} differs from the "
+            f"expected {tuple(expected)}: this Ptychodus build is not supported"
+        )
+
+
+def is_developer_mode_enabled() -> bool:
+    """What ``ModelCore.is_developer_mode_enabled`` computes (its module logger at DEBUG)."""
+    return logging.getLogger(_MODEL_MODULE).getEffectiveLevel() <= logging.DEBUG
+
+
+# ----------------------------------------------------------------------------- entry points
+def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        key = (entry_point.name, entry_point.value)
+        if key not in seen:
+            seen.add(key)
+            unique.append(entry_point)
+    return unique
+
+
+def _validate_library(library: Any, name: str, taken: set[str]) -> None:
+    from ptychodus.api.reconstruct import ReconstructorLibrary
+
+    if not isinstance(library, ReconstructorLibrary):
+        raise TypeError(f"{type(library).__name__} is not a ptychodus ReconstructorLibrary")
+    if "_" in library.name:
+        raise ValueError(f"library name {library.name!r} contains '_' (the key separator)")
+    if library.name.casefold() in taken:
+        raise ValueError(f"library name {library.name!r} is already taken")
+    if library.name.casefold() != name.casefold():
+        logger.debug("entry point %r provides library %r", name, library.name)
+
+
+def build_libraries(
+    settings_registry: Any, existing: Iterable[Any]
+) -> tuple[list[RegisteredLibrary], list[Any]]:
+    """Build every entry-point library; returns (registered, placeholders for failures)."""
+    taken = {library.name.casefold() for library in existing}
+    developer = is_developer_mode_enabled()
+    registered: list[RegisteredLibrary] = []
+    placeholders: list[Any] = []
+    for entry_point in _entry_points():
+        try:
+            plugin = entry_point.load()
+            if hasattr(plugin, "create_library"):
+                library = plugin.create_library(settings_registry, developer)
+            else:
+                library = plugin(settings_registry, developer)
+            _validate_library(library, entry_point.name, taken)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            logger.warning(
+                "reconstructor plugin %r (%s) failed to load and is not available: %s",
+                entry_point.name,
+                entry_point.value,
+                reason,
+            )
+            FAILED_LIBRARIES[entry_point.name.casefold()] = reason
+            placeholder = _placeholder_library(entry_point.name, reason, taken)
+            if placeholder is not None:
+                placeholders.append(placeholder)
+                taken.add(entry_point.name.casefold())
+            continue
+        taken.add(library.name.casefold())
+        FAILED_LIBRARIES.pop(library.name.casefold(), None)
+        registered.append(RegisteredLibrary(library.name, plugin, library))
+        logger.debug("registered reconstructor library %s", library.name)
+    return registered, placeholders
+
+
+def _placeholder_library(name: str, reason: str, taken: set[str]) -> Any:
+    """A library whose reconstructors fail with ``reason``: settings selecting it still map."""
+    if name.casefold() != LIBRARY_NAME.casefold() or name.casefold() in taken:
+        return None
+    from .placeholder import FailedLibrary
+
+    return FailedLibrary(name, reason)
+
+
+# ----------------------------------------------------------------------------- model side
+def _wrap_processing_core(original: type) -> type:
+    class PluginProcessingCore(original):  # type: ignore[misc, valid-type]
+        """Ptychodus's processing core with the entry-point libraries appended."""
+
+        def __init__(
+            self,
+            task_manager: Any,
+            settings_registry: Any,
+            product_api: Any,
+            algorithm_libraries: Sequence[Any],
+        ) -> None:
+            libraries = list(algorithm_libraries)
+            try:
+                registered, placeholders = build_libraries(settings_registry, libraries)
+            except Exception as exc:  # never stop Ptychodus
+                logger.warning("reconstructor plugins not loaded: %s", exc)
+                registered, placeholders = [], []
+            extra = [r.library for r in registered] + placeholders
+            super().__init__(task_manager, settings_registry, product_api, libraries + extra)
+            _REGISTERED[self.algorithm_parameter] = registered
+            for entry in registered:
+                attach = getattr(entry.library, "attach_host", None)
+                if attach is not None:
+                    try:
+                        attach(self, task_manager)
+                    except Exception as exc:
+                        logger.warning("%s: attach_host failed: %s", entry.name, exc)
+            if FAILED_LIBRARIES:
+                install_selection_guard()
+
+    PluginProcessingCore.__name__ = original.__name__
+    PluginProcessingCore.__qualname__ = original.__qualname__
+    setattr(PluginProcessingCore, _MARK, True)
+    return PluginProcessingCore
+
+
+def registered_libraries(algorithm_parameter: Any) -> list[RegisteredLibrary]:
+    """The plugin libraries of the processing core that owns ``algorithm_parameter``."""
+    return list(_REGISTERED.get(algorithm_parameter, []))
+
+
+# ----------------------------------------------------------------------------- GUI side
+def _view_factories(
+    algorithm_parameter: Any, file_dialog_factory: Any, existing: Iterable[Any]
+) -> list[Any]:
+    taken = {factory.name.casefold() for factory in existing}
+    factories = []
+    for entry in registered_libraries(algorithm_parameter):
+        create = getattr(entry.plugin, "create_view_controller_factory", None)
+        if create is None or entry.name.casefold() in taken:
+            continue
+        try:
+            factory = create(entry.library, file_dialog_factory)
+            if factory is None:
+                continue
+            if factory.name.casefold() != entry.name.casefold():
+                raise ValueError(
+                    f"view factory name {factory.name!r} differs from library {entry.name!r}"
+                )
+        except Exception as exc:
+            if entry.name not in _WARNED_VIEWS:
+                _WARNED_VIEWS.add(entry.name)
+                logger.warning(
+                    "%s: no custom parameter panel (%s: %s); the reconstructors still work",
+                    entry.name,
+                    type(exc).__name__,
+                    exc,
+                )
+            continue
+        factories.append(factory)
+    return factories
+
+
+def _wrap_processing_controller(original: type) -> type:
+    class PluginProcessingController(original):  # type: ignore[misc, valid-type]
+        """Ptychodus's processing controller with the plugin view factories appended."""
+
+        def __init__(
+            self,
+            algorithm_parameter: Any,
+            processing_api: Any,
+            product_repository: Any,
+            product_table_model: Any,
+            globus: Any,
+            genesis: Any,
+            view: Any,
+            status_view: Any,
+            file_dialog_factory: Any,
+            view_controller_factories: Iterable[Any],
+        ) -> None:
+            factories = list(view_controller_factories)
+            try:
+                factories += _view_factories(algorithm_parameter, file_dialog_factory, factories)
+            except Exception as exc:  # never stop Ptychodus
+                logger.warning("plugin parameter panels not loaded: %s", exc)
+            super().__init__(
+                algorithm_parameter,
+                processing_api,
+                product_repository,
+                product_table_model,
+                globus,
+                genesis,
+                view,
+                status_view,
+                file_dialog_factory,
+                factories,
+            )
+
+    PluginProcessingController.__name__ = original.__name__
+    PluginProcessingController.__qualname__ = original.__qualname__
+    setattr(PluginProcessingController, _MARK, True)
+    return PluginProcessingController
+
+
+def patch_controller_module(module: Any) -> None:
+    """Wrap ``module.ProcessingController`` (``ptychodus.controller.core``) once."""
+    try:
+        original = module.ProcessingController
+        if getattr(original, _MARK, False):
+            return
+        _check_signature(original, _CONTROLLER_PARAMETERS)
+        module.ProcessingController = _wrap_processing_controller(original)
+    except Exception as exc:
+        logger.warning("plugin parameter panels disabled: %s", exc)
+
+
+class _ControllerImportHook(importlib.abc.MetaPathFinder):
+    """Patches ``ptychodus.controller.core`` right after it is first imported (GUI only)."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != _CONTROLLER_MODULE:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        original_exec = loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            original_exec(module)
+            patch_controller_module(module)
+
+        try:
+            loader.exec_module = exec_module  # this spec's own loader instance
+        except Exception as exc:
+            logger.warning("plugin parameter panels disabled: %s", exc)
+        return spec
+
+
+def install_controller_hook() -> None:
+    module = sys.modules.get(_CONTROLLER_MODULE)
+    if module is not None:
+        patch_controller_module(module)
+        return
+    if not any(isinstance(finder, _ControllerImportHook) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _ControllerImportHook())
+
+
+# ----------------------------------------------------------------------------- selection guard
+def selected_library(settings_file: Path) -> str | None:
+    """The casefolded library part of ``[Processing] Algorithm`` in an INI file, if any."""
+    config = configparser.ConfigParser(interpolation=None)
+    config.read(settings_file)
+    if not config.has_option("Processing", "Algorithm"):
+        return None
+    key = config.get("Processing", "Algorithm").strip().casefold()
+    return key.split("_", 1)[0] if "_" in key else None
+
+
+def _check_selection(settings_file: Any) -> None:
+    library = selected_library(Path(settings_file))
+    if library is not None and library in FAILED_LIBRARIES:
+        logger.error(
+            "The settings file %s selects the %s library, which failed to load (%s). Nothing "
+            "will be reconstructed or trained with it until that is fixed; see the warning "
+            "logged at start-up.",
+            settings_file,
+            library,
+            FAILED_LIBRARIES[library],
+        )
+
+
+def install_selection_guard() -> None:
+    """ERROR whenever a settings file selects a library in :data:`FAILED_LIBRARIES`."""
+    from ptychodus.api.settings import SettingsRegistry
+
+    original = SettingsRegistry.open_settings
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def open_settings(self: Any, file_path: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, file_path, *args, **kwargs)
+        try:
+            _check_selection(file_path)
+        except Exception:  # the guard must never break settings loading
+            pass
+        return result
+
+    setattr(open_settings, _MARK, True)
+    SettingsRegistry.open_settings = open_settings  # type: ignore[method-assign]
+
+
+def _mark_all_failed(reason: str) -> None:
+    names = {LIBRARY_NAME}
+    try:
+        names |= {entry_point.name for entry_point in _entry_points()}
+    except Exception:
+        pass
+    for name in names:
+        FAILED_LIBRARIES[name.casefold()] = reason
+
+
+# ----------------------------------------------------------------------------- bootstrap
+def bootstrap() -> bool:
+    """Register the entry-point libraries with Ptychodus; True when active. Idempotent."""
+    try:
+        check_host_version()
+        module = importlib.import_module(_MODEL_MODULE)
+        original = module.ProcessingCore
+        if not getattr(original, _MARK, False):
+            _check_signature(original, _CORE_PARAMETERS)
+            module.ProcessingCore = _wrap_processing_core(original)
+        install_controller_hook()
+        return True
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        logger.warning("%s plugin not registered: %s", LIBRARY_NAME, reason)
+        _mark_all_failed(reason)
+        try:
+            install_selection_guard()
+        except Exception:
+            pass
+        return False

@@ -1,0 +1,190 @@
+"""Ptychodus settings of the TorchPINN library, and their one way into the engine.
+
+Four INI sections with the ``TorchPINN`` prefix (no clash with the built-in groups). The
+settings never build engine configs themselves: :meth:`TorchPINNSettings.training_overrides`
+and :meth:`TorchPINNSettings.inference_overrides` produce the flat vocabulary that
+``engine.payload.create_training_payload`` / ``create_inference_payload`` validate, so channel
+counts and every other derived value have one source of truth.
+
+Choice-valued settings are strings (case-insensitive); the allowed values come from
+``engine.config`` (a dependency-free module) and are listed in :data:`CHOICES` for the GUI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ptychodus.api.observer import Observable, Observer
+from ptychodus.api.settings import SettingsRegistry
+
+from ..engine import config as engine_config
+from .names import SETTINGS_PREFIX
+
+MODEL_GROUP = f"{SETTINGS_PREFIX}Model"
+TRAINING_GROUP = f"{SETTINGS_PREFIX}Training"
+INFERENCE_GROUP = f"{SETTINGS_PREFIX}Inference"
+EXECUTION_GROUP = f"{SETTINGS_PREFIX}Execution"
+GROUPS = (MODEL_GROUP, TRAINING_GROUP, INFERENCE_GROUP, EXECUTION_GROUP)
+
+#: Allowed values of the string settings (setting name -> choices), for combo boxes.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "AmpActivation": engine_config.AMP_ACTIVATIONS,
+    "Loss": engine_config.LOSSES,
+    "Scheduler": engine_config.SCHEDULERS,
+    "PatchWeighting": engine_config.PATCH_WEIGHTINGS,
+    "InputNormalization": engine_config.INPUT_NORMALIZATIONS,
+    "Accelerator": engine_config.ACCELERATORS,
+    "Precision": engine_config.PRECISIONS,
+}
+
+_UNSET_PATHS = ("", ".")
+
+
+def _choice(value: str) -> str:
+    return value.strip().casefold()
+
+
+def _devices(value: str) -> int | str:
+    text = value.strip().casefold()
+    if text in ("", "auto"):
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(
+            f"{EXECUTION_GROUP}.Devices = {value!r} is invalid: allowed 'auto' or a number >= 1"
+        ) from None
+
+
+class TorchPINNSettings(Observable, Observer):
+    """All TorchPINN parameters, created in ``registry`` (group names must be unique)."""
+
+    def __init__(self, registry: SettingsRegistry) -> None:
+        super().__init__()
+        model = registry.create_group(MODEL_GROUP)
+        training = registry.create_group(TRAINING_GROUP)
+        inference = registry.create_group(INFERENCE_GROUP)
+        execution = registry.create_group(EXECUTION_GROUP)
+        self._groups = (model, training, inference, execution)
+        for group in self._groups:
+            group.add_observer(self)
+
+        # Model geometry and network (N comes from the data; the archive fixes it for inference)
+        self.gridsize = model.create_integer_parameter("Gridsize", 1, minimum=1, maximum=4)
+        self.neighbor_count = model.create_integer_parameter(
+            "NeighborCount", 4, minimum=1, maximum=64
+        )
+        self.n_filters_scale = model.create_integer_parameter(
+            "NFiltersScale", 2, minimum=1, maximum=8
+        )
+        self.amp_activation = model.create_string_parameter("AmpActivation", "sigmoid")
+        self.probe_scale = model.create_real_parameter("ProbeScale", 4.0, minimum=1e-6)
+        #: The model archive used for inference: remembered with the settings, set by Load
+        #: Model and by training, and used by batch mode when IN/model.h5.zip is absent.
+        self.model_path = model.create_path_parameter("ModelPath", Path())
+
+        # Training
+        self.epochs = training.create_integer_parameter("Epochs", 50, minimum=1, maximum=100_000)
+        self.batch_size = training.create_integer_parameter(
+            "BatchSize", 16, minimum=1, maximum=65_536
+        )
+        self.learning_rate = training.create_real_parameter(
+            "LearningRate", 1e-3, minimum=1e-12, maximum=10.0
+        )
+        self.scheduler = training.create_string_parameter("Scheduler", "constant")
+        self.seed = training.create_integer_parameter("Seed", 0, minimum=0)
+        self.n_groups = training.create_integer_parameter("NGroups", 0, minimum=0)
+        self.nphotons = training.create_real_parameter("NPhotons", 0.0, minimum=0.0)
+        self.loss = training.create_string_parameter("Loss", "poisson")
+        self.validation_fraction = training.create_real_parameter(
+            "ValidationFraction", 0.05, minimum=0.0, maximum=0.5
+        )
+
+        # Inference
+        self.patch_weighting = inference.create_string_parameter("PatchWeighting", "probe")
+        self.inference_batch_size = inference.create_integer_parameter(
+            "InferenceBatchSize", 64, minimum=1, maximum=65_536
+        )
+        self.chunk_size = inference.create_integer_parameter("ChunkSize", 256, minimum=1)
+        self.crop_fraction = inference.create_real_parameter(
+            "CropFraction", 0.5, minimum=0.01, maximum=1.0
+        )
+        self.inference_n_groups = inference.create_integer_parameter("NGroups", 0, minimum=0)
+        self.input_normalization = inference.create_string_parameter(
+            "InputNormalization", "recompute"
+        )
+
+        # Execution (Lightning)
+        self.accelerator = execution.create_string_parameter("Accelerator", "auto")
+        self.devices = execution.create_string_parameter("Devices", "auto")
+        self.precision = execution.create_string_parameter("Precision", "32-true")
+        self.deterministic = execution.create_boolean_parameter("Deterministic", False)
+
+    def _update(self, observable: Observable) -> None:
+        if observable in self._groups:
+            self.notify_observers()
+
+    # ------------------------------------------------------------------ model path
+    def get_model_path(self) -> Path | None:
+        """The remembered model archive (file or directory), or None when unset."""
+        value = self.model_path.get_value()
+        return None if str(value) in _UNSET_PATHS else value
+
+    def set_model_path(self, path: Path | None) -> None:
+        self.model_path.set_value(Path() if path is None else Path(path))
+
+    # ------------------------------------------------------------------ engine payloads
+    def _execution_overrides(self) -> dict[str, Any]:
+        return {
+            "accelerator": _choice(self.accelerator.get_value()),
+            "devices": _devices(self.devices.get_value()),
+            "precision": _choice(self.precision.get_value()),
+            "deterministic": self.deterministic.get_value(),
+            # Ptychodus shows progress and losses itself: no terminal bar, no log files.
+            "enable_progress_bar": False,
+            "logger": "none",
+        }
+
+    def training_overrides(self, mode: str, N: int) -> dict[str, Any]:  # noqa: N803
+        """Flat overrides for ``create_training_payload`` (``N`` is the data's patch size)."""
+        nphotons = self.nphotons.get_value()
+        values: dict[str, Any] = {
+            "N": int(N),
+            "gridsize": self.gridsize.get_value(),
+            "neighbor_count": self.neighbor_count.get_value(),
+            "n_filters_scale": self.n_filters_scale.get_value(),
+            "amp_activation": _choice(self.amp_activation.get_value()),
+            "probe_scale": self.probe_scale.get_value(),
+            "mode": mode,
+            "loss": _choice(self.loss.get_value()),
+            "epochs": self.epochs.get_value(),
+            "batch_size": self.batch_size.get_value(),
+            "learning_rate": self.learning_rate.get_value(),
+            "scheduler": _choice(self.scheduler.get_value()),
+            "seed": self.seed.get_value(),
+            "n_groups": self.n_groups.get_value(),
+            "nphotons": nphotons if nphotons > 0 else None,  # 0: measured from the data
+            "validation_fraction": self.validation_fraction.get_value(),
+            "inference_batch_size": self.inference_batch_size.get_value(),
+            "checkpoint_enable": False,
+        }
+        values.update(self._execution_overrides())
+        return values
+
+    def inference_overrides(self) -> dict[str, Any]:
+        """Flat overrides for ``create_inference_payload``.
+
+        Model geometry (N, gridsize, network shape, probe scale) is left to the archive: a
+        trained network only fits the shape it was trained with.
+        """
+        values: dict[str, Any] = {
+            "patch_weighting": _choice(self.patch_weighting.get_value()),
+            "inference_batch_size": self.inference_batch_size.get_value(),
+            "chunk_size": self.chunk_size.get_value(),
+            "crop_fraction": self.crop_fraction.get_value(),
+            "n_groups": self.inference_n_groups.get_value(),
+            "input_normalization": _choice(self.input_normalization.get_value()),
+        }
+        values.update(self._execution_overrides())
+        return values

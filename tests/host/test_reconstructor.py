@@ -1,0 +1,180 @@
+"""The TorchPINN reconstructors driven directly, as Ptychodus's worker thread drives them."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+from conftest import TINY, settings_values
+from ptychodus.api.object import Object
+from ptychodus.api.product import Product
+from ptychodus.api.reconstruct import ReconstructInput
+
+from ptychodus_torch_plugin.host.convert import (
+    ENGINE_MINUS_HOST_PX,
+    load_training_npz,
+    reconstruct_input_to_data,
+)
+from ptychodus_torch_plugin.host.names import MODEL_FILE_EXTENSION, MODEL_FILE_FILTER
+
+
+def _with_object(parameters: ReconstructInput, obj: Object) -> ReconstructInput:
+    p = parameters.product
+    product = Product(p.metadata, p.probe_positions, p.probes, obj, p.losses)
+    return ReconstructInput(parameters.diffraction_patterns, parameters.bad_pixels, product)
+
+
+def test_model_file_names(library):
+    reconstructor = library.reconstructor("PINN")
+    assert reconstructor.get_model_file_filter() == MODEL_FILE_FILTER
+    assert reconstructor.get_model_file_extension() == MODEL_FILE_EXTENSION == ".h5.zip"
+
+
+def test_counts_become_amplitudes_in_float64_and_bad_pixels_are_masked(reconstruct_input):
+    patterns = np.asarray(reconstruct_input.diffraction_patterns)
+    counts = np.clip(patterns, 0, 65535).astype(np.uint16)
+    counts[:, 0, 0] = 65535  # squaring/rooting uint16 naively would overflow or truncate
+    bad = np.zeros(counts.shape[1:], bool)
+    bad[3, 4] = True  # not zeroed by the host (batch mode never zeroes)
+    given = ReconstructInput(counts, bad, reconstruct_input.product)
+    data = reconstruct_input_to_data(given)
+    assert data.amplitudes.dtype == np.float32
+    assert np.allclose(data.amplitudes[:, 0, 0], math.sqrt(65535.0), rtol=1e-6)
+    assert np.all(data.amplitudes[:, 3, 4] == 0) and data.bad_pixels[3, 4]
+    expected = np.sqrt(counts[:, 10, 10].astype(np.float64))
+    assert np.allclose(data.amplitudes[:, 10, 10], expected, rtol=1e-6)
+    geometry = reconstruct_input.product.object_.get_geometry()
+    x = geometry.map_probe_positions_to_object_x_px(reconstruct_input.product.probe_positions)
+    assert np.allclose(data.xcoords, x + ENGINE_MINUS_HOST_PX)
+
+
+def test_reconstruct_without_a_model_says_how_to_get_one(library, reconstruct_input):
+    from ptychodus.api.settings import SettingsRegistry
+
+    from ptychodus_torch_plugin.host.library import TorchPINNLibrary
+
+    fresh = TorchPINNLibrary(SettingsRegistry())
+    reconstructor = fresh.reconstructor("PINN")
+    assert not reconstructor.is_model_loaded()
+    with pytest.raises(RuntimeError, match="No TorchPINN model is loaded.*Train.*Load Model"):
+        next(reconstructor.reconstruct(reconstruct_input))
+
+
+def test_reconstruct_streams_one_output_per_chunk_in_the_input_frame(
+    library, reconstruct_input, trained_archive
+):
+    reconstructor = library.reconstructor("PINN")
+    reconstructor.load_model_from_file(trained_archive.parent)  # a folder holding wts.h5.zip
+    assert reconstructor.is_model_loaded()
+    with settings_values(library, chunk_size=30):  # 100 patterns -> 4 chunks
+        outputs = []
+        generator = reconstructor.reconstruct(reconstruct_input)
+        for output in generator:
+            outputs.append(output)
+            assert reconstructor.get_progress_goal() == 4
+    assert [o.progress for o in outputs] == [1, 2, 3, 4]
+    template = reconstruct_input.product.object_
+    for output in outputs:
+        obj = output.product.object_
+        assert obj.get_array().shape == template.get_array().shape
+        assert obj.get_pixel_geometry() == template.get_pixel_geometry()
+        assert obj.get_center() == template.get_center()
+        assert np.all(np.isfinite(obj.get_array()))
+    losses = outputs[-1].product.losses
+    assert [loss.epoch for loss in losses] == [1] and losses[0].value > 0
+    # Chunks fill the image in: more pixels differ from the initial guess each time.
+    changed = [np.count_nonzero(o.product.object_.get_array() != 1) for o in outputs]
+    assert changed == sorted(changed) and changed[0] < changed[-1]
+
+
+def test_stopping_after_the_first_output_runs_no_further_chunk(
+    library, reconstruct_input, trained_archive
+):
+    reconstructor = library.reconstructor("PINN")
+    reconstructor.load_model_from_file(trained_archive)
+    with settings_values(library, chunk_size=30):
+        generator = reconstructor.reconstruct(reconstruct_input)
+        first = next(generator)
+        generator.close()  # what Ptychodus does after Stop
+    assert first.progress == 1
+    assert reconstructor.chunks_run == [0]
+
+
+def test_multilayer_input_object_keeps_its_layers(library, reconstruct_input, trained_archive):
+    template = reconstruct_input.product.object_
+    layers = np.stack([template.get_array()[0]] * 3)
+    obj = Object(layers, template.get_pixel_geometry(), template.get_center(), [1e-6, 2e-6])
+    reconstructor = library.reconstructor("PINN")
+    reconstructor.load_model_from_file(trained_archive)
+    outputs = list(reconstructor.reconstruct(_with_object(reconstruct_input, obj)))
+    result = outputs[-1].product.object_
+    assert result.get_array().shape == layers.shape
+    assert list(result.layer_spacing_m) == [1e-6, 2e-6]
+    flattened = result.get_layers_flattened()
+    assert np.allclose(flattened, result.get_array()[0])  # other layers are 1 where covered
+
+
+def test_corrupt_archive_gives_a_clear_error(library, tmp_path, caplog):
+    corrupt = tmp_path / "model.h5.zip"
+    corrupt.write_bytes(b"PK\x03\x04 this is not a complete zip file")
+    reconstructor = library.reconstructor("PINN")
+    with caplog.at_level(logging.ERROR, logger="ptychodus_torch_plugin"):
+        with pytest.raises(ValueError, match="not a valid or complete model archive"):
+            reconstructor.load_model_from_file(corrupt)
+    assert any("cannot load model archive" in r.getMessage() for r in caplog.records)
+
+
+def test_save_model_copies_the_archive(library, trained_archive, tmp_path):
+    reconstructor = library.reconstructor("PINN")
+    reconstructor.load_model_from_file(trained_archive)
+    target = tmp_path / "copy.h5.zip"
+    reconstructor.save_model(target)
+    assert target.read_bytes() == trained_archive.read_bytes()
+
+
+def test_export_training_data_writes_the_npz_contract(library, reconstruct_input, tmp_path):
+    reconstructor = library.reconstructor("PINN")
+    target = tmp_path / "train_data.npz"
+    reconstructor.export_training_data(target, reconstruct_input)
+    with np.load(target) as npz:
+        assert str(npz["diff3d_units"]) == "amplitude"
+        assert npz["diff3d"].dtype == np.float32
+        assert npz["diff3d"].shape == np.shape(reconstruct_input.diffraction_patterns)
+        assert npz["objectGuess"].ndim == 2
+    loaded = load_training_npz(target)
+    expected = np.sqrt(np.asarray(reconstruct_input.diffraction_patterns, np.float64))
+    assert np.allclose(loaded.amplitudes, expected, rtol=1e-6)
+
+
+def test_ptychodus_own_training_export_is_read_as_counts(reconstruct_input, tmp_path):
+    from ptychodus.api.io import save_ptychopinn_training_data
+
+    target = tmp_path / "ptychodus_export.npz"
+    save_ptychopinn_training_data(target, reconstruct_input)
+    data = load_training_npz(target)
+    expected = np.sqrt(np.asarray(reconstruct_input.diffraction_patterns, np.float64))
+    assert np.allclose(data.amplitudes, expected, rtol=1e-6)
+
+
+def test_train_from_npz_yields_epochs_and_a_stop_keeps_the_best_model(
+    library, reconstruct_input, tmp_path, caplog
+):
+    reconstructor = library.reconstructor("Supervised")
+    reconstructor.export_training_data(tmp_path / "train_data.npz", reconstruct_input)
+    with settings_values(library, **dict(TINY, epochs=5)):
+        generator = reconstructor.train(tmp_path, tmp_path)  # the GUI passes one folder twice
+        with caplog.at_level(logging.WARNING, logger="ptychodus_torch_plugin"):
+            first = next(generator)
+            assert reconstructor.get_progress_goal() == 5
+            generator.close()  # Stop
+    assert first.progress == 1 and first.training_loss[0].value > 0
+    archive = tmp_path / "wts.h5.zip"
+    assert archive.is_file()
+    assert not list(tmp_path.glob(".wts.h5.zip.*"))  # atomic: no temp file left behind
+    assert reconstructor.is_model_loaded()
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "training stopped after" in messages and "kept the best model" in messages
+    model = library.model_slot.get()
+    assert model.epochs_trained >= 1

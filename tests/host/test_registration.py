@@ -1,0 +1,241 @@
+"""Registration in the real Ptychodus host: keys, settings groups, INI round trip, bootstrap
+idempotency, version checks, lazy heavy imports, and a broken plugin never stopping the host."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import textwrap
+from pathlib import Path
+
+import ptychodus
+import pytest
+from conftest import run_python
+
+from ptychodus_torch_plugin.host import registration
+from ptychodus_torch_plugin.host.names import ENTRY_POINT_GROUP, LIBRARY_NAME
+from ptychodus_torch_plugin.host.settings import GROUPS
+
+KEYS = ["torchpinn_pinn", "torchpinn_supervised"]
+
+
+def test_model_core_lists_our_two_algorithm_keys(model_core):
+    keys = list(model_core.processing_core.algorithm_parameter.available_reconstructors())
+    assert [k for k in keys if k.startswith("torchpinn")] == KEYS
+
+
+def test_library_name_is_a_valid_unique_key_part(model_core):
+    assert "_" not in LIBRARY_NAME
+    builtin = {"pty-chi", "ptychonn", "ptychopinn", "ptychopinn-torch", "ptychofm"}
+    assert LIBRARY_NAME.casefold() not in builtin
+    keys = list(model_core.processing_core.algorithm_parameter.available_reconstructors())
+    assert len(keys) == len(set(keys))
+
+
+def test_our_settings_groups_appear(model_core):
+    groups = set(model_core.settings_registry)
+    assert set(GROUPS) <= groups
+    assert all(g.startswith("TorchPINN") for g in GROUPS)
+    model_group = model_core.settings_registry["TorchPINNModel"]
+    assert "ModelPath" in model_group.parameters()
+
+
+def test_settings_ini_selecting_pinn_round_trips(tmp_path):
+    from ptychodus.model import ModelCore
+
+    ini = tmp_path / "in.ini"
+    ini.write_text(
+        textwrap.dedent(
+            """
+            [Processing]
+            Algorithm = TorchPINN_PINN
+            [TorchPINNTraining]
+            Epochs = 7
+            LearningRate = 0.002
+            Scheduler = cosine
+            [TorchPINNModel]
+            Gridsize = 2
+            ModelPath = /data/models/wts.h5.zip
+            [TorchPINNExecution]
+            Devices = 2
+            """
+        )
+    )
+    core = ModelCore(ini)
+    parameter = core.processing_core.algorithm_parameter
+    assert parameter.get_value() == "torchpinn_pinn"
+    assert parameter.get_current_reconstructor().name == "PINN"
+    saved = tmp_path / "saved.ini"
+    core.settings_registry.save_settings(saved)
+    text = saved.read_text()
+    assert "Algorithm = torchpinn_pinn" in text
+    for line in (
+        "Epochs = 7",
+        "LearningRate = 0.002",
+        "Scheduler = cosine",
+        "Gridsize = 2",
+        "ModelPath = /data/models/wts.h5.zip",
+        "Devices = 2",
+    ):
+        assert line in text
+    again = ModelCore(saved)
+    library = registration.registered_libraries(again.processing_core.algorithm_parameter)[0]
+    settings = library.library.settings
+    assert again.processing_core.algorithm_parameter.get_value() == "torchpinn_pinn"
+    assert settings.epochs.get_value() == 7
+    assert settings.get_model_path() == Path("/data/models/wts.h5.zip")
+    overrides = settings.training_overrides("pinn", 32)
+    assert overrides["gridsize"] == 2 and overrides["devices"] == 2
+    assert overrides["scheduler"] == "cosine"
+
+
+def test_settings_reach_the_engine_only_through_the_payload_factory(library):
+    from ptychodus_torch_plugin.engine.payload import (
+        create_inference_payload,
+        create_training_payload,
+    )
+
+    payload = create_training_payload(library.settings.training_overrides("pinn", 64))
+    assert payload.grid.N == 64
+    assert payload.grid.neighbor_count == 4  # the documented default
+    assert payload.model.in_channels == payload.grid.gridsize**2
+    inference = create_inference_payload(library.settings.inference_overrides())
+    assert inference.inference.patch_weighting == "probe"
+
+
+def test_bootstrap_is_idempotent():
+    import ptychodus.model.core as model_core
+
+    before = model_core.ProcessingCore
+    assert registration.bootstrap() and registration.bootstrap()
+    assert model_core.ProcessingCore is before
+    assert getattr(before, "_ptychodus_torch_plugin_wrapped", False)
+
+
+def test_host_version_is_checked():
+    assert ptychodus.__version__.startswith("1.7.")
+    registration.check_host_version("1.7.3")
+    with pytest.raises(RuntimeError, match="not supported"):
+        registration.check_host_version("1.8.0")
+
+
+def test_entry_point_and_autoload_module_are_installed():
+    names = {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    assert names["TorchPINN"] == "ptychodus_torch_plugin.host.plugin:PLUGIN"
+    plugins = Path(ptychodus.__file__).parent / "plugins"
+    assert (plugins / "ptychodus_torch_plugin_autoload.py").is_file()
+    assert not (plugins / "__init__.py").exists()
+
+
+def test_import_ptychodus_model_imports_neither_torch_nor_lightning_nor_qt():
+    code = (
+        "import sys\n"
+        "import ptychodus.model\n"
+        "from ptychodus.model import ModelCore\n"
+        "core = ModelCore()\n"
+        "keys = list(core.processing_core.algorithm_parameter.available_reconstructors())\n"
+        "assert 'torchpinn_pinn' in keys, keys\n"
+        "heavy = sorted(m for m in ('torch', 'lightning', 'PyQt5') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "HEAVY []" in result.stdout
+
+
+def test_broken_plugin_import_leaves_ptychodus_working(tmp_path):
+    """Our package raising at import: ModelCore still starts; selecting us logs an ERROR."""
+    shadow = tmp_path / "shadow" / "ptychodus_torch_plugin"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise RuntimeError('simulated broken install')\n")
+    ini = tmp_path / "select.ini"
+    ini.write_text("[Processing]\nAlgorithm = TorchPINN_PINN\n")
+    code = (
+        "from pathlib import Path\n"
+        "from ptychodus.model import ModelCore\n"
+        f"core = ModelCore(Path({str(ini)!r}))\n"
+        "keys = list(core.processing_core.algorithm_parameter.available_reconstructors())\n"
+        "print('KEYS', [k for k in keys if k.startswith('torchpinn')])\n"
+    )
+    result = run_python(code, env={"PYTHONPATH": str(shadow.parent)})
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "KEYS []" in result.stdout
+    assert "simulated broken install" in output  # one clear warning
+    assert "ERROR" in output and "selects torchpinn_pinn" in output
+
+
+def test_wrong_host_version_leaves_ptychodus_untouched_and_explains():
+    code = (
+        "import ptychodus\n"
+        "ptychodus.__version__ = '9.0.0'\n"
+        "from ptychodus.model import ModelCore\n"
+        "core = ModelCore()\n"
+        "keys = list(core.processing_core.algorithm_parameter.available_reconstructors())\n"
+        "print('KEYS', [k for k in keys if k.startswith('torchpinn')])\n"
+    )
+    result = run_python(code)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "KEYS []" in result.stdout
+    assert "Ptychodus 9.0.0 is not supported" in output
+
+
+def test_missing_torch_still_registers_and_says_how_to_install(scan_dir):
+    code = (
+        "import importlib.abc, sys\n"
+        "class NoTorch(importlib.abc.MetaPathFinder):  # as if torch were not installed\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ModuleNotFoundError(\"No module named 'torch'\")\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "from ptychodus.model import ModelCore\n"
+        "from ptychodus_torch_plugin.host.registration import registered_libraries\n"
+        "core = ModelCore()\n"
+        "lib = registered_libraries(core.processing_core.algorithm_parameter)[0].library\n"
+        "try:\n"
+        f"    next(lib.reconstructor('PINN').train({str(scan_dir)!r}, '/tmp/unused'))\n"
+        "except RuntimeError as exc:\n"
+        "    print('MESSAGE', exc)\n"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "MESSAGE PyTorch backend selected" in result.stdout
+    assert 'pip install "torch>=2.2"' in result.stdout
+
+
+def test_gui_builds_offscreen_with_our_reconstructors_and_controller_patched_lazily():
+    code = (
+        "import sys\n"
+        "from ptychodus.model import ModelCore\n"
+        "core = ModelCore()\n"
+        "assert 'PyQt5' not in sys.modules\n"
+        "from PyQt5.QtWidgets import QApplication\n"
+        "app = QApplication([])\n"
+        "from ptychodus.view import ViewCore\n"
+        "from ptychodus.controller import ControllerCore\n"
+        "import ptychodus.controller.core as cc\n"
+        "assert getattr(cc.ProcessingController, '_ptychodus_torch_plugin_wrapped', False)\n"
+        "view = ViewCore(is_developer_mode_enabled=False)\n"
+        "ctrl = ControllerCore(core, view, is_developer_mode_enabled=False)\n"
+        "keys = list(core.processing_core.algorithm_parameter.available_reconstructors())\n"
+        "stack = ctrl._processing_controller._stacked_widget\n"
+        "print('STACK', stack.count() == len(keys))\n"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "STACK True" in result.stdout
+
+
+def test_every_package_is_listed_in_pyproject():
+    import tomllib
+
+    repo = Path(__file__).resolve().parents[2]
+    listed = set(
+        tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(p.parent.relative_to(repo).parts)
+        for p in (repo / "ptychodus_torch_plugin").rglob("__init__.py")
+    }
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
+    assert not (repo / "ptychodus_torch_plugin" / "host" / "autoload" / "__init__.py").exists()
