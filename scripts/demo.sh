@@ -1,9 +1,28 @@
 #!/usr/bin/env bash
-# The README's main job: simulate, train briefly on the CPU, reconstruct, write the image.
-# Usage: bash scripts/demo.sh [OUTPUT_DIR]
+# The README's main job, through the stock Ptychodus batch mode:
+#   simulate a scan (Ptychodus's own simulator and writers) -> `ptychodus -b train` on the CPU
+#   -> `ptychodus -b reconstruct` with the trained model -> object image (PNG) and arrays.
+# Usage: bash scripts/demo.sh [OUTPUT_DIR]   (default demo_output/; rerunning replaces it)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/scripts/ensure_env.sh"
 VENV=${PTT_VENV:-$ROOT/.venv}
-cd "$ROOT"
-exec "$VENV/bin/python" "$ROOT/scripts/demo.py" "${1:-demo_output}"
+OUT=$(realpath -m "${1:-$ROOT/demo_output}")
+SETTINGS="$ROOT/resources/settings/torchpinn-demo.ini"
+rm -rf "$OUT/in" "$OUT/train" "$OUT/reconstruct"
+mkdir -p "$OUT"
+# Run from the output folder so Python imports the installed package, never the checkout.
+cd "$OUT"
+PY="$VENV/bin/python"
+
+echo "[demo] 1/4 simulating a scan into $OUT/in"
+"$PY" -m ptychodus_torch_plugin.host.demo simulate in --N 32 --scan-points 20 \
+  --settings "$SETTINGS"
+echo "[demo] 2/4 training: ptychodus -b train -i in -o train"
+"$VENV/bin/ptychodus" -b train -i in -o train
+cp train/wts.h5.zip in/model.h5.zip
+echo "[demo] 3/4 reconstructing: ptychodus -b reconstruct -i in -o reconstruct"
+"$VENV/bin/ptychodus" -b reconstruct -i in -o reconstruct
+echo "[demo] 4/4 scoring against the simulated ground truth and writing images"
+"$PY" -m ptychodus_torch_plugin.host.demo score reconstruct in --images "$OUT"
+echo "[demo] done: $OUT/object_amplitude.png, $OUT/object_phase.png, model archive train/wts.h5.zip"
