@@ -150,6 +150,15 @@ class _HistoryCallback(Callback):
             learning_rate=float(optimizer.param_groups[0]["lr"]) if optimizer else 0.0,
             seconds=time.perf_counter() - self._started,
         )
+        if self.history and _stalled(self.history[-1], record):
+            logger.warning(
+                "training has stalled: epoch %d repeated the loss of epoch %d, so the "
+                "network's outputs no longer change (saturated or dead units). Restart with a "
+                "lower learning rate (e.g. half of %.2g).",
+                record.epoch,
+                record.epoch - 1,
+                record.learning_rate,
+            )
         self.history.append(record)
         value = metrics.get(self.monitor)
         if value is not None:
@@ -165,6 +174,23 @@ class _HistoryCallback(Callback):
         method = getattr(self.observer, "on_epoch_end", None)
         if method is not None:
             method(record)
+
+
+def _stalled(previous: EpochRecord, current: EpochRecord, tolerance: float = 1e-6) -> bool:
+    """Losses equal to rounding in consecutive epochs: the outputs stopped changing.
+
+    A network that still learns moves its epoch loss by far more than 1e-6 (relative); a dead
+    or saturated one only reorders the same per-sample losses (shuffling), i.e. rounding.
+    """
+
+    def same(a: float | None, b: float | None) -> bool:
+        if a is None or b is None:
+            return a is b
+        return abs(a - b) <= tolerance * max(abs(a), abs(b), 1e-30)
+
+    return same(previous.train_loss, current.train_loss) and same(
+        previous.val_loss, current.val_loss
+    )
 
 
 # ----------------------------------------------------------------------------- trainer

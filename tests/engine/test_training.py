@@ -117,3 +117,14 @@ def test_unavailable_gpu_is_a_clear_error(small_scan):
     payload = create_training_payload(tiny_overrides(accelerator="gpu"))
     with pytest.raises(RuntimeError, match="no CUDA GPU"):
         train(payload, small_scan)
+
+
+def test_a_stalled_run_is_reported(small_scan, caplog):
+    payload = create_training_payload(tiny_overrides(epochs=3, n_groups=32, learning_rate=1e-30))
+    with caplog.at_level("WARNING"):
+        train(payload, small_scan)
+    assert "training has stalled" in caplog.text and "lower learning rate" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        train(create_training_payload(tiny_overrides(epochs=2, n_groups=32)), small_scan)
+    assert "stalled" not in caplog.text  # a run that learns is not reported
