@@ -233,7 +233,21 @@ def _detect_units(npz: Any, key: str, raw: np.ndarray) -> str:
             raw.dtype,
         )
         return UNITS_COUNTS
+    if _whole_numbers(raw):
+        # Ptychodus's own training export keeps float counts and names no units; amplitudes
+        # (square roots of counts) are almost never all whole numbers.
+        logger.warning(
+            "%s holds only whole numbers and no diff3d_units key: reading it as detector counts",
+            key,
+        )
+        return UNITS_COUNTS
     return UNITS_AMPLITUDE
+
+
+def _whole_numbers(values: np.ndarray, sample_size: int = 1_000_000) -> bool:
+    """True for float patterns (sampled) that are all whole numbers, some above 1."""
+    sample = values.reshape(-1)[:sample_size]
+    return bool(sample.size and sample.max() > 1.0 and np.all(sample == np.round(sample)))
 
 
 def load_npz(path: str | os.PathLike[str]) -> PtychoData:

@@ -176,52 +176,6 @@ def with_object(product: Product, obj: Object, losses: Sequence[LossValue]) -> P
 
 
 # ----------------------------------------------------------------------------- training data
-def _looks_like_counts(values: np.ndarray) -> bool:
-    """Float patterns that are all whole numbers are detector counts, not amplitudes."""
-    sample = values.reshape(-1)[:1_000_000]
-    finite = sample[np.isfinite(sample)]
-    return finite.size > 0 and finite.max() > 1.0 and bool(np.all(finite == np.round(finite)))
-
-
-def load_training_npz(path: Path) -> PtychoData:
-    """Our NPZ (amplitudes + ``diff3d_units``) or Ptychodus's PtychoPINN export (counts).
-
-    Units: the ``diff3d_units`` key when present, else integer dtype = counts (the engine's
-    rule); a Ptychodus export keeps the source dtype, so float patterns holding only whole
-    numbers are read as counts too (amplitudes, square roots, almost never are).
-    """
-    from ..engine.data import DIFFRACTION_KEYS, PtychoData, load_npz
-
-    with np.load(path, allow_pickle=False) as npz:
-        files = set(npz.files)
-        key = next((k for k in DIFFRACTION_KEYS if k in files), None)
-        counts_by_value = (
-            key is not None
-            and "diff3d_units" not in files
-            and np.issubdtype(npz[key].dtype, np.floating)
-            and _looks_like_counts(npz[key])
-        )
-        if not counts_by_value:
-            return load_npz(path)
-        logger.info("%s: '%s' holds whole numbers and no diff3d_units: reading counts", path, key)
-        optional = {
-            name: (npz[src] if src in files else None)
-            for name, src in (
-                ("object_guess", "objectGuess"),
-                ("scan_index", "scan_index"),
-                ("xcoords_start", "xcoords_start"),
-                ("ycoords_start", "ycoords_start"),
-                ("bad_pixels", "bad_pixels"),
-            )
-        }
-        for required in ("xcoords", "ycoords", "probeGuess"):
-            if required not in files:
-                raise ValueError(f"{path}: missing key '{required}'; found {sorted(files)}")
-        mask = optional["bad_pixels"]
-        counts = masked_counts(npz[key], None if mask is None else np.asarray(mask, bool))
-        return PtychoData.from_counts(
-            counts, npz["xcoords"], npz["ycoords"], npz["probeGuess"], **optional
-        )
 
 
 def load_batch_layout(directory: Path) -> PtychoData:
@@ -241,9 +195,11 @@ def find_training_data(input_path: Path) -> tuple[PtychoData, PtychoData | None,
     ``train_data.npz`` (with ``test_data.npz`` as validation when present), the only ``*.npz``,
     the newest ``*.npz``.
     """
+    from ..engine.data import load_npz
+
     path = Path(input_path)
     if path.is_file():
-        return load_training_npz(path), None, str(path)
+        return load_npz(path), None, str(path)
     if not path.is_dir():
         raise FileNotFoundError(f"training data not found: {path} is neither a file nor a folder")
     if (path / DIFFRACTION_FILE).is_file() and (path / PRODUCT_FILE).is_file():
@@ -252,9 +208,9 @@ def find_training_data(input_path: Path) -> tuple[PtychoData, PtychoData | None,
     train_file = path / TRAINING_DATA_NAME
     if train_file.is_file():
         test_file = path / TEST_DATA_NAME
-        test = load_training_npz(test_file) if test_file.is_file() else None
+        test = load_npz(test_file) if test_file.is_file() else None
         description = str(train_file) + (f" (validation: {test_file})" if test else "")
-        return load_training_npz(train_file), test, description
+        return load_npz(train_file), test, description
     candidates = sorted(
         (p for p in path.glob("*.npz") if p.name != TEST_DATA_NAME),
         key=lambda p: p.stat().st_mtime,
@@ -272,4 +228,4 @@ def find_training_data(input_path: Path) -> tuple[PtychoData, PtychoData | None,
             candidates[-1].name,
             TRAINING_DATA_NAME,
         )
-    return load_training_npz(candidates[-1]), None, str(candidates[-1])
+    return load_npz(candidates[-1]), None, str(candidates[-1])

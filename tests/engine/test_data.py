@@ -132,3 +132,15 @@ def test_subset_and_multimode_probe():
     part = data.subset(np.array([1, 3]))
     assert part.n_patterns == 2 and part.xcoords[1] == arrays["xcoords"][3]
     assert part.positions.shape == (2, 2)
+
+
+def test_float_whole_numbers_without_units_are_counts(tmp_path, caplog):
+    """Ptychodus's training export keeps float counts and names no units."""
+    arrays = _arrays()
+    counts = np.rint(np.square(arrays["diff3d"].astype(np.float64)))
+    with caplog.at_level(logging.WARNING):
+        data = load_npz(_write(tmp_path, **{**arrays, "diff3d": counts}))
+    assert "whole numbers" in caplog.text
+    np.testing.assert_allclose(data.amplitudes, np.sqrt(counts), rtol=1e-6)
+    # Real amplitudes (square roots) are read as amplitudes, untouched.
+    assert np.array_equal(load_npz(_write(tmp_path, **arrays)).amplitudes, arrays["diff3d"])

@@ -12,9 +12,9 @@ from ptychodus.api.object import Object
 from ptychodus.api.product import Product
 from ptychodus.api.reconstruct import ReconstructInput
 
+from ptychodus_torch_plugin.engine.data import load_npz
 from ptychodus_torch_plugin.host.convert import (
     ENGINE_MINUS_HOST_PX,
-    load_training_npz,
     reconstruct_input_to_data,
 )
 from ptychodus_torch_plugin.host.names import MODEL_FILE_EXTENSION, MODEL_FILE_FILTER
@@ -143,7 +143,7 @@ def test_export_training_data_writes_the_npz_contract(library, reconstruct_input
         assert npz["diff3d"].dtype == np.float32
         assert npz["diff3d"].shape == np.shape(reconstruct_input.diffraction_patterns)
         assert npz["objectGuess"].ndim == 2
-    loaded = load_training_npz(target)
+    loaded = load_npz(target)
     expected = np.sqrt(np.asarray(reconstruct_input.diffraction_patterns, np.float64))
     assert np.allclose(loaded.amplitudes, expected, rtol=1e-6)
 
@@ -153,7 +153,7 @@ def test_ptychodus_own_training_export_is_read_as_counts(reconstruct_input, tmp_
 
     target = tmp_path / "ptychodus_export.npz"
     save_ptychopinn_training_data(target, reconstruct_input)
-    data = load_training_npz(target)
+    data = load_npz(target)
     expected = np.sqrt(np.asarray(reconstruct_input.diffraction_patterns, np.float64))
     assert np.allclose(data.amplitudes, expected, rtol=1e-6)
 
