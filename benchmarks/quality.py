@@ -146,7 +146,12 @@ def main() -> int:
     parser.add_argument("--scheduler", default="constant")
     parser.add_argument("--images", type=Path, default=REPO / "docs" / "images")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not RUN1084.exists():
         print(f"SKIP: {RUN1084} not found (benchmarks need ../shared/data)")
         return 0

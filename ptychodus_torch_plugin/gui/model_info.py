@@ -1,0 +1,82 @@
+"""What the panel's model status line says about an archive, read with the standard library.
+
+Reading ``manifest.json`` and ``config.json`` from the zip takes milliseconds and imports
+neither torch nor the engine, so the status line can be refreshed on the GUI thread whenever
+the ``ModelPath`` setting changes.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..host.names import ARCHIVE_NAME
+
+_MAX_MEMBER = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ArchiveSummary:
+    path: Path
+    backend: str
+    N: int | None  # noqa: N815 - the patch size
+    gridsize: int | None
+    epochs_trained: int
+    training_device: str
+    mode: str
+    created: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def describe(self) -> str:
+        parts = [
+            f"N={self.N}" if self.N is not None else "N=?",
+            f"gridsize {self.gridsize}" if self.gridsize is not None else "gridsize ?",
+            f"{self.epochs_trained} epoch{'s' if self.epochs_trained != 1 else ''} trained",
+            f"backend {self.backend}",
+            f"trained on {self.training_device}",
+        ]
+        return " · ".join(parts)
+
+
+def _read_json(archive: zipfile.ZipFile, name: str) -> dict[str, Any]:
+    info = archive.getinfo(name)
+    if info.file_size > _MAX_MEMBER:
+        raise ValueError(f"member {name} is too large ({info.file_size} bytes)")
+    value = json.loads(archive.read(name).decode("utf-8"))
+    if not isinstance(value, dict):
+        raise ValueError(f"member {name} is not a JSON object")
+    return value
+
+
+def read_archive_summary(path: Path) -> ArchiveSummary:
+    """Summary of the archive at ``path`` (a file, or a folder holding wts.h5.zip)."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / ARCHIVE_NAME
+    with zipfile.ZipFile(file) as archive:
+        names = set(archive.namelist())
+        manifest = _read_json(archive, "manifest.json") if "manifest.json" in names else {}
+        document = _read_json(archive, "config.json") if "config.json" in names else {}
+    config = document.get("config") if isinstance(document.get("config"), dict) else {}
+    history = [h for h in document.get("history") or [] if isinstance(h, dict)]
+
+    def _int(value: Any) -> int | None:
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            return None
+
+    return ArchiveSummary(
+        path=file,
+        backend=str(manifest.get("backend", document.get("backend", "unknown"))),
+        N=_int(config.get("N")),
+        gridsize=_int(config.get("gridsize")),
+        epochs_trained=len(history),
+        training_device=str(document.get("training_device", "unknown")),
+        mode=str(config.get("mode", "")),
+        created=str(manifest.get("created", "")),
+        history=history,
+    )

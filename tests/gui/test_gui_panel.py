@@ -1,0 +1,167 @@
+"""The TorchPINN panel in the real Ptychodus processing view: layout, bindings, tooltips,
+model files, and failures that end in a readable message with the GUI still usable."""
+
+from __future__ import annotations
+
+import time
+
+from gui_helpers import FAST, PINN_KEY, SUPERVISED_KEY, Recorder, settings_values, wait_until_idle
+from PyQt5.QtWidgets import QComboBox, QGroupBox, QPushButton, QSpinBox, QWidget
+
+
+def test_panel_appears_in_the_processing_stack_when_selected(gui):
+    from ptychodus_torch_plugin.gui.panel import TorchPINNPanel
+
+    keys = list(gui.algorithm.available_reconstructors())
+    assert PINN_KEY in keys and SUPERVISED_KEY in keys
+    pinn = gui.select(PINN_KEY)
+    assert isinstance(pinn, TorchPINNPanel) and pinn.reconstructor.name == "PINN"
+    assert gui.stack.currentIndex() == keys.index(PINN_KEY)
+    assert pinn.isVisible()
+    supervised = gui.select(SUPERVISED_KEY)
+    assert isinstance(supervised, TorchPINNPanel) and supervised.reconstructor.name == "Supervised"
+    assert supervised is not pinn and supervised.session is pinn.session
+    assert gui.processing._actions_view.train_button.isVisibleTo(gui.view)
+    gui.select(PINN_KEY)
+
+
+def test_panel_has_grouped_parameters_with_tooltips_and_the_actions(gui):
+    panel = gui.panel(PINN_KEY)
+    titles = [box.title() for box in panel.findChildren(QGroupBox)]
+    for group in ("Data", "Model", "Training", "Inference", "Execution"):
+        assert group in titles
+    buttons = {b.text() for b in panel.findChildren(QPushButton)}
+    assert {"Train on this scan", "Stop", "Load model...", "Save model as..."} <= buttons
+    from ptychodus_torch_plugin.gui.panel import PARAMETERS
+
+    editors = [
+        w for w in panel.parameter_widget.findChildren(QWidget) if "Setting: " in w.toolTip()
+    ]
+    assert len(editors) == len(PARAMETERS) >= 20
+    for editor in editors:
+        tip = editor.toolTip()
+        assert "Setting: TorchPINN" in tip
+        assert any(word in tip for word in ("Range:", "Allowed:", "On or off")), tip
+    epochs_tip = [e.toolTip() for e in editors if "TorchPINNTraining.Epochs" in e.toolTip()]
+    assert epochs_tip and "Range: 1 to 100000." in epochs_tip[0]
+
+
+def test_panel_editors_are_bound_to_the_host_settings(gui):
+    panel = gui.panel(PINN_KEY)
+    settings = gui.library.settings
+    epochs = [
+        e
+        for e in panel.parameter_widget.findChildren(QSpinBox)
+        if "TorchPINNTraining.Epochs" in e.toolTip()
+    ][0]
+    loss = [
+        e
+        for e in panel.parameter_widget.findChildren(QComboBox)
+        if "TorchPINNTraining.Loss" in e.toolTip()
+    ][0]
+    old_epochs, old_loss = settings.epochs.get_value(), settings.loss.get_value()
+    try:
+        epochs.setValue(7)
+        assert settings.epochs.get_value() == 7
+        settings.epochs.set_value(11)
+        assert epochs.value() == 11
+        settings.loss.set_value("mae")
+        assert loss.currentText() == "mae"
+        other = gui.panel(SUPERVISED_KEY)  # every panel shows the same settings
+        other_epochs = [
+            e
+            for e in other.parameter_widget.findChildren(QSpinBox)
+            if "TorchPINNTraining.Epochs" in e.toolTip()
+        ][0]
+        assert other_epochs.value() == 11
+    finally:
+        settings.epochs.set_value(old_epochs)
+        settings.loss.set_value(old_loss)
+        gui.select(PINN_KEY)
+
+
+def test_status_line_and_buttons_without_a_model(gui):
+    panel = gui.panel(PINN_KEY)
+    old = gui.library.settings.get_model_path()
+    try:
+        gui.library.settings.set_model_path(None)
+        gui.pump(0.05)
+        assert panel.status_label.text().startswith("No model loaded")
+        assert not panel.save_button.isEnabled()
+        assert panel.train_button.isEnabled() and not panel.stop_button.isEnabled()
+    finally:
+        gui.library.settings.set_model_path(old)
+
+
+def test_invalid_setting_fails_with_a_readable_message_and_the_gui_stays_usable(gui):
+    panel = gui.panel(PINN_KEY)
+    gui.select_product(32)
+    recorder = Recorder(panel.session)
+    # a value the engine refuses: the worker fails and says which setting and what is allowed
+    with settings_values(gui.library, **dict(FAST, loss="bogus")):
+        panel.train_button.click()
+        wait_until_idle(gui, panel.session, timeout=60)
+    recorder.disconnect()
+    assert recorder.kinds()[-1] == "failed"
+    text = panel.message_label.text()
+    assert text.startswith("Training failed:") and "loss" in text and "'bogus'" in text
+    assert "poisson" in text and "mae" in text
+    assert "b00020" in panel.message_label.styleSheet()  # shown as an error
+    end = time.perf_counter() + 3
+    while "bogus" not in gui.log_text() and time.perf_counter() < end:
+        gui.pump(0.1)
+    assert "Training failed" in gui.log_text() and "bogus" in gui.log_text()
+    # still usable: buttons back, and a setting refused before the worker starts is reported
+    assert panel.train_button.isEnabled() and not panel.stop_button.isEnabled()
+    assert panel.load_button.isEnabled()
+    with settings_values(gui.library, devices="two"):
+        assert panel.train_on_this_scan() is False
+    assert not panel.session.is_running()
+    assert "Cannot start training" in panel.message_label.text()
+    assert "Devices" in panel.message_label.text()
+
+
+def test_load_and_save_model_buttons(gui, tmp_path, monkeypatch):
+    import numpy as np
+
+    from ptychodus_torch_plugin.engine.archive import load_archive, save_archive
+    from ptychodus_torch_plugin.engine.model import EpochRecord, TrainedModel
+    from ptychodus_torch_plugin.engine.payload import create_training_payload
+
+    payload = create_training_payload(dict(FAST, N=32, gridsize=1))
+    model = TrainedModel.build(
+        payload.to_flat(),
+        np.ones((1, 32, 32), np.complex64),
+        input_scale=1.0,
+        intensity_scale=1.0,
+        nphotons=1e6,
+        history=[EpochRecord(1, 2.0, 1.5, 1e-3, 1.0), EpochRecord(2, 1.0, 0.9, 1e-3, 1.0)],
+    )
+    source = save_archive(model, tmp_path / "given.h5.zip")
+    panel = gui.panel(PINN_KEY)
+    factory = panel._file_dialog_factory
+    monkeypatch.setattr(factory, "get_open_file_path", lambda *a, **k: (source, ""))
+    panel.load_button.click()
+    wait_until_idle(gui, panel.session, timeout=60)
+    assert gui.library.settings.get_model_path() == source.resolve()
+    assert "given.h5.zip" in panel.status_label.text()
+    assert "2 epochs trained" in panel.status_label.text()
+    assert panel.loss_plot.training_points() == [(1, 2.0), (2, 1.0)]
+    assert gui.infer_button.isEnabled()
+
+    target = tmp_path / "copy"
+    monkeypatch.setattr(factory, "get_save_file_path", lambda *a, **k: (target, ""))
+    assert panel.save_button.isEnabled()
+    panel.save_button.click()
+    saved = tmp_path / "copy.h5.zip"
+    assert saved.is_file() and "saved as" in panel.message_label.text()
+    assert load_archive(saved).epochs_trained == 2
+
+    broken = tmp_path / "broken.h5.zip"
+    broken.write_bytes(b"not a zip")
+    monkeypatch.setattr(factory, "get_open_file_path", lambda *a, **k: (broken, ""))
+    panel.load_button.click()
+    wait_until_idle(gui, panel.session, timeout=30)
+    assert panel.message_label.text().startswith("Loading the model failed:")
+    assert "broken.h5.zip" in panel.message_label.text()
+    assert gui.library.settings.get_model_path() == source.resolve()  # unchanged

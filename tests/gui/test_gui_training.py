@@ -1,0 +1,231 @@
+"""Training from the panel in the real Ptychodus window: worker thread, live feedback, Stop,
+responsiveness, the model handed to Ptychodus's Infer, and closing the window mid-run."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+from gui_helpers import (
+    FAST,
+    PINN_KEY,
+    Recorder,
+    TickTimer,
+    settings_values,
+    unload_model,
+    wait_until_idle,
+    warm_backend,
+)
+
+#: Stop must end the run within this many seconds at N=64 (issue 6).
+STOP_BOUND_S = 2.0
+#: The GUI thread must never stall longer than this while training (issue 6).
+MAX_TIMER_GAP_S = 0.25
+
+
+def _infer_and_wait(gui, timeout: float = 120.0) -> None:
+    """Click Ptychodus's Infer and wait for the reconstruction task to complete."""
+    snapshot = gui.monitor.get_completed_runs()
+    assert gui.infer_button.isEnabled()
+    gui.infer_button.click()
+    end = time.perf_counter() + timeout
+    while gui.monitor.get_completed_runs() <= snapshot and time.perf_counter() < end:
+        gui.pump(0.1)
+    assert gui.monitor.get_completed_runs() > snapshot, "Infer did not finish"
+    gui.pump(1.2)  # the GUI pump (1 s) applies the results
+    assert gui.monitor.get_last_error() is None, gui.monitor.get_last_error()
+
+
+@pytest.fixture(scope="module")
+def training_run(gui):
+    """One short training run started with the panel's button, fully recorded."""
+    warm_backend()  # time the run, not Python's first import of torch
+    panel = gui.panel(PINN_KEY)
+    gui.select_product(32)
+    unload_model(gui.library)
+    gui.algorithm.notify_observers()
+    gui.pump(0.2)
+    infer_before = gui.infer_button.isEnabled()
+    recorder = Recorder(panel.session)
+    recorder.panel_plot = panel.loss_plot
+    ticks = TickTimer(50)
+    with settings_values(gui.library, **FAST):
+        ticks.start()
+        clicked = time.perf_counter()
+        panel.train_button.click()
+        running_after_click = panel.session.is_running()
+        stop_enabled_during_run = panel.stop_button.isEnabled()
+        train_enabled_during_run = panel.train_button.isEnabled()
+        wait_until_idle(gui, panel.session, timeout=240)
+        ticks.stop()
+    recorder.disconnect()
+    result = {
+        "panel": panel,
+        "recorder": recorder,
+        "ticks": ticks,
+        "clicked": clicked,
+        "infer_before": infer_before,
+        "running_after_click": running_after_click,
+        "stop_enabled_during_run": stop_enabled_during_run,
+        "train_enabled_during_run": train_enabled_during_run,
+        "seconds": time.perf_counter() - clicked,
+    }
+    return result
+
+
+def test_train_button_runs_training_in_a_worker_thread(training_run):
+    recorder = training_run["recorder"]
+    assert training_run["running_after_click"]
+    assert training_run["stop_enabled_during_run"]
+    assert not training_run["train_enabled_during_run"]
+    assert recorder.kinds()[-1] == "finished", recorder.events[-1]
+    # every slot ran on the GUI thread; the worker lived on another thread
+    assert recorder.threads == {True}
+    assert recorder.worker_threads and recorder.worker_threads[0] is not recorder.gui_thread
+
+
+def test_progress_signals_arrive_in_order(training_run):
+    events = training_run["recorder"].events
+    kinds = [e[0] for e in events]
+    assert kinds[0] == "worker"
+    assert kinds.index("train_started") < kinds.index("batch") < kinds.index("epoch")
+    (started,) = [e for e in events if e[0] == "train_started"]
+    epochs, batches = started[1], started[2]
+    assert epochs == FAST["epochs"] and batches >= 1
+    expected = []
+    for epoch in range(1, epochs + 1):
+        expected += [("batch", epoch, b) for b in range(1, batches + 1)]
+        expected.append(("epoch", epoch))
+    seen = [(e[0], e[1], e[2]) if e[0] == "batch" else (e[0], e[1]) for e in events]
+    seen = [s for s in seen if s[0] in ("batch", "epoch")]
+    assert seen == expected
+    times = [e[-1] for e in events if e[0] in ("train_started", "batch", "epoch", "finished")]
+    assert times == sorted(times)
+
+
+def test_loss_curve_gains_one_point_per_epoch(training_run):
+    recorder = training_run["recorder"]
+    panel = training_run["panel"]
+    assert recorder.plot_sizes == [(e, e) for e in range(1, FAST["epochs"] + 1)]
+    train = panel.loss_plot.training_points()
+    assert [p[0] for p in train] == list(range(1, FAST["epochs"] + 1))
+    assert all(v > 0 for _, v in train)
+    assert len(panel.loss_plot.validation_points()) == FAST["epochs"]
+    assert panel.loss_plot.axes.get_yscale() == "log"
+
+
+def test_trained_model_is_loaded_and_infer_uses_it(gui, training_run):
+    panel = training_run["panel"]
+    outcome = panel.session.last_outcome
+    assert outcome is not None and not outcome.stopped
+    assert outcome.archive is not None and outcome.archive.is_file()
+    assert gui.library.settings.get_model_path() == outcome.archive.resolve()
+    assert gui.library.model_slot.is_loaded()
+    assert f"{FAST['epochs']} epochs trained" in panel.status_label.text()
+    assert "N=32" in panel.status_label.text() and "gridsize 1" in panel.status_label.text()
+    assert "loaded" in panel.message_label.text()
+    assert not training_run["infer_before"]
+    assert gui.infer_button.isEnabled()
+    assert gui.infer_button.text() == "Infer"
+    assert not panel.epoch_bar.isHidden() and panel.epoch_bar.value() == FAST["epochs"]
+    assert "elapsed" in panel.time_label.text()
+    # Ptychodus's own Infer runs with the model just trained (no reload, no restart)
+    before = len(gui.model.product_core.product_repository)
+    _infer_and_wait(gui)
+    assert len(gui.model.product_core.product_repository) == before + 1
+    reconstructed = gui.model.product_core.product_repository[before].get_product()
+    assert [loss.epoch for loss in reconstructed.losses] == list(range(1, FAST["epochs"] + 1))
+
+
+def test_gui_thread_stays_responsive_while_training(training_run):
+    ticks = training_run["ticks"]
+    gap = ticks.max_gap()
+    print(
+        f"\n[gui] training run {training_run['seconds']:.1f} s, {len(ticks.ticks)} ticks of "
+        f"50 ms, largest gap between ticks {gap * 1000:.0f} ms",
+        file=sys.stderr,
+    )
+    clicked = training_run["clicked"]
+    worst = sorted(
+        ((b - a, a - clicked) for a, b in zip(ticks.ticks, ticks.ticks[1:], strict=False)),
+        reverse=True,
+    )[:3]
+    timeline = [
+        (e[0], round(e[-1] - clicked, 2))
+        for e in training_run["recorder"].events
+        if e[0] in ("train_started", "epoch", "finished")
+    ]
+    print(f"[gui] worst gaps (s, at s) {worst}; {timeline}", file=sys.stderr)
+    assert len(ticks.ticks) > 10
+    assert gap < MAX_TIMER_GAP_S
+
+
+def test_stop_during_training_ends_quickly_and_keeps_a_usable_model(gui):
+    warm_backend()
+    panel = gui.panel(PINN_KEY)
+    gui.select_product(64)
+    recorder = Recorder(panel.session)
+    settings = dict(FAST, epochs=50, n_filters_scale=2, batch_size=16, n_groups=48)
+    with settings_values(gui.library, **settings):
+        panel.train_button.click()
+        assert panel.session.is_running()
+        end = time.perf_counter() + 180
+        # wait for one finished epoch and a batch into the next one, then stop mid-batch
+        while time.perf_counter() < end and not any(
+            e[0] == "batch" and e[1] == 2 for e in recorder.events
+        ):
+            gui.pump(0.05)
+            assert panel.session.is_running(), recorder.events[-1]
+        gui.pump(0.3)
+        stop_clicked = time.perf_counter()
+        panel.stop_button.click()
+        while panel.session.is_running() and time.perf_counter() - stop_clicked < 30:
+            gui.pump(0.01)
+        latency = time.perf_counter() - stop_clicked
+    recorder.disconnect()
+    print(
+        f"\n[gui] Stop at N=64 (batch 16, filter scale 2): worker ended {latency:.2f} s after "
+        f"the click (session measured {panel.session.last_stop_latency:.2f} s)",
+        file=sys.stderr,
+    )
+    assert not panel.session.is_running()
+    assert latency < STOP_BOUND_S
+    outcome = panel.session.last_outcome
+    assert outcome is not None and outcome.stopped
+    assert len(outcome.history) >= 1 and outcome.archive is not None
+    assert "Stopped after" in panel.message_label.text()
+    assert "N=64" in panel.status_label.text()
+    assert gui.library.settings.get_model_path() == outcome.archive.resolve()
+    assert panel.train_button.isEnabled() and not panel.stop_button.isEnabled()
+    _infer_and_wait(gui)  # the kept model reconstructs
+
+
+def test_closing_the_window_during_training_stops_the_worker(gui):
+    panel = gui.panel(PINN_KEY)
+    gui.select_product(32)
+    recorder = Recorder(panel.session)
+    with settings_values(gui.library, **dict(FAST, epochs=50)):
+        panel.train_button.click()
+        end = time.perf_counter() + 120
+        while time.perf_counter() < end and "batch" not in recorder.kinds():
+            gui.pump(0.05)
+        closed = time.perf_counter()
+        gui.view.close()  # the main window's close event stops and joins the worker
+        seconds = time.perf_counter() - closed
+        assert not panel.session.is_running()
+    recorder.disconnect()
+    gui.pump(0.3)
+    batches = sum(1 for kind in recorder.kinds() if kind == "batch")
+    print(
+        f"\n[gui] window closed during training (after {batches} batches): worker stopped "
+        f"and joined in {seconds:.2f} s",
+        file=sys.stderr,
+    )
+    assert seconds < 10
+    assert recorder.kinds()[-1] == "finished"
+    assert panel.session.last_outcome.stopped
+    gui.view.show()
+    gui.view.processing_action.trigger()
+    gui.pump(0.2)
+    assert panel.train_button.isEnabled()
