@@ -12,7 +12,6 @@ import contextlib
 import copy
 import logging
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch.utils.data import DataLoader
 
+from .cancel import CancelToken
 from .config import SUPPORTED_BACKEND, ExecutionConfig
 from .data import PtychoData
 from .model import EpochRecord, TrainedModel
@@ -33,6 +33,8 @@ from .payload import TrainingPayload
 from .prepare import GroupDataset, PreparedScan, prepare_scan, split_rows
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["CancelToken", "TrainingObserver", "TrainingResult", "train"]
 
 
 class TrainingObserver(Protocol):
@@ -43,20 +45,6 @@ class TrainingObserver(Protocol):
     def on_batch_end(self, epoch: int, batch: int, batches: int, loss: float) -> None: ...
 
     def on_epoch_end(self, record: EpochRecord) -> None: ...
-
-
-class CancelToken:
-    """Cooperative cancellation, safe to set from another thread; checked every batch."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def cancel(self) -> None:
-        self._event.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
 
 
 @dataclass

@@ -20,7 +20,6 @@ Heavy imports (torch, Lightning, the engine) happen inside ``run``, on the worke
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 
 from PyQt5.QtCore import QCoreApplication, QEvent, QObject, Qt, QThread, pyqtSignal, pyqtSlot
 
+from ..engine.cancel import CancelToken
 from ..host.names import LOGGER_NAME
 
 logger = logging.getLogger(f"{LOGGER_NAME}.gui.workers")
@@ -36,7 +36,6 @@ __all__ = [
     "LoadedModel",
     "LoadModelWorker",
     "make_prompt_stop",
-    "StopToken",
     "TrainingJob",
     "TrainingOutcome",
     "TrainingWorker",
@@ -87,20 +86,6 @@ class LoadedModel:
 
 
 # ----------------------------------------------------------------------------- prompt stop
-class StopToken:
-    """The engine's ``CancelToken`` interface without importing the engine (torch) here."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def cancel(self) -> None:
-        self._event.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
-
-
 def _early_exit_exception() -> type[BaseException] | None:
     """The exception Lightning treats as "end fit now, normally" (its tuner uses it)."""
     try:
@@ -192,7 +177,7 @@ class TrainingWorker(QObject):
     def __init__(self, job: TrainingJob) -> None:
         super().__init__()
         self.job = job
-        self.token = StopToken()
+        self.token = CancelToken()
 
     def request_stop(self) -> None:
         """Thread-safe: the run stops at the next layer or batch boundary."""

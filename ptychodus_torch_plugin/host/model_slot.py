@@ -119,6 +119,14 @@ class ModelSlot:
             self._model_file = Path(file).resolve()
             self._superseded_path = self.path
 
+    def clear(self) -> None:
+        """Forget the model: nothing in memory and no remembered archive (Infer disables)."""
+        with self._lock:
+            self._model = None
+            self._model_file = None
+            self._superseded_path = None
+        self._settings.set_model_path(None)
+
     def remember_path(self, file: Path) -> None:
         self._settings.set_model_path(Path(file).resolve())
 

@@ -192,16 +192,7 @@ def wait_until_idle(gui: Gui, session: Any, timeout: float) -> None:
 
 def unload_model(library: Any) -> None:
     """Forget the library's model (a fresh session): no path, nothing in memory."""
-    slot = library.model_slot
-    clear = getattr(slot, "clear", None)
-    if clear is not None:
-        clear()
-    else:  # ModelSlot has no public "unload" yet
-        with slot._lock:
-            slot._model = None
-            slot._model_file = None
-            slot._superseded_path = None
-    library.settings.set_model_path(None)
+    library.model_slot.clear()
 
 
 def warm_backend() -> None:

@@ -32,12 +32,13 @@ def tiny():
 
 
 def test_prompt_stop_leaves_training_unchanged_when_not_stopped(tiny):
+    from ptychodus_torch_plugin.engine.cancel import CancelToken
     from ptychodus_torch_plugin.engine.training import train
-    from ptychodus_torch_plugin.gui.workers import StopToken, make_prompt_stop
+    from ptychodus_torch_plugin.gui.workers import make_prompt_stop
 
     data, payload = tiny
     plain = train(payload, data)
-    token = StopToken()
+    token = CancelToken()
     hooked = train(payload, data, cancel=token, callbacks=[make_prompt_stop(token)])
     assert not hooked.cancelled
     assert [r.train_loss for r in hooked.history] == pytest.approx(
@@ -51,11 +52,12 @@ def test_prompt_stop_leaves_training_unchanged_when_not_stopped(tiny):
 def test_prompt_stop_ends_fit_in_the_middle_of_a_batch(tiny):
     from lightning.pytorch.callbacks import Callback
 
+    from ptychodus_torch_plugin.engine.cancel import CancelToken
     from ptychodus_torch_plugin.engine.training import train
-    from ptychodus_torch_plugin.gui.workers import StopToken, make_prompt_stop
+    from ptychodus_torch_plugin.gui.workers import make_prompt_stop
 
     data, payload = tiny
-    token = StopToken()
+    token = CancelToken()
     batches_done = []
 
     class CancelDuringBackward(Callback):
