@@ -95,6 +95,9 @@ def run_run1084(gridsize: int, photons: float, args: argparse.Namespace) -> dict
     mask = scanned_region(stitched.weights, erode=data.N // 8)
     quality = evaluate(stitched.object, data.object_guess, mask)
     name = f"run1084_g{gridsize}_{photons:.0e}".replace("+0", "")
+    if args.save_dir is not None:  # keep the reconstruction for later re-scoring
+        args.save_dir.mkdir(parents=True, exist_ok=True)
+        np.savez(args.save_dir / f"{name}.npz", object=stitched.object, weights=stitched.weights)
     save_object_images(
         stitched.object, args.images, mask=mask, prefix=name, title=f"Run1084 g={gridsize}"
     )
@@ -146,6 +149,7 @@ def main() -> int:
     parser.add_argument("--scheduler", default="constant")
     parser.add_argument("--images", type=Path, default=REPO / "docs" / "images")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    parser.add_argument("--save-dir", type=Path, default=None, help="keep reconstructions here")
     parser.add_argument(
         "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)"
     )

@@ -12,13 +12,12 @@ because pixels the probe never illuminated are not reconstructed by any method.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 from scipy import ndimage, optimize
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from skimage.metrics import structural_similarity
 from skimage.registration import phase_cross_correlation
 
 __all__ = [
@@ -338,17 +337,20 @@ def _data_range(values: np.ndarray, fallback: float) -> float:
     return span if span > 0 else fallback
 
 
-def _ssim_psnr(rec: np.ndarray, ref: np.ndarray, data_range: float) -> tuple[float, float]:
+def _ssim_psnr(
+    rec: np.ndarray, ref: np.ndarray, data_range: float, region: np.ndarray
+) -> tuple[float, float]:
+    """SSIM and PSNR averaged over ``region`` pixels only (never over the filled-in rest)."""
     side = min(rec.shape)
     win = min(7, side if side % 2 else side - 1)
-    ssim = (
-        float(structural_similarity(ref, rec, data_range=data_range, win_size=win))
-        if win >= 3
-        else math.nan
-    )
-    with np.errstate(divide="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        psnr = float(peak_signal_noise_ratio(ref, rec, data_range=data_range))
+    ssim = math.nan
+    if win >= 3:
+        _, ssim_map = structural_similarity(
+            ref, rec, data_range=data_range, win_size=win, full=True
+        )
+        ssim = float(ssim_map[region].mean())
+    mse = float(np.mean((rec[region] - ref[region]) ** 2))
+    psnr = math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
     return ssim, psnr
 
 
@@ -362,8 +364,9 @@ def evaluate(
 ) -> QualityMetrics:
     """Align, then score amplitude and phase (SSIM, PSNR) and the complex images (FRC 0.5).
 
-    Scores are computed on the bounding box of ``mask`` with the pixels outside the mask made
-    equal in both images, so they count neither for nor against. Phase is compared as
+    SSIM and PSNR are averaged over the pixels of ``mask`` only (pixels outside it are filled
+    with the reference solely so SSIM windows at the mask's edge have values; they are never
+    counted). FRC uses the mask's bounding box with a taper. Phase is compared as
     reference phase + wrapped phase difference, after removing the mean difference, so phase
     wrapping and the global phase offset cannot create errors. ``data_range`` comes from the
     reference on the region.
@@ -380,14 +383,14 @@ def evaluate(
     amp_ref = np.abs(ref_box)
     amp_rec = np.where(region, np.abs(rec_box), amp_ref)
     amp_range = _data_range(amp_ref[region], max(float(amp_ref[region].max()), 1.0))
-    amp_ssim, amp_psnr = _ssim_psnr(amp_rec, amp_ref, amp_range)
+    amp_ssim, amp_psnr = _ssim_psnr(amp_rec, amp_ref, amp_range, region)
 
     phase_ref = np.angle(ref_box)
     difference = np.angle(rec_box * np.conj(ref_box))
     difference = difference - difference[region].mean()
     phase_rec = np.where(region, phase_ref + difference, phase_ref)
     phase_range = _data_range(phase_ref[region], 2 * math.pi)
-    phase_ssim, phase_psnr = _ssim_psnr(phase_rec, phase_ref, phase_range)
+    phase_ssim, phase_psnr = _ssim_psnr(phase_rec, phase_ref, phase_range, region)
 
     rec_frc = np.where(region, rec_box, ref_box)
     frequencies, curve = frc(rec_frc, ref_box, region)
