@@ -2,7 +2,9 @@
 
 Why: a cancelled or crashed run must never leave a half-written archive or NPZ that a later
 load would mistake for a good one. ``os.replace`` within one directory is atomic on POSIX and
-Windows.
+Windows. The finished file gets the permissions a plain ``open()`` would have given it
+(0666 minus the umask), not mkstemp's private 0600, so colleagues sharing a beamline account
+group can read the models and images.
 """
 
 from __future__ import annotations
@@ -24,8 +26,26 @@ def atomic_write_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def _current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux).
+
+    ``os.umask`` can only be read by setting it, which races with other threads creating
+    files (the GUI worker and Ptychodus's task thread); /proc avoids that.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -234,13 +234,12 @@ class TrainingWorker(QObject):
                 best_epoch=result.best_epoch,
                 seconds=time.perf_counter() - started,
             )
-        except Exception as exc:
+        except BaseException as exc:  # noqa: BLE001 - a Qt slot must never raise: PyQt5 aborts
+            # the whole process on an exception escaping a slot, so even SystemExit or
+            # KeyboardInterrupt in the worker ends as a message in the panel, not a crash.
             logger.error("training failed: %s", describe_error(exc), exc_info=True)
             self.failed.emit(describe_error(exc))
             return
-        except BaseException as exc:  # never leave the thread without a last word
-            self.failed.emit(describe_error(exc))
-            raise
         self.finished.emit(outcome)
 
 
