@@ -541,8 +541,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from .archive import save_archive
     from .data import load_npz
+    from .devices import resolve_accelerator
     from .payload import create_training_payload
-    from .training import resolve_accelerator, train
+    from .training import train
 
     with _console_logging(bool(args.quiet)):
         data = load_npz(train_file)
@@ -590,33 +591,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- infer
 def _save_images(output_dir: Path, obj: np.ndarray, covered: np.ndarray) -> list[Path]:
-    import matplotlib
+    """``amplitude.png`` and ``phase.png`` (uncovered pixels blank)."""
+    from .images import save_object_images
 
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    from .atomic import atomic_write_path
-
-    written = []
-    amplitude = np.abs(obj)
-    phase = np.where(covered, np.angle(obj), np.nan)
-    for name, image, cmap, label in (
-        ("amplitude.png", amplitude, "gray", "amplitude"),
-        ("phase.png", phase, "twilight", "phase (rad)"),
-    ):
-        figure = Figure(figsize=(6, 5), dpi=100)
-        axes = figure.add_subplot()
-        shown = axes.imshow(image, cmap=cmap, interpolation="nearest")
-        axes.set_title(label)
-        axes.set_xlabel("x (pixels)")
-        axes.set_ylabel("y (pixels)")
-        figure.colorbar(shown, ax=axes, label=label)
-        figure.tight_layout()
-        path = output_dir / name
-        with atomic_write_path(path) as tmp:
-            figure.savefig(tmp, format="png")
-        written.append(path)
-    return written
+    return save_object_images(obj, output_dir, mask=covered, prefix="", title="reconstruction")
 
 
 def _quality(result: Any, reference: np.ndarray, N: int) -> dict[str, Any]:  # noqa: N803
@@ -651,7 +629,8 @@ def _json_safe(value: Any) -> Any:
 def _cmd_infer(args: argparse.Namespace) -> int:
     from .archive import load_archive
     from .data import load_npz
-    from .inference import CanvasGeometry, reconstruct, select_device
+    from .devices import select_device
+    from .inference import CanvasGeometry, reconstruct
 
     data_file = _require_file(args.test_data, "test data file")
     output_dir = Path(args.output_dir)

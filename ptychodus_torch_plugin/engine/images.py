@@ -21,7 +21,8 @@ def save_object_images(
     prefix: str = "object",
     title: str = "",
 ) -> list[Path]:
-    """Write ``<prefix>_amplitude.png`` and ``<prefix>_phase.png`` with colour bars.
+    """Write ``<prefix>_amplitude.png`` and ``<prefix>_phase.png`` with colour bars
+    (``amplitude.png`` and ``phase.png`` when ``prefix`` is empty).
 
     Pixels outside ``mask`` (e.g. never scanned) are shown blank rather than as zeros.
     """
@@ -47,7 +48,7 @@ def save_object_images(
         axes.set_xlabel("x [object px]")
         axes.set_ylabel("y [object px]")
         figure.tight_layout()
-        path = output / f"{prefix}_{name}.png"
+        path = output / (f"{prefix}_{name}.png" if prefix else f"{name}.png")
         with atomic_write_path(path) as tmp:
             figure.savefig(tmp, format="png")
         paths.append(path)

@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-import torch
 
 from .data import PtychoData
+from .devices import select_device
 from .model import TrainedModel
 from .payload import InferencePayload
 from .prepare import prepare_scan
@@ -281,41 +281,6 @@ def stitch_patches(
 # ---------------------------------------------------------------------------------------------
 # Model inference
 # ---------------------------------------------------------------------------------------------
-
-
-def select_device(accelerator: str) -> torch.device:
-    """Device for ``ExecutionConfig.accelerator``: auto prefers cuda, then mps, then cpu.
-
-    An explicit request for hardware that is missing fails loudly instead of silently running
-    on the CPU (a trap of the reference's CLI).
-    """
-    if accelerator == "cpu":
-        return torch.device("cpu")
-    if accelerator == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if accelerator in ("gpu", "cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(
-                f"accelerator = {accelerator!r} was requested but CUDA is not available "
-                f"(torch {torch.__version__}); use accelerator 'cpu' or 'auto'"
-            )
-        return torch.device("cuda")
-    if accelerator == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise RuntimeError(
-                "accelerator = 'mps' was requested but MPS is not available; "
-                "use accelerator 'cpu' or 'auto'"
-            )
-        return torch.device("mps")
-    raise ValueError(
-        f"accelerator = {accelerator!r} is invalid: allowed 'auto', 'cpu', 'gpu', 'cuda', 'mps'"
-    )
 
 
 @dataclass

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from .cancel import CancelToken
 from .config import SUPPORTED_BACKEND, ExecutionConfig
 from .data import PtychoData
+from .devices import resolve_accelerator
 from .model import EpochRecord, TrainedModel
 from .module import TRAIN_LOSS, VAL_LOSS, PINNModule, SupervisedModule
 from .payload import TrainingPayload
@@ -182,16 +183,6 @@ def _stalled(previous: EpochRecord, current: EpochRecord, tolerance: float = 1e-
 
 
 # ----------------------------------------------------------------------------- trainer
-def resolve_accelerator(accelerator: str) -> str:
-    """Lightning's accelerator name; 'gpu'/'cuda' fail clearly when no GPU is present."""
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"accelerator = {accelerator!r} was requested but no CUDA GPU is available to "
-            "PyTorch: use accelerator 'auto' or 'cpu', or install a CUDA build of torch"
-        )
-    if accelerator == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("accelerator = 'mps' was requested but Apple MPS is not available")
-    return "cuda" if accelerator == "gpu" else accelerator
 
 
 def _logger(execution: ExecutionConfig, root: Path) -> Any:
