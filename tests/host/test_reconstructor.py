@@ -102,6 +102,19 @@ def test_stopping_after_the_first_output_runs_no_further_chunk(
     assert reconstructor.chunks_run == [0]
 
 
+def test_host_stop_request_ends_the_stream_after_the_current_chunk(
+    library, reconstruct_input, trained_archive, monkeypatch
+):
+    """Ptychodus's Stop sets its task monitor; the reconstructor polls it between chunks."""
+    reconstructor = library.reconstructor("PINN")
+    reconstructor.load_model_from_file(trained_archive)
+    monkeypatch.setattr(library, "is_stopping", lambda: bool(reconstructor.chunks_run))
+    with settings_values(library, chunk_size=30):
+        outputs = list(reconstructor.reconstruct(reconstruct_input))  # drained, not closed
+    assert reconstructor.chunks_run == [0]
+    assert len(outputs) <= 1
+
+
 def test_multilayer_input_object_keeps_its_layers(library, reconstruct_input, trained_archive):
     template = reconstruct_input.product.object_
     layers = np.stack([template.get_array()[0]] * 3)
