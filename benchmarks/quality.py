@@ -76,17 +76,21 @@ def _train(data, overrides: dict, budget_s: float):  # noqa: ANN001, ANN202
     return result, time.perf_counter() - start
 
 
-def run_run1084(gridsize: int, photons: float, args: argparse.Namespace) -> dict:
-    data = simulate_from_object_npz(RUN1084, nphotons=photons, seed=1)
-    overrides = {
+def _overrides(args: argparse.Namespace, *, gridsize: int, filters: int) -> dict:
+    return {
         "gridsize": gridsize,
-        "n_filters_scale": args.filters,
+        "n_filters_scale": filters,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
         "scheduler": args.scheduler,
         "seed": 0,
     }
+
+
+def run_run1084(gridsize: int, photons: float, args: argparse.Namespace) -> dict:
+    data = simulate_from_object_npz(RUN1084, nphotons=photons, seed=1)
+    overrides = _overrides(args, gridsize=gridsize, filters=args.filters)
     print(f"  training: {overrides}", flush=True)
     result, seconds = _train(data, overrides, args.budget_minutes * 60)
     height, width = data.object_guess.shape
@@ -113,15 +117,7 @@ def run_siemens(args: argparse.Namespace) -> dict:
     from ptychodus_torch_plugin.engine.data import load_npz
 
     data = load_npz(SIEMENS)
-    overrides = {
-        "gridsize": 1,
-        "n_filters_scale": 1,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "learning_rate": args.learning_rate,
-        "scheduler": args.scheduler,
-        "seed": 0,
-    }
+    overrides = _overrides(args, gridsize=1, filters=1)
     print(f"  training: {overrides}", flush=True)
     result, seconds = _train(data, overrides, args.budget_minutes * 60)
     inference = reconstruct(result.model, data)

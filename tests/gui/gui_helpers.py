@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from settings_helpers import settings_values  # noqa: F401 - re-exported for the tests
 
 PINN_KEY = "torchpinn_pinn"
 SUPERVISED_KEY = "torchpinn_supervised"
@@ -77,20 +78,6 @@ class Gui:
         while time.perf_counter() < end:
             self.app.processEvents(QEventLoop.AllEvents, 20)
             time.sleep(0.005)
-
-
-@contextlib.contextmanager
-def settings_values(library: Any, **values: Any):
-    saved = {}
-    for name, value in values.items():
-        parameter = getattr(library.settings, name)
-        saved[name] = parameter.get_value()
-        parameter.set_value(value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            getattr(library.settings, name).set_value(value)
 
 
 class Recorder:

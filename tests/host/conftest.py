@@ -3,7 +3,6 @@ tiny trained model. Everything runs against the installed package and the instal
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import subprocess
@@ -12,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from settings_helpers import settings_values  # noqa: F401 - re-exported for the tests
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
@@ -24,21 +24,6 @@ TINY = {
     "batch_size": 16,
     "accelerator": "cpu",
 }
-
-
-@contextlib.contextmanager
-def settings_values(library, **values):
-    """Temporarily set TorchPINN settings (attribute names of TorchPINNSettings)."""
-    saved = {}
-    for name, value in values.items():
-        parameter = getattr(library.settings, name)
-        saved[name] = parameter.get_value()
-        parameter.set_value(value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            getattr(library.settings, name).set_value(value)
 
 
 def run_python(code: str, *, env: dict | None = None, timeout: float = 120):
