@@ -9,18 +9,3 @@ from ptychodus_torch_plugin.engine.simulate import simulate_dataset
 def small_scan():
     """N = 32 scan of a random object: 169 patterns at 1e5 photons."""
     return simulate_dataset(N=32, nphotons=1e5, seed=0)
-
-
-def tiny_overrides(**extra):
-    """A fast CPU training configuration for tests."""
-    values = {
-        "N": 32,
-        "n_filters_scale": 1,
-        "epochs": 2,
-        "batch_size": 16,
-        "accelerator": "cpu",
-        "logger": "none",
-        "enable_progress_bar": False,
-    }
-    values.update(extra)
-    return values

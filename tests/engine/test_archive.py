@@ -8,7 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
+from engine_helpers import tiny_overrides
 
 from ptychodus_torch_plugin.engine import archive as archive_module
 from ptychodus_torch_plugin.engine.archive import (

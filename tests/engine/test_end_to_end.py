@@ -7,7 +7,7 @@ never saw.
 
 import numpy as np
 import pytest
-from conftest import tiny_overrides
+from engine_helpers import tiny_overrides
 
 from ptychodus_torch_plugin.engine.inference import CanvasGeometry, reconstruct
 from ptychodus_torch_plugin.engine.metrics import evaluate, scanned_region

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import tiny_overrides
+from engine_helpers import tiny_overrides
 
 from ptychodus_torch_plugin.engine.payload import create_training_payload
 from ptychodus_torch_plugin.engine.training import CancelToken, train

@@ -5,40 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import pytest
-from settings_helpers import settings_values  # noqa: F401 - re-exported for the tests
+from host_helpers import TINY, settings_values
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-
-VENV_BIN = Path(sys.executable).parent
-
-#: Fast CPU training settings (setting attribute -> value).
-TINY = {
-    "epochs": 1,
-    "n_filters_scale": 1,
-    "batch_size": 16,
-    "accelerator": "cpu",
-}
-
-
-def run_python(code: str, *, env: dict | None = None, timeout: float = 120):
-    """Run ``code`` in a fresh interpreter of the test venv; returns CompletedProcess."""
-    full_env = dict(os.environ, QT_QPA_PLATFORM="offscreen")
-    full_env.update(env or {})
-    # cwd: not the checkout, whose ptychodus_torch_plugin/ would shadow the installed package
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=full_env,
-        cwd=tempfile.gettempdir(),
-    )
 
 
 @pytest.fixture(scope="session")

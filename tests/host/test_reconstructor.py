@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import TINY, settings_values
+from host_helpers import TINY, settings_values
 from ptychodus.api.object import Object
 from ptychodus.api.product import Product
 from ptychodus.api.reconstruct import ReconstructInput

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import ptychodus
 import pytest
-from conftest import run_python
+from host_helpers import run_python
 
 from ptychodus_torch_plugin.host import registration
 from ptychodus_torch_plugin.host.names import ENTRY_POINT_GROUP, LIBRARY_NAME
