@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .config import ModelConfig
+from .data import mean_pattern_power
 
 __all__ = [
     "ForwardModel",
@@ -430,21 +431,14 @@ def mae_loss(pred_amp: Tensor, measured_amp: Tensor, mask: Tensor | None = None)
 # ---------------------------------------------------------------------------------------------
 
 
-def _as_float64(array: Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(array, Tensor):
-        array = array.detach().cpu().numpy()
-    array = np.asarray(array)
-    if np.iscomplexobj(array):
-        raise ValueError("normalisation expects real amplitudes, got a complex array")
-    return array.astype(np.float64, copy=False)
-
-
 def _mean_pattern_power(amplitudes: Tensor | np.ndarray) -> tuple[float, int]:
-    values = _as_float64(amplitudes)
-    if values.ndim < 2:
-        raise ValueError(f"expected patterns (..., N, N), got shape {values.shape}")
-    power = float(np.mean(np.sum(values**2, axis=(-2, -1))))
-    return power, values.shape[-1]
+    """(mean total power per pattern, N), via ``data.mean_pattern_power`` (chunked float64)."""
+    if isinstance(amplitudes, Tensor):
+        amplitudes = amplitudes.detach().cpu().numpy()
+    values = np.asarray(amplitudes)
+    if np.iscomplexobj(values):
+        raise ValueError("normalisation expects real amplitudes, got a complex array")
+    return mean_pattern_power(values), values.shape[-1]
 
 
 def input_normalization_factor(amplitudes: Tensor | np.ndarray) -> float:

@@ -144,3 +144,16 @@ def test_float_whole_numbers_without_units_are_counts(tmp_path, caplog):
     np.testing.assert_allclose(data.amplitudes, np.sqrt(counts), rtol=1e-6)
     # Real amplitudes (square roots) are read as amplitudes, untouched.
     assert np.array_equal(load_npz(_write(tmp_path, **arrays)).amplitudes, arrays["diff3d"])
+
+
+def test_mean_pattern_power_in_chunks_equals_the_whole_float64_sum():
+    from ptychodus_torch_plugin.engine.data import mean_pattern_power
+
+    rng = np.random.default_rng(4)
+    amplitudes = (rng.random((37, 16, 16)) * 300).astype(np.float32)  # large counts
+    direct = np.square(amplitudes.astype(np.float64)).sum(axis=(1, 2)).mean()
+    assert mean_pattern_power(amplitudes, chunk=5) == pytest.approx(direct, rel=1e-12)
+    data = PtychoData.from_amplitudes(amplitudes, np.zeros(37), np.zeros(37), np.ones((16, 16)))
+    assert data.mean_photons() == pytest.approx(direct, rel=1e-12)
+    with pytest.raises(ValueError, match="found shape"):
+        mean_pattern_power(np.ones(5))
