@@ -238,10 +238,8 @@ class TorchPINNReconstructor(TrainableReconstructor):
                 token.cancel()
             worker.join()
             self._goal = 0
-            if finished:
-                self._finish_training(outcome, Path(output_path), epochs, raise_errors=True)
-            else:
-                self._finish_training(outcome, Path(output_path), epochs, raise_errors=False)
+            # A finished run reports its errors; a stopped one keeps what it has and logs.
+            self._finish_training(outcome, Path(output_path), epochs, raise_errors=finished)
 
     def _finish_training(
         self, outcome: dict[str, Any], output_path: Path, epochs: int, *, raise_errors: bool
