@@ -538,12 +538,8 @@ class TrainingSession(QObject):
 
     def _adopt(self, model: Any, archive: Path) -> None:
         """Make ``model`` the library's model (GUI thread) and let Ptychodus enable Infer."""
-        slot = self.library.model_slot
-        slot.adopt(model, archive)
-        slot.remember_path(archive)
-        parameter = getattr(self.processing_core, "algorithm_parameter", None)
-        if parameter is not None:
-            parameter.notify_observers()
+        self.library.model_slot.adopt(model, archive)
+        self.library.publish_model(archive)
         self.model_changed.emit(Path(archive))
 
     def _on_failed(self, text: str) -> None:

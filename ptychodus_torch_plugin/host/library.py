@@ -98,14 +98,16 @@ class TorchPINNLibrary(ReconstructorLibrary):
         else:
             task()
 
+    def publish_model(self, archive: Path) -> None:
+        """Remember ``archive`` as the model path and let Ptychodus re-enable Infer.
+
+        Touches Ptychodus parameters: call it on the host (Qt) thread.
+        """
+        self.model_slot.remember_path(archive)
+        parameter = getattr(self._processing_core, "algorithm_parameter", None)
+        if parameter is not None and hasattr(parameter, "notify_observers"):
+            parameter.notify_observers()
+
     def on_model_trained(self, archive: Path) -> None:
-        """Remember the new archive and let the GUI re-enable Infer (on the host thread)."""
-
-        def update() -> None:
-            self.model_slot.remember_path(archive)
-            core = self._processing_core
-            parameter = getattr(core, "algorithm_parameter", None)
-            if parameter is not None and hasattr(parameter, "notify_observers"):
-                parameter.notify_observers()
-
-        self.run_on_host_thread(update)
+        """After training on Ptychodus's worker thread: publish the model on the host thread."""
+        self.run_on_host_thread(lambda: self.publish_model(archive))
