@@ -69,7 +69,8 @@ def predict_rate(model: TrainedModel, batch: int, repeats: int) -> float:
 
 def train_step_rate(model: TrainedModel, batch: int, repeats: int) -> float:
     c, n = model.gridsize**2, model.N
-    autoencoder = model.autoencoder.train().to(memory_format=torch.contiguous_format)
+    # The layout train() uses on the CPU (engine.training._ChannelsLastCallback).
+    autoencoder = model.autoencoder.train().to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(autoencoder.parameters(), lr=1e-4)
     inputs = torch.rand(batch, c, n, n)
     offsets = torch.randn(batch, c, 2)

@@ -57,6 +57,32 @@ def test_cancel_stops_within_one_batch(small_scan):
     assert patches.shape == (2, 1, 32, 32) and np.isfinite(patches).all()
 
 
+def test_cpu_training_runs_in_channels_last_and_saves_plain_weights(small_scan, tmp_path):
+    """The faster NHWC layout is used while training; archives and predictions do not care."""
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    from ptychodus_torch_plugin.engine.archive import load_archive, save_archive
+
+    layouts = []
+
+    class Layout(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, idx):
+            convs = [m for m in pl_module.modules() if isinstance(m, torch.nn.Conv2d)]
+            layouts.append(
+                all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+            )
+
+    payload = create_training_payload(tiny_overrides(gridsize=2, epochs=1))
+    result = train(payload, small_scan, callbacks=[Layout()])
+    assert layouts and all(layouts)
+    inputs = np.random.default_rng(0).random((3, 4, 32, 32)).astype(np.float32)
+    before = result.model.predict(inputs)
+    path = save_archive(result.model, tmp_path / "wts.h5.zip")
+    after = load_archive(path).predict(inputs)
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("scheduler", ["exponential", "cosine"])
 def test_schedulers_really_step(small_scan, scheduler):
     payload = create_training_payload(tiny_overrides(epochs=3, scheduler=scheduler, n_groups=48))
