@@ -98,6 +98,9 @@ def run_run1084(gridsize: int, photons: float, args: argparse.Namespace) -> dict
     stitched = inference.stitched
     mask = scanned_region(stitched.weights, erode=data.N // 8)
     quality = evaluate(stitched.object, data.object_guess, mask)
+    # The same image with the best-fitting linear phase ramp also removed (the issue's
+    # "optional phase ramp" alignment): reported beside, never instead of, the plain scores.
+    ramp = evaluate(stitched.object, data.object_guess, mask, remove_phase_ramp=True)
     name = f"run1084_g{gridsize}_{photons:.0e}".replace("+0", "")
     if args.save_dir is not None:  # keep the reconstruction for later re-scoring
         args.save_dir.mkdir(parents=True, exist_ok=True)
@@ -110,6 +113,7 @@ def run_run1084(gridsize: int, photons: float, args: argparse.Namespace) -> dict
         "epochs": len(result.history),
         "train_seconds": round(seconds, 1),
         **{k: round(v, 4) for k, v in quality.to_dict().items()},
+        "with_phase_ramp_removed": {k: round(v, 4) for k, v in ramp.to_dict().items()},
     }
 
 
@@ -138,11 +142,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(ALL_CASES))
     parser.add_argument("--budget-minutes", type=float, default=15.0)
-    parser.add_argument("--epochs", type=int, default=200)
-    parser.add_argument("--filters", type=int, default=2)
+    # Defaults: the settings of the figures in docs/performance.md. 90 epochs of the small
+    # network fit in 15 minutes on the CI machine (2 threads), so the cosine schedule finishes
+    # its decay inside the budget; the budget still stops training if a machine is slower.
+    parser.add_argument("--epochs", type=int, default=90)
+    parser.add_argument("--filters", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--scheduler", default="constant")
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--scheduler", default="cosine")
     parser.add_argument("--images", type=Path, default=REPO / "docs" / "images")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     parser.add_argument("--save-dir", type=Path, default=None, help="keep reconstructions here")
