@@ -154,3 +154,17 @@ def test_a_stalled_run_is_reported(small_scan, caplog):
     with caplog.at_level("WARNING"):
         train(create_training_payload(tiny_overrides(epochs=2, n_groups=32)), small_scan)
     assert "stalled" not in caplog.text  # a run that learns is not reported
+
+
+def test_a_loaded_model_can_be_trained_again_after_predicting(small_scan, tmp_path):
+    """predict() re-lays out the weights; they must stay ordinary (non-inference) tensors."""
+    import torch
+
+    from ptychodus_torch_plugin.engine.archive import load_archive, save_archive
+
+    result = train(create_training_payload(tiny_overrides(epochs=1)), small_scan)
+    model = load_archive(save_archive(result.model, tmp_path / "wts.h5.zip"))
+    model.predict(np.zeros((2, 1, 32, 32), np.float32))
+    generator = model.generator.train()
+    generator(torch.rand(2, 1, 32, 32)).abs().sum().backward()
+    assert all(p.grad is not None for p in generator.parameters() if p.requires_grad)
