@@ -2,8 +2,11 @@
 
 import numpy as np
 import pytest
+import torch
 from engine_helpers import tiny_overrides
+from lightning.pytorch.callbacks import Callback
 
+from ptychodus_torch_plugin.engine.archive import load_archive, save_archive
 from ptychodus_torch_plugin.engine.payload import create_training_payload
 from ptychodus_torch_plugin.engine.training import CancelToken, train
 
@@ -59,11 +62,6 @@ def test_cancel_stops_within_one_batch(small_scan):
 
 def test_cpu_training_runs_in_channels_last_and_saves_plain_weights(small_scan, tmp_path):
     """The faster NHWC layout is used while training; archives and predictions do not care."""
-    import torch
-    from lightning.pytorch.callbacks import Callback
-
-    from ptychodus_torch_plugin.engine.archive import load_archive, save_archive
-
     layouts = []
 
     class Layout(Callback):
@@ -158,10 +156,6 @@ def test_a_stalled_run_is_reported(small_scan, caplog):
 
 def test_a_loaded_model_can_be_trained_again_after_predicting(small_scan, tmp_path):
     """predict() re-lays out the weights; they must stay ordinary (non-inference) tensors."""
-    import torch
-
-    from ptychodus_torch_plugin.engine.archive import load_archive, save_archive
-
     result = train(create_training_payload(tiny_overrides(epochs=1)), small_scan)
     model = load_archive(save_archive(result.model, tmp_path / "wts.h5.zip"))
     model.predict(np.zeros((2, 1, 32, 32), np.float32))
