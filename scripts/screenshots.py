@@ -52,16 +52,11 @@ def main(argv: list[str]) -> int:
         from ptychodus.controller import ControllerCore
         from ptychodus.view import ViewCore
 
-        from ptychodus_torch_plugin.host.registration import registered_libraries
+        from ptychodus_torch_plugin.host.registration import registered_library
 
         view = ViewCore(is_developer_mode_enabled=False)
         controller = ControllerCore(model, view, is_developer_mode_enabled=False)
-        (entry,) = [
-            r
-            for r in registered_libraries(model.processing_core.algorithm_parameter)
-            if r.name == "TorchPINN"
-        ]
-        library = entry.library
+        library = registered_library(model.processing_core.algorithm_parameter)
         settings = library.settings
         settings.set_model_path(None)
 

@@ -228,6 +228,20 @@ def registered_libraries(algorithm_parameter: Any) -> list[RegisteredLibrary]:
     return list(_REGISTERED.get(algorithm_parameter, []))
 
 
+def registered_library(algorithm_parameter: Any, name: str = LIBRARY_NAME) -> Any:
+    """The library registered as ``name`` (ours by default) in that processing core.
+
+    For tools and tests that drive a real Ptychodus session and need our library object.
+    """
+    matches = [r.library for r in registered_libraries(algorithm_parameter) if r.name == name]
+    if len(matches) != 1:
+        raise LookupError(
+            f"{name}: found {len(matches)} registered libraries of this name, expected 1; "
+            "was the plugin bootstrapped before the ModelCore was created?"
+        )
+    return matches[0]
+
+
 # ----------------------------------------------------------------------------- GUI side
 def _view_factories(
     algorithm_parameter: Any, file_dialog_factory: Any, existing: Iterable[Any]

@@ -40,7 +40,7 @@ def scans(tmp_path_factory):
 def gui(qapp, scans, model_dir):
     from ptychodus.model import ModelCore
 
-    from ptychodus_torch_plugin.host.registration import registered_libraries
+    from ptychodus_torch_plugin.host.registration import registered_library
 
     model = ModelCore(log_level=logging.WARNING)
     model.__enter__()
@@ -49,12 +49,7 @@ def gui(qapp, scans, model_dir):
 
     view = ViewCore(is_developer_mode_enabled=False)
     controller = ControllerCore(model, view, is_developer_mode_enabled=False)
-    (entry,) = [
-        r
-        for r in registered_libraries(model.processing_core.algorithm_parameter)
-        if r.name == "TorchPINN"
-    ]
-    library = entry.library
+    library = registered_library(model.processing_core.algorithm_parameter)
     library.settings.set_model_path(None)
     view.resize(1500, 950)
     view.show()

@@ -31,14 +31,9 @@ def model_core():
 
 @pytest.fixture(scope="session")
 def library(model_core):
-    from ptychodus_torch_plugin.host.registration import registered_libraries
+    from ptychodus_torch_plugin.host.registration import registered_library
 
-    (entry,) = [
-        r
-        for r in registered_libraries(model_core.processing_core.algorithm_parameter)
-        if r.name == "TorchPINN"
-    ]
-    return entry.library
+    return registered_library(model_core.processing_core.algorithm_parameter)
 
 
 @pytest.fixture(scope="session")

@@ -239,3 +239,10 @@ def test_every_package_is_listed_in_pyproject():
     }
     assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
     assert not (repo / "ptychodus_torch_plugin" / "host" / "autoload" / "__init__.py").exists()
+
+
+def test_registered_library_finds_ours_and_names_a_missing_one(model_core, library):
+    parameter = model_core.processing_core.algorithm_parameter
+    assert registration.registered_library(parameter) is library
+    with pytest.raises(LookupError, match="NoSuchLibrary: found 0 registered libraries"):
+        registration.registered_library(parameter, "NoSuchLibrary")
