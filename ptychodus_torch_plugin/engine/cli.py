@@ -285,6 +285,14 @@ def _add_infer(sub: Any) -> None:
         choices=PATCH_WEIGHTINGS,
         help=f"stitching weights: probe intensity or uniform (default: {_I.patch_weighting})",
     )
+    p.add_argument(
+        "--no-phase-alignment",
+        dest="phase_alignment",
+        action="store_const",
+        const=False,
+        help="average the patches as predicted, without aligning their phase offsets "
+        "(default: aligned)",
+    )
     _add_quiet(p)
     p.set_defaults(handler=_cmd_infer)
 
@@ -642,6 +650,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
             "inference_batch_size": args.inference_batch_size,
             "accelerator": args.accelerator,
             "patch_weighting": args.patch_weighting,
+            "phase_alignment": args.phase_alignment,
         }
         payload = model.inference_payload(overrides)
         _check_hardware(select_device, payload.execution.accelerator)

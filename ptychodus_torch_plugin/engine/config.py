@@ -22,6 +22,7 @@ PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
 SCHEDULERS = ("constant", "exponential", "cosine", "plateau")
 LOGGERS = ("csv", "tensorboard", "mlflow", "none")
 CHECKPOINT_MODES = ("min", "max")
+NORMALIZATIONS = ("none", "batch")
 AMP_ACTIVATIONS = ("sigmoid", "silu")
 LOSSES = ("poisson", "mae")
 MODES = ("pinn", "supervised")
@@ -157,6 +158,7 @@ class ModelConfig:
     architecture: str = "cnn"
     n_filters_scale: int = 2
     amp_activation: str = "sigmoid"
+    normalization: str = "none"
     probe_big: bool = True
     object_big: bool = True
 
@@ -164,6 +166,7 @@ class ModelConfig:
         _check_choice("ModelConfig", "architecture", self.architecture, ("cnn",))
         _check_int("ModelConfig", "n_filters_scale", self.n_filters_scale, 1, 8)
         _check_choice("ModelConfig", "amp_activation", self.amp_activation, AMP_ACTIVATIONS)
+        _check_choice("ModelConfig", "normalization", self.normalization, NORMALIZATIONS)
         for name in ("probe_big", "object_big"):
             if not isinstance(getattr(self, name), bool):
                 _fail("ModelConfig", name, getattr(self, name), "True or False")
@@ -210,6 +213,7 @@ class InferenceConfig:
     patch_weighting: str = "probe"
     crop_fraction: float = 0.5  # stitch the central N*crop_fraction of each patch
     chunk_size: int = 256  # groups per streamed chunk
+    phase_alignment: bool = True  # align patch phase offsets before averaging (final image)
     backend: str = SUPPORTED_BACKEND
 
     def __post_init__(self) -> None:
@@ -217,6 +221,8 @@ class InferenceConfig:
         _check_choice("InferenceConfig", "patch_weighting", self.patch_weighting, PATCH_WEIGHTINGS)
         _check_real("InferenceConfig", "crop_fraction", self.crop_fraction, 0.0, True, 1.0)
         _check_int("InferenceConfig", "chunk_size", self.chunk_size, 1)
+        if not isinstance(self.phase_alignment, bool):
+            _fail("InferenceConfig", "phase_alignment", self.phase_alignment, "True or False")
         check_backend("InferenceConfig", self.backend)
 
     @property

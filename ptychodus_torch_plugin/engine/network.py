@@ -16,6 +16,12 @@ Architecture (design note section 5; the layout for N != 64 is our documented ch
   ``probe_big`` the object outside the central box is exactly zero (amplitude 0, phase 0).
 * Amplitude activation sigmoid (default) or SiLU; phase ``pi * tanh``. Output
   ``A * exp(i Phi)`` as complex64.
+* ``normalization = "batch"`` (ours, not in the design note; default ``"none"``): a
+  BatchNorm2d between every hidden 3x3 conv and its ReLU (not after the heads). Same
+  convolutions and FLOPs. Why: on Run1084 it reached the validation NLL that the plain
+  network had after 20 epochs in 12 (same learning rate, 2e-3), and trains well at 5e-3
+  (docs/performance.md). Inference uses the running statistics, so a group's output does not
+  depend on the rest of its batch.
 
 Channel counts come from ``ModelConfig.in_channels`` / ``out_channels`` only (= gridsize**2).
 At N=64, f=2, C=1 (probe_big) this has 2,327,108 parameters and 0.80 GMAC per group.
@@ -60,13 +66,17 @@ def _conv(in_ch: int, out_ch: int) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1)
 
 
-def _double_conv(in_ch: int, out_ch: int) -> list[nn.Module]:
-    return [
-        _conv(in_ch, out_ch),
-        nn.ReLU(inplace=True),
-        _conv(out_ch, out_ch),
-        nn.ReLU(inplace=True),
-    ]
+def _conv_act(in_ch: int, out_ch: int, normalization: str) -> list[nn.Module]:
+    """3x3 conv, optional normalisation, ReLU."""
+    layers: list[nn.Module] = [_conv(in_ch, out_ch)]
+    if normalization == "batch":
+        layers.append(nn.BatchNorm2d(out_ch))
+    layers.append(nn.ReLU(inplace=True))
+    return layers
+
+
+def _double_conv(in_ch: int, out_ch: int, normalization: str = "none") -> list[nn.Module]:
+    return _conv_act(in_ch, out_ch, normalization) + _conv_act(out_ch, out_ch, normalization)
 
 
 class _Decoder(nn.Module):
@@ -77,13 +87,19 @@ class _Decoder(nn.Module):
     """
 
     def __init__(
-        self, in_ch: int, out_ch: int, n: int, n_filters_scale: int, probe_big: bool
+        self,
+        in_ch: int,
+        out_ch: int,
+        n: int,
+        n_filters_scale: int,
+        probe_big: bool,
+        normalization: str = "none",
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = in_ch
         for w in decoder_widths(n, n_filters_scale):
-            layers += _double_conv(width, w)
+            layers += _double_conv(width, w, normalization)
             layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
             width = w
         self.body = nn.Sequential(*layers)
@@ -91,8 +107,7 @@ class _Decoder(nn.Module):
         self.border: nn.Sequential | None = None
         if probe_big:
             self.border = nn.Sequential(
-                _conv(width, width),
-                nn.ReLU(inplace=True),
+                *_conv_act(width, width, normalization),
                 nn.Upsample(scale_factor=2, mode="nearest"),
                 _conv(width, out_ch),
             )
@@ -119,12 +134,15 @@ class Generator(nn.Module):
         layers: list[nn.Module] = []
         width = self.in_channels
         for w in encoder_widths(self.N, f):
-            layers += _double_conv(width, w)
+            layers += _double_conv(width, w, config.normalization)
             layers.append(nn.MaxPool2d(2))
             width = w
         self.encoder = nn.Sequential(*layers)
-        self.amplitude_decoder = _Decoder(width, self.out_channels, self.N, f, config.probe_big)
-        self.phase_decoder = _Decoder(width, self.out_channels, self.N, f, config.probe_big)
+        norm = config.normalization
+        self.amplitude_decoder = _Decoder(
+            width, self.out_channels, self.N, f, config.probe_big, norm
+        )
+        self.phase_decoder = _Decoder(width, self.out_channels, self.N, f, config.probe_big, norm)
         self.amp_activation: nn.Module = (
             nn.Sigmoid() if config.amp_activation == "sigmoid" else nn.SiLU()
         )

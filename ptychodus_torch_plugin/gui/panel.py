@@ -146,6 +146,13 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         "Model",
         "Output activation of the amplitude head.",
     ),
+    ParameterSpec(
+        "normalization",
+        "Normalisation:",
+        "Model",
+        "Batch normalisation after each convolution: trains faster per epoch (none = the "
+        "plain network).",
+    ),
     # Training
     ParameterSpec("epochs", "Epochs:", "Training", "Passes over the training groups."),
     ParameterSpec(
@@ -217,6 +224,14 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         "Input normalisation:",
         "Inference",
         "Scale the diffraction data as measured now (recompute) or as during training (stored).",
+    ),
+    ParameterSpec(
+        "phase_alignment",
+        "Align patch phases",
+        "Inference",
+        "Turn each predicted patch by the phase that makes it agree with its neighbours "
+        "before averaging: removes the slow phase drift of the image (the final image; the "
+        "live previews are plain averages).",
     ),
     # Execution
     ParameterSpec(

@@ -30,6 +30,7 @@ GROUPS = (MODEL_GROUP, TRAINING_GROUP, INFERENCE_GROUP, EXECUTION_GROUP)
 #: Allowed values of the string settings (setting name -> choices), for combo boxes.
 CHOICES: dict[str, tuple[str, ...]] = {
     "AmpActivation": engine_config.AMP_ACTIVATIONS,
+    "Normalization": engine_config.NORMALIZATIONS,
     "Loss": engine_config.LOSSES,
     "Scheduler": engine_config.SCHEDULERS,
     "PatchWeighting": engine_config.PATCH_WEIGHTINGS,
@@ -79,6 +80,7 @@ class TorchPINNSettings(Observable, Observer):
             "NFiltersScale", 2, minimum=1, maximum=8
         )
         self.amp_activation = model.create_string_parameter("AmpActivation", "sigmoid")
+        self.normalization = model.create_string_parameter("Normalization", "none")
         self.probe_scale = model.create_real_parameter("ProbeScale", 4.0, minimum=1e-6)
         #: The model archive used for inference: remembered with the settings, set by Load
         #: Model and by training, and used by batch mode when IN/model.h5.zip is absent.
@@ -114,6 +116,7 @@ class TorchPINNSettings(Observable, Observer):
         self.input_normalization = inference.create_string_parameter(
             "InputNormalization", "recompute"
         )
+        self.phase_alignment = inference.create_boolean_parameter("PhaseAlignment", True)
 
         # Execution (Lightning)
         self.accelerator = execution.create_string_parameter("Accelerator", "auto")
@@ -155,6 +158,7 @@ class TorchPINNSettings(Observable, Observer):
             "neighbor_count": self.neighbor_count.get_value(),
             "n_filters_scale": self.n_filters_scale.get_value(),
             "amp_activation": _choice(self.amp_activation.get_value()),
+            "normalization": _choice(self.normalization.get_value()),
             "probe_scale": self.probe_scale.get_value(),
             "mode": mode,
             "loss": _choice(self.loss.get_value()),
@@ -185,6 +189,7 @@ class TorchPINNSettings(Observable, Observer):
             "crop_fraction": self.crop_fraction.get_value(),
             "n_groups": self.inference_n_groups.get_value(),
             "input_normalization": _choice(self.input_normalization.get_value()),
+            "phase_alignment": self.phase_alignment.get_value(),
         }
         values.update(self._execution_overrides())
         return values

@@ -73,11 +73,11 @@ def test_train_then_reconstruct_with_the_ptychodus_command(batch_input, tmp_path
     result = load_product(products[-1])
     truth = np.load(batch_input / "ground_truth.npz")["object"]
     assert result.object_.get_array().shape[-2:] == truth.shape
-    assert [loss.epoch for loss in result.losses] == list(range(1, 9))
+    assert [loss.epoch for loss in result.losses] == list(range(1, 13))
     assert all(loss.value > 0 for loss in result.losses)
     quality = score(out2, batch_input)
     print(f"train {train_seconds:.1f} s; quality {quality}")
-    # A flat object scores 0; 8 CPU epochs give about 0.95 (amplitude) and 0.4 (phase).
+    # A flat object scores 0; 12 CPU epochs give about 0.94 (amplitude) and 0.4 (phase).
     assert abs(quality["flat_phase_correlation"]) < 1e-9
     assert quality["amplitude_correlation"] > 0.6, quality
     assert quality["phase_correlation"] > 0.15, quality

@@ -23,10 +23,10 @@ from ptychodus_torch_plugin.engine.payload import create_training_payload
 from ptychodus_torch_plugin.engine.simulate import make_probe
 
 
-def _model(gridsize=2, neighbor_count=5, seed=0):
+def _model(gridsize=2, neighbor_count=5, seed=0, **overrides):
     torch.manual_seed(seed)
     config = create_training_payload(
-        tiny_overrides(gridsize=gridsize, neighbor_count=neighbor_count)
+        tiny_overrides(gridsize=gridsize, neighbor_count=neighbor_count, **overrides)
     ).to_flat()
     history = [
         EpochRecord(1, 10.5, 11.0, 1e-3, 0.25),
@@ -95,6 +95,19 @@ def test_round_trip_identical_predictions_and_settings(saved, tmp_path):
     payload = loaded.inference_payload()
     assert (payload.grid.N, payload.grid.gridsize, payload.grid.neighbor_count) == (32, 2, 5)
     assert payload.sources["neighbor_count"] == "archive"
+
+
+def test_batch_normalized_model_round_trip_keeps_running_statistics(tmp_path):
+    model = _model(normalization="batch")
+    model.generator.train()
+    with torch.no_grad():  # move the running statistics away from their initial values
+        model.generator(torch.rand(8, 4, 32, 32, generator=torch.Generator().manual_seed(3)))
+    loaded = load_archive(save_archive(model, tmp_path))
+    assert loaded.config["normalization"] == "batch"
+    inputs = torch.rand(5, 4, 32, 32, generator=torch.Generator().manual_seed(4))
+    assert np.abs(loaded.predict(inputs) - model.predict(inputs)).max() == 0.0
+    stats = {k: v for k, v in loaded.generator.state_dict().items() if "running_mean" in k}
+    assert stats and all(v.abs().sum() > 0 for v in stats.values())
 
 
 def test_save_to_explicit_file_name(tmp_path):

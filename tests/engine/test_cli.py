@@ -262,3 +262,10 @@ def test_inspect_describes_a_tensorflow_archive(tmp_path, capsys):
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
     assert "tensorflow backend; this loader is pytorch" in err
+
+
+def test_infer_phase_alignment_flag():
+    parser = cli.build_parser()
+    base = ["infer", "--model_path", "m", "--test_data", "t.npz"]
+    assert parser.parse_args(base).phase_alignment is None  # not an override: default on
+    assert parser.parse_args([*base, "--no-phase-alignment"]).phase_alignment is False

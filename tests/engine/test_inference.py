@@ -276,12 +276,25 @@ def test_reconstruct_result_is_tagged_and_timed(scan):
     result = reconstruct(model, scan)
     assert isinstance(result, InferenceResult)
     assert result.backend == "pytorch" == model.backend
-    assert set(result.timings) == {"group", "predict", "stitch"}
+    assert set(result.timings) == {"group", "predict", "stitch", "align"}
     assert all(t >= 0 for t in result.timings.values())
     assert result.n_groups == scan.n_patterns
     expected = CanvasGeometry.covering(scan.positions, N, 0.5)
     assert result.stitched.canvas == expected
     assert np.all(np.isfinite(result.stitched.object))
+
+
+def test_streamed_final_image_is_the_aligned_one_shot_image(scan):
+    """Previews are the plain running average; the last snapshot equals reconstruct()."""
+    model = _model(scan, 2)
+    payload = model.inference_payload({"chunk_size": 10})
+    assert payload.inference.phase_alignment  # the default
+    chunks = list(reconstruct_iter(model, scan, payload))
+    one_shot = reconstruct(model, scan, payload).stitched
+    np.testing.assert_allclose(chunks[-1].stitched.object, one_shot.object, atol=1e-6)
+    plain = reconstruct(model, scan, model.inference_payload({"phase_alignment": False}))
+    assert not np.allclose(plain.stitched.object, one_shot.object, atol=1e-6)
+    np.testing.assert_array_equal(plain.stitched.weights, one_shot.weights)
 
 
 def test_select_device():

@@ -69,6 +69,30 @@ def test_silu_amplitude_and_amplitude_phase_agree():
     torch.testing.assert_close(out, torch.polar(amp, phase))
 
 
+def test_batch_normalization_follows_every_hidden_convolution():
+    """normalization="batch": one BatchNorm2d after each hidden conv, none after the heads."""
+    torch.manual_seed(2)
+    plain = Generator(_config(32, 2))
+    normed = Generator(_config(32, 2, normalization="batch"))
+    convs = [m for m in plain.modules() if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in normed.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    heads = [m for name, m in plain.named_modules() if name.endswith(("central", "border.3"))]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
+    assert len(norms) == len(convs) - len(heads) > 0
+    # Same convolutions, so the same FLOP count and output contract.
+    assert flops_per_group(plain.config) == flops_per_group(normed.config)
+    x = torch.rand(3, 4, 32, 32)
+    normed.train()
+    out = normed(x)
+    assert out.shape == (3, 4, 32, 32) and out.dtype == torch.complex64
+    assert not torch.equal(norms[0].running_mean, torch.zeros_like(norms[0].running_mean))
+    normed.eval()  # inference uses the running statistics: a group's output is its own
+    with torch.no_grad():
+        alone = normed(x[:1])
+        together = normed(x)
+    torch.testing.assert_close(alone, together[:1], rtol=1e-5, atol=1e-6)
+
+
 def test_default_size_parameters_and_flops():
     config = _config(64, 1, f=2)
     model = Generator(config)

@@ -102,6 +102,7 @@ def test_checkpoint_fields_flatten_and_override():
         ({"N": 48}, "GridConfig.N", "64"),
         ({"epochs": 0}, "TrainingConfig.epochs", "[1, 100000]"),
         ({"amp_activation": "relu"}, "ModelConfig.amp_activation", "'sigmoid'"),
+        ({"normalization": "layer"}, "ModelConfig.normalization", "'batch'"),
         ({"nphotons": -5.0}, "DataConfig.nphotons", "> 0"),
         ({"deterministic": "yes"}, "ExecutionConfig.deterministic", "True or False"),
     ],
@@ -148,3 +149,10 @@ def test_configs_are_frozen():
     payload = create_training_payload({})
     with pytest.raises(AttributeError):
         payload.training.epochs = 3  # type: ignore[misc]
+
+
+def test_phase_alignment_is_on_by_default_and_validated():
+    assert create_inference_payload({}).inference.phase_alignment is True
+    assert create_inference_payload({"phase_alignment": False}).inference.phase_alignment is False
+    with pytest.raises(ValueError, match=r"InferenceConfig.phase_alignment.*True or False"):
+        create_inference_payload({"phase_alignment": "yes"})

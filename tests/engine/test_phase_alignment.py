@@ -1,0 +1,110 @@
+"""Phase alignment of patches: recovers unobservable per-patch phase offsets before stitching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ptychodus_torch_plugin.engine import simulate as sim
+from ptychodus_torch_plugin.engine.inference import (
+    CanvasGeometry,
+    Stitcher,
+    crop_size,
+    stitch_patches,
+)
+from ptychodus_torch_plugin.engine.metrics import evaluate, scanned_region
+from ptychodus_torch_plugin.engine.phase_alignment import align_patch_phases
+
+N = 32
+
+
+def _scan(seed: int = 0):
+    """A random object and a dense jittered scan (fractional positions), true patches."""
+    rng = np.random.default_rng(seed)
+    obj = sim.random_object((112, 112), seed=seed, smoothness=2.0)
+    grid = np.arange(N // 2 + 2, 112 - N // 2 - 2, 4.0)
+    x, y = (v.ravel() for v in np.meshgrid(grid, grid))
+    x = x + rng.uniform(-1.5, 1.5, x.size)
+    y = y + rng.uniform(-1.5, 1.5, y.size)
+    return obj, x, y, sim.extract_patches(obj, x, y, N), sim.disk_probe(N)
+
+
+def _drift(x: np.ndarray, y: np.ndarray, seed: int = 1) -> np.ndarray:
+    """What a network does: a smooth phase offset across the scan (ramp + bump) plus jitter."""
+    rng = np.random.default_rng(seed)
+    bump = 1.5 * np.exp(-((x - 60) ** 2 + (y - 50) ** 2) / (2 * 20.0**2))
+    return 0.03 * x - 0.02 * y + bump + rng.normal(0, 0.05, x.size)
+
+
+def _crop_inputs(patches, x, y, probe):
+    size = crop_size(N, 0.5)
+    start = N // 2 - size // 2
+    box = slice(start, start + size)
+    corners = np.stack([x, y], axis=1) + (start - N / 2.0)
+    weight = np.abs(probe) ** 2
+    return patches[:, box, box], corners, weight[box, box]
+
+
+def test_recovers_offsets_up_to_one_constant():
+    obj, x, y, patches, probe = _scan()
+    drift = _drift(x, y)
+    drifted = patches * np.exp(1j * drift)[:, None, None]
+    cropped, corners, weight = _crop_inputs(drifted, x, y, probe)
+    result = align_patch_phases(cropped, corners, weight)
+    residual = np.angle(np.exp(1j * (result.phases + drift)))
+    residual = np.angle(np.exp(1j * (residual - residual.mean())))
+    assert result.iterations < 100 and result.last_step < 1e-3
+    # A drift of several radians comes back to within a few hundredths of a radian.
+    assert np.ptp(drift) > 2.5
+    assert np.sqrt(np.mean(residual**2)) < 0.02 and np.abs(residual).max() < 0.06, residual
+    assert abs(result.phases.mean()) < 1e-9
+
+
+def test_consistent_patches_are_left_alone():
+    _, x, y, patches, probe = _scan()
+    result = align_patch_phases(*_crop_inputs(patches, x, y, probe))
+    # Only the estimator's noise (the coarse canvas and bilinear sampling): hundredths of a
+    # radian, where the drift test above moves patches by radians.
+    print(np.sqrt(np.mean(result.phases**2)), np.abs(result.phases).max(), result.iterations)
+    assert np.sqrt(np.mean(result.phases**2)) < 0.02 and np.abs(result.phases).max() < 0.05
+
+
+def test_aligned_stitching_restores_the_object():
+    obj, x, y, patches, probe = _scan()
+    drifted = patches * np.exp(1j * _drift(x, y))[:, None, None]
+    canvas = CanvasGeometry(0.0, 0.0, obj.shape[1], obj.shape[0])
+    positions = np.stack([x, y], axis=1)
+    plain = stitch_patches(drifted, positions, N, probe, canvas=canvas)
+    aligned = stitch_patches(drifted, positions, N, probe, canvas=canvas, align_phases=True)
+    mask = scanned_region(aligned.weights, erode=N // 8)
+    before = evaluate(plain.object, obj, mask, register=False)
+    after = evaluate(aligned.object, obj, mask, register=False)
+    assert before.phase_ssim < 0.8 < 0.97 < after.phase_ssim
+    assert after.amplitude_ssim > before.amplitude_ssim
+    assert after.amplitude_ssim > 0.97
+
+
+def test_stitcher_keeps_patches_only_when_aligning_and_validates():
+    obj, x, y, patches, probe = _scan()
+    canvas = CanvasGeometry(0.0, 0.0, obj.shape[1], obj.shape[0])
+    positions = np.stack([x, y], axis=1)
+    plain = Stitcher(canvas, N, probe)
+    plain.add(patches, positions)
+    assert plain._kept == []
+    with pytest.raises(ValueError, match="align_phases=True"):
+        plain.result(aligned=True)
+    chunked = Stitcher(canvas, N, probe, align_phases=True)
+    for part in np.array_split(np.arange(len(x)), 3):
+        chunked.add(patches[part], positions[part])
+    one_shot = stitch_patches(patches, positions, N, probe, canvas=canvas, align_phases=True)
+    np.testing.assert_allclose(chunked.result().object, one_shot.object, atol=1e-6)
+    np.testing.assert_array_equal(chunked.result(aligned=False).object, plain.result().object)
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(ValueError, match="patches"):
+        align_patch_phases(np.zeros((4, 8, 8), complex), np.zeros((4, 2)), np.ones((6, 6)))
+    with pytest.raises(ValueError, match="corners"):
+        align_patch_phases(np.zeros((4, 8, 8), complex), np.zeros((3, 2)), np.ones((8, 8)))
+    single = align_patch_phases(np.ones((1, 8, 8), complex), np.zeros((1, 2)), np.ones((8, 8)))
+    assert single.phases.tolist() == [0.0] and single.iterations == 0
