@@ -5,8 +5,8 @@ Prints, all measured in the same run (medians of repeated runs):
 - the network's FLOPs per group and the roofline-implied bound in groups/s;
 - predict and training-step groups/s at N=64 (gridsize 1, 2) and N=128 (gridsize 1), batch 16
   and 64, and predict's fraction of the bound;
-- the end-to-end inference split (load, group, predict, stitch) for the 1,087-pattern Run1084
-  scan, and its throughput relative to predict alone;
+- the end-to-end inference split (load, group, predict, stitch, phase alignment) for the
+  1,087-pattern Run1084 scan, and its throughput relative to predict alone;
 - peak resident memory.
 
 Run:  .venv/bin/python benchmarks/speed.py [--repeats 5] [--json FILE]

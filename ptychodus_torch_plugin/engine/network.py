@@ -19,7 +19,7 @@ Architecture (design note section 5; the layout for N != 64 is our documented ch
 * ``normalization = "batch"`` (ours, not in the design note; default ``"none"``): a
   BatchNorm2d between every hidden 3x3 conv and its ReLU (not after the heads). Same
   convolutions and FLOPs. Why: on Run1084 it reached the validation NLL that the plain
-  network had after 20 epochs in 12 (same learning rate, 2e-3), and trains well at 5e-3
+  network had after 20 epochs in 13 (same learning rate, 2e-3), and trains well at 5e-3
   (docs/performance.md). Inference uses the running statistics, so a group's output does not
   depend on the rest of its batch.
 

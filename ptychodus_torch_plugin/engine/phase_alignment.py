@@ -91,12 +91,12 @@ def align_patch_phases(
     if binning is None:
         binning = max(1, min(4, weight.shape[0] // 8))
 
-    # Weighted 2x2-binned patches Z = sum(w Q) and weights B = sum(w) per coarse pixel.
+    # Weighted binned patches Z = sum(w Q) and weights B = sum(w) per coarse pixel.
     z = torch.from_numpy(_bin(patches.astype(np.complex128) * weight, binning).astype(np.complex64))
     b = torch.from_numpy(_bin(weight, binning).astype(np.float32))
     m_rows, m_cols = b.shape
-    # Coarse pixel u covers fine pixels 2u and 2u+1, so a patch whose pixel 0 sits at fine
-    # coordinate x0 has its binned pixel 0 at coarse coordinate x0 / 2.
+    # Coarse pixel u covers fine pixels b*u .. b*u + b - 1 (b = binning), so a patch whose
+    # pixel 0 sits at fine coordinate x0 has its binned pixel 0 at coarse coordinate x0 / b.
     coarse = corners / binning
     low = np.floor(coarse.min(axis=0))
     coarse = coarse - low
@@ -113,19 +113,20 @@ def align_patch_phases(
     base = (row0[:, None, None] + rows[None, :, None]) * width + (
         col0[:, None, None] + cols[None, None, :]
     )  # (P, m, m) canvas index of the top-left corner of each bilinear footprint
-    corner_terms = []
-    for dr, dc, share in (
-        (0, 0, (1 - fx) * (1 - fy)),
-        (0, 1, fx * (1 - fy)),
-        (1, 0, (1 - fx) * fy),
-        (1, 1, fx * fy),
-    ):
-        corner_terms.append(((base + dr * width + dc).reshape(-1), share[:, None, None]))
+    base = base.reshape(-1)
+    # (index offset, per-patch share) of the four bilinear corners; one index array is kept
+    # and offset per use, so memory is one int64 per coarse patch pixel.
+    corner_terms = [
+        (0, ((1 - fx) * (1 - fy))[:, None, None]),
+        (1, (fx * (1 - fy))[:, None, None]),
+        (width, ((1 - fx) * fy)[:, None, None]),
+        (width + 1, (fx * fy)[:, None, None]),
+    ]
 
     size = height * width
     denominator = torch.zeros(size)
-    for index, share in corner_terms:
-        denominator.index_add_(0, index, (share * b).reshape(-1))
+    for offset, share in corner_terms:
+        denominator.index_add_(0, base + offset, (share * b).reshape(-1))
     covered = denominator > 1e-9 * float(denominator.max())
     inverse = torch.where(covered, 1.0 / denominator.clamp_min(1e-30), torch.zeros(()))
 
@@ -137,13 +138,13 @@ def align_patch_phases(
         iterations += 1
         turned = z * torch.polar(torch.ones(count), theta.to(torch.float32))[:, None, None]
         numerator = torch.zeros(size, 2)
-        for index, share in corner_terms:
+        for offset, share in corner_terms:
             contribution = torch.view_as_real((share * turned).reshape(-1))
-            numerator.index_add_(0, index, contribution)
+            numerator.index_add_(0, base + offset, contribution)
         canvas = torch.view_as_complex(numerator * inverse[:, None])
         seen = torch.zeros_like(turned)
-        for index, share in corner_terms:
-            seen += share * canvas[index].reshape(turned.shape)
+        for offset, share in corner_terms:
+            seen += share * canvas[base + offset].reshape(turned.shape)
         correlation = (turned.conj() * seen).sum(dim=(1, 2))
         step = torch.angle(correlation).to(torch.float64)
         velocity = momentum * velocity + step
