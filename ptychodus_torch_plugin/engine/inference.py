@@ -182,9 +182,13 @@ class Stitcher:
         weighting: Weighting | str = "probe",
         crop_fraction: float = 0.5,
         align_phases: bool = False,
+        previews: bool = True,
     ) -> None:
         self.canvas = canvas
         self.align_phases = bool(align_phases)
+        #: With alignment, whether plain snapshots (``result(aligned=False)``) are wanted: only
+        #: then is the plain average accumulated as patches arrive (streaming shows it).
+        self.previews = bool(previews) or not self.align_phases
         #: With ``align_phases``: the stitched part of every patch added, and its position.
         self._kept: list[tuple[np.ndarray, np.ndarray]] = []
         #: Seconds the last aligned :meth:`result` spent finding the phases.
@@ -224,7 +228,8 @@ class Stitcher:
         box = slice(self._start, self._start + self.crop)
         for begin in range(0, flat_patches.shape[0], _BLOCK):
             block = flat_patches[begin : begin + _BLOCK, box, box].astype(np.complex128)
-            self._splat(block, flat_positions[begin : begin + _BLOCK], self._numerator, True)
+            numerator = self._numerator if self.previews else None
+            self._splat(block, flat_positions[begin : begin + _BLOCK], numerator, True)
         if self.align_phases:
             cropped = np.array(flat_patches[:, box, box], dtype=np.complex64)
             self._kept.append((cropped, flat_positions.copy()))
@@ -250,13 +255,13 @@ class Stitcher:
         self,
         cropped: np.ndarray,
         positions: np.ndarray,
-        numerator: np.ndarray,
+        numerator: np.ndarray | None,
         with_weights: bool,
     ) -> None:
         """Bilinear splat of cropped patches (P, n, n) at positions (P, 2), vectorised.
 
-        Adds into ``numerator``, and into the weight sum when ``with_weights`` (the weights do
-        not depend on the patches' phases, so an aligned re-stitch reuses them).
+        Adds into ``numerator`` (unless None), and into the weight sum when ``with_weights``
+        (the weights do not depend on the patches' phases, so an aligned re-stitch reuses them).
         """
         h, w = self.canvas.shape
         k = np.arange(self.crop, dtype=np.float64)
@@ -284,7 +289,8 @@ class Stitcher:
             wts = corner_weight[use][:, None, None] * self._weight  # (p, n, n)
             inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)  # host canvases may clip
             index = np.broadcast_to(r * w + c, inside.shape)[inside]
-            np.add.at(numerator, index, (wts * cropped[use])[inside])
+            if numerator is not None:
+                np.add.at(numerator, index, (wts * cropped[use])[inside])
             if with_weights:
                 np.add.at(self._denominator, index, np.broadcast_to(wts, inside.shape)[inside])
 
@@ -297,6 +303,8 @@ class Stitcher:
         aligned = self.align_phases if aligned is None else aligned
         if aligned and not self.align_phases:
             raise ValueError("result(aligned=True) needs a Stitcher made with align_phases=True")
+        if not aligned and not self.previews:
+            raise ValueError("result(aligned=False) needs a Stitcher made with previews=True")
         h, w = self.canvas.shape
         covered = self._denominator > self._eps
         numerator = self._aligned_numerator() if aligned and self._kept else self._numerator
@@ -365,6 +373,7 @@ def _run(
     canvas: CanvasGeometry | None,
     should_stop: Callable[[], bool] | None,
     timings: dict[str, float],
+    previews: bool = True,
 ) -> Iterator[tuple[Stitcher, int, int, int, int]]:
     """Shared engine of :func:`reconstruct_iter` and :func:`reconstruct`.
 
@@ -400,6 +409,7 @@ def _run(
         payload.inference.patch_weighting,
         crop_fraction,
         align_phases=payload.inference.phase_alignment,
+        previews=previews,
     )
     total = groups.n_groups
     chunk = payload.inference.chunk_size
@@ -455,8 +465,9 @@ def reconstruct(
     timings: dict[str, float] = {}
     last: Stitcher | None = None
     total = 0
+    # Only the final image is wanted: no plain running average beside the aligned one.
     for stitcher, _done, groups_total, _index, _n in _run(
-        model, data, payload, canvas, None, timings
+        model, data, payload, canvas, None, timings, previews=False
     ):
         last, total = stitcher, groups_total
     if last is None:  # pragma: no cover - prepare_scan always yields at least one group

@@ -108,3 +108,17 @@ def test_bad_shapes_are_named():
         align_patch_phases(np.zeros((4, 8, 8), complex), np.zeros((3, 2)), np.ones((8, 8)))
     single = align_patch_phases(np.ones((1, 8, 8), complex), np.zeros((1, 2)), np.ones((8, 8)))
     assert single.phases.tolist() == [0.0] and single.iterations == 0
+
+
+def test_without_previews_only_the_aligned_image_is_made():
+    obj, x, y, patches, probe = _scan()
+    canvas = CanvasGeometry(0.0, 0.0, obj.shape[1], obj.shape[0])
+    positions = np.stack([x, y], axis=1)
+    final_only = Stitcher(canvas, N, probe, align_phases=True, previews=False)
+    final_only.add(patches, positions)
+    assert not final_only._numerator.any()  # the plain average was never accumulated
+    with pytest.raises(ValueError, match="previews=True"):
+        final_only.result(aligned=False)
+    with_previews = stitch_patches(patches, positions, N, probe, canvas=canvas, align_phases=True)
+    np.testing.assert_array_equal(final_only.result().object, with_previews.object)
+    np.testing.assert_array_equal(final_only.result().weights, with_previews.weights)
