@@ -239,10 +239,8 @@ class Stitcher:
         """The numerator re-accumulated from the kept patches, each turned by its phase."""
         patches = np.concatenate([p for p, _ in self._kept])
         positions = np.concatenate([x for _, x in self._kept])
-        first = self._start - self.N / 2.0
-        corners = positions + [first - self.canvas.origin_x, first - self.canvas.origin_y]
         tic = time.perf_counter()
-        factors = align_patch_phases(patches, corners, self._weight).factors
+        factors = align_patch_phases(patches, self._crop_origins(positions), self._weight).factors
         self.alignment_seconds = time.perf_counter() - tic
         numerator = np.zeros_like(self._numerator)
         for begin in range(0, patches.shape[0], _BLOCK):
@@ -250,6 +248,11 @@ class Stitcher:
             block *= factors[begin : begin + _BLOCK, None, None]
             self._splat(block, positions[begin : begin + _BLOCK], numerator, False)
         return numerator
+
+    def _crop_origins(self, positions: np.ndarray) -> np.ndarray:
+        """(P, 2) canvas (column, row) coordinate of cropped pixel 0 of each patch."""
+        first = self._start - self.N / 2.0
+        return positions + [first - self.canvas.origin_x, first - self.canvas.origin_y]
 
     def _splat(
         self,
@@ -265,11 +268,9 @@ class Stitcher:
         """
         h, w = self.canvas.shape
         k = np.arange(self.crop, dtype=np.float64)
-        first = self._start - self.N / 2.0
         # Canvas coordinate of cropped pixel 0 of each patch, split in integer + fraction; the
         # fraction is shared by every pixel of a patch (integer positions: exactly 0).
-        col0 = positions[:, 0] + first - self.canvas.origin_x
-        row0 = positions[:, 1] + first - self.canvas.origin_y
+        col0, row0 = self._crop_origins(positions).T
         col_int, row_int = np.floor(col0), np.floor(row0)
         fx, fy = col0 - col_int, row0 - row_int
         cols = col_int[:, None] + k  # (P, n)
