@@ -33,7 +33,10 @@ class Autoencoder(nn.Module):
         self, inputs: torch.Tensor, offsets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         patches = self.generator(inputs)
-        return patches, self.forward_model(patches, offsets)
+        # The physics and the loss stay in float32 under mixed precision (bf16-mixed,
+        # 16-mixed): the network may round, the forward model and the likelihood must not.
+        with torch.autocast(device_type=patches.device.type, enabled=False):
+            return patches, self.forward_model(patches.to(torch.complex64), offsets)
 
 
 @dataclass(frozen=True)

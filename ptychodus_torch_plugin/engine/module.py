@@ -119,9 +119,12 @@ class PINNModule(_ReconstructionModule):
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = batch["inputs"]
         _, predicted = self.autoencoder(inputs, batch["offsets"])
-        if self.loss_name == "poisson":
-            return poisson_nll(predicted, inputs, self.intensity_scale, self.bad_pixels, full=True)
-        return mae_loss(predicted, inputs, self.bad_pixels)
+        with torch.autocast(device_type=predicted.device.type, enabled=False):  # fp32 loss
+            if self.loss_name == "poisson":
+                return poisson_nll(
+                    predicted, inputs.float(), self.intensity_scale, self.bad_pixels, full=True
+                )
+            return mae_loss(predicted, inputs.float(), self.bad_pixels)
 
 
 class SupervisedModule(_ReconstructionModule):

@@ -93,6 +93,27 @@ def test_batch_normalization_follows_every_hidden_convolution():
     torch.testing.assert_close(alone, together[:1], rtol=1e-5, atol=1e-6)
 
 
+def test_under_bf16_autocast_the_convolutions_round_and_the_output_stays_complex64():
+    """bf16-mixed: the convolutions compute in bfloat16; the patches come out complex64."""
+    torch.manual_seed(3)
+    model = Generator(_config(32, 2, normalization="batch")).eval()
+    dtypes = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(lambda m, args, out: dtypes.add(out.dtype))
+    x = torch.rand(2, 4, 32, 32)
+    with torch.no_grad():
+        exact = model(x)
+        dtypes.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(x)
+    assert dtypes == {torch.bfloat16}
+    assert mixed.dtype == torch.complex64
+    # Rounding inside the network only: the outputs agree to bf16 accuracy, not exactly.
+    assert not torch.equal(mixed, exact)
+    torch.testing.assert_close(mixed, exact, rtol=0.0, atol=0.05)
+
+
 def test_default_size_parameters_and_flops():
     config = _config(64, 1, f=2)
     model = Generator(config)

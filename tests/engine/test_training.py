@@ -81,6 +81,25 @@ def test_cpu_training_runs_in_channels_last_and_saves_plain_weights(small_scan, 
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-6)
 
 
+def test_bf16_mixed_training_keeps_the_physics_and_the_loss_in_float32(small_scan):
+    """precision="bf16-mixed" on the CPU: the network rounds, the diffraction model does not."""
+    seen = []
+
+    class Dtypes(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, idx):
+            if not seen:
+                model = pl_module.autoencoder.forward_model
+                model.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+
+    payload = create_training_payload(tiny_overrides(gridsize=2, precision="bf16-mixed"))
+    result = train(payload, small_scan, callbacks=[Dtypes()])
+    assert seen and set(seen) == {torch.float32}
+    assert result.history[-1].train_loss < result.history[0].train_loss
+    assert all(np.isfinite(r.val_loss) for r in result.history)
+    patches = result.model.predict(np.ones((2, 4, 32, 32), np.float32))  # plain fp32 predict
+    assert patches.dtype == np.complex64 and np.isfinite(patches).all()
+
+
 @pytest.mark.parametrize("scheduler", ["exponential", "cosine"])
 def test_schedulers_really_step(small_scan, scheduler):
     payload = create_training_payload(tiny_overrides(epochs=3, scheduler=scheduler, n_groups=48))
