@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import platform
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from ptychodus_torch_plugin.engine.images import save_object_images
 from ptychodus_torch_plugin.engine.inference import CanvasGeometry, reconstruct
 from ptychodus_torch_plugin.engine.metrics import evaluate, scanned_region
+from ptychodus_torch_plugin.engine.module import cosine_decay
 from ptychodus_torch_plugin.engine.payload import create_training_payload
 from ptychodus_torch_plugin.engine.simulate import simulate_from_object_npz
 from ptychodus_torch_plugin.engine.training import CancelToken, train
@@ -114,7 +114,7 @@ class _TimeCosine(Callback):
         if progress < 0.1:
             factor = max(progress / 0.1, 0.01)
         else:
-            factor = 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * (progress - 0.1) / 0.9))
+            factor = cosine_decay((progress - 0.1) / 0.9)
         for group in trainer.optimizers[0].param_groups:
             group["lr"] = self.peak * factor
 

@@ -25,6 +25,15 @@ def _wrapped_phase_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.atan2(torch.sin(a - b), torch.cos(a - b))
 
 
+def cosine_decay(progress: float) -> float:
+    """Learning-rate factor of the ``cosine`` schedule after warm-up: 1 at 0, 0.05 from 1 on.
+
+    The 5% floor keeps the last epochs learning. Shared with schedules keyed on other clocks
+    (the quality benchmark's wall-time one), so the shape is written once.
+    """
+    return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
 class _ReconstructionModule(L.LightningModule):
     """Shared optimiser/scheduler plumbing; subclasses define ``_loss``."""
 
@@ -75,8 +84,7 @@ class _ReconstructionModule(L.LightningModule):
             def factor(epoch: int) -> float:
                 if epoch < warmup:
                     return (epoch + 1) / warmup
-                progress = (epoch - warmup) / max(1, epochs - warmup)
-                return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+                return cosine_decay((epoch - warmup) / max(1, epochs - warmup))
 
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         elif self.scheduler_name == "plateau":
