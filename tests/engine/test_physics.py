@@ -183,6 +183,42 @@ def test_merge_with_border_weight_lets_the_centre_dominate():
     torch.testing.assert_close(out[..., ~centre].real, torch.full_like(out[..., ~centre].real, 4.0))
 
 
+@pytest.mark.parametrize("border_weight", [0.0, BORDER_MERGE_WEIGHT])
+def test_merge_equals_its_definition_from_pad_translate_and_crop(border_weight):
+    """The fused merge (no padded arrays, separable weights) is the section 6.2 formula.
+
+    Reference: pad every patch to the canvas, translate by the applied shifts, average with
+    the translated box weights, translate back and crop, written with the public primitives.
+    Inconsistent random patches and non-shared sub-pixel offsets exercise every branch, and
+    the gradient with respect to the patches must agree too (it is what training uses).
+    """
+    n, batch, channels = 16, 3, 4
+    patches = torch.from_numpy(_random_complex((batch, channels, n, n), seed=5))
+    patches.requires_grad_(True)
+    offsets = torch.from_numpy(np.random.default_rng(6).normal(0, 3, (batch, channels, 2)))
+    offsets = offsets.to(torch.float32)
+
+    shifts = offsets - (offsets[:, :1] - offsets[:, :1].round())
+    margin = 2 * math.ceil(float(shifts.abs().max()) - 1e-6)
+    side = max(n, n // 2 + margin, n + margin if border_weight > 0 else 0)
+    side += side % 2
+    box = pad_to(torch.ones(1, 1, n // 2, n // 2), n)[0, 0]
+    box = (box + border_weight * (1 - box)).expand(batch, channels, n, n)
+    canvas = translate(pad_to(patches, side), shifts)
+    weights = translate(pad_to(box, side), shifts)
+    total = weights.sum(dim=1, keepdim=True)
+    merged = (weights * canvas).sum(dim=1, keepdim=True) / total.clamp_min(1e-6)
+    merged = torch.where(total > 1e-6, merged, torch.zeros_like(merged))
+    expected = center_crop(translate(merged.expand(-1, channels, -1, -1), -shifts), n)
+
+    out = merge_and_reextract(patches, offsets, border_weight=border_weight)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    upstream = torch.from_numpy(_random_complex(out.shape, seed=7))
+    (grad_out,) = torch.autograd.grad((out * upstream).real.sum(), patches)
+    (grad_ref,) = torch.autograd.grad((expected * upstream).real.sum(), patches)
+    torch.testing.assert_close(grad_out, grad_ref, atol=1e-5, rtol=1e-5)
+
+
 def test_merge_and_reextract_single_channel_is_identity():
     patches = torch.from_numpy(_random_complex((3, 1, 16, 16)))
     assert merge_and_reextract(patches, torch.rand(3, 1, 2)) is patches
