@@ -37,6 +37,7 @@ from .config import (
     PATCH_WEIGHTINGS,
     PRECISIONS,
     SCHEDULERS,
+    SUBPIXEL_METHODS,
     CheckpointConfig,
     DataConfig,
     ExecutionConfig,
@@ -284,6 +285,14 @@ def _add_infer(sub: Any) -> None:
         dest="patch_weighting",
         choices=PATCH_WEIGHTINGS,
         help=f"stitching weights: probe intensity or uniform (default: {_I.patch_weighting})",
+    )
+    p.add_argument(
+        "--subpixel",
+        dest="subpixel",
+        choices=SUBPIXEL_METHODS,
+        help="placing patches at fractional positions: lanczos3 resamples each patch onto the "
+        "image grid (sharp), bilinear splats it over four pixels (blurs up to half a pixel) "
+        f"(default: {_I.subpixel})",
     )
     p.add_argument(
         "--no-phase-alignment",
@@ -650,6 +659,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
             "inference_batch_size": args.inference_batch_size,
             "accelerator": args.accelerator,
             "patch_weighting": args.patch_weighting,
+            "subpixel": args.subpixel,
             "phase_alignment": args.phase_alignment,
         }
         payload = model.inference_payload(overrides)

@@ -27,6 +27,8 @@ AMP_ACTIVATIONS = ("sigmoid", "silu")
 LOSSES = ("poisson", "mae")
 MODES = ("pinn", "supervised")
 PATCH_WEIGHTINGS = ("probe", "uniform")
+#: How a patch at a fractional position meets the integer canvas (see ``inference.py``).
+SUBPIXEL_METHODS = ("lanczos3", "bilinear")
 INPUT_NORMALIZATIONS = ("recompute", "stored")
 PATCH_SIZES = (32, 64, 128, 256)
 
@@ -211,6 +213,9 @@ class InferenceConfig:
     grid: GridConfig = field(default_factory=GridConfig)
     n_groups: int = 0  # 0: every pattern is a seed
     patch_weighting: str = "probe"
+    # lanczos3: resample each patch onto the canvas grid, place at whole pixels (sharp);
+    # bilinear: splat over four canvas pixels (the design note's method, blurs up to 1/2 px)
+    subpixel: str = "lanczos3"
     crop_fraction: float = 0.5  # stitch the central N*crop_fraction of each patch
     chunk_size: int = 256  # groups per streamed chunk
     phase_alignment: bool = True  # align patch phase offsets before averaging (final image)
@@ -219,6 +224,7 @@ class InferenceConfig:
     def __post_init__(self) -> None:
         _check_int("InferenceConfig", "n_groups", self.n_groups, 0)
         _check_choice("InferenceConfig", "patch_weighting", self.patch_weighting, PATCH_WEIGHTINGS)
+        _check_choice("InferenceConfig", "subpixel", self.subpixel, SUBPIXEL_METHODS)
         _check_real("InferenceConfig", "crop_fraction", self.crop_fraction, 0.0, True, 1.0)
         _check_int("InferenceConfig", "chunk_size", self.chunk_size, 1)
         if not isinstance(self.phase_alignment, bool):

@@ -195,6 +195,14 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         "probe intensity, or uniformly.",
     ),
     ParameterSpec(
+        "subpixel",
+        "Sub-pixel placement:",
+        "Inference",
+        "How a patch at a fractional scan position meets the image grid: lanczos3 resamples "
+        "it onto the grid (sharp, the default), bilinear spreads each pixel over four (blurs "
+        "by up to half a pixel).",
+    ),
+    ParameterSpec(
         "inference_batch_size",
         "Inference batch size:",
         "Inference",

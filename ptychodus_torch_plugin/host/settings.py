@@ -34,6 +34,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "Loss": engine_config.LOSSES,
     "Scheduler": engine_config.SCHEDULERS,
     "PatchWeighting": engine_config.PATCH_WEIGHTINGS,
+    "Subpixel": engine_config.SUBPIXEL_METHODS,
     "InputNormalization": engine_config.INPUT_NORMALIZATIONS,
     "Accelerator": engine_config.ACCELERATORS,
     "Precision": engine_config.PRECISIONS,
@@ -105,6 +106,7 @@ class TorchPINNSettings(Observable, Observer):
 
         # Inference
         self.patch_weighting = inference.create_string_parameter("PatchWeighting", "probe")
+        self.subpixel = inference.create_string_parameter("Subpixel", "lanczos3")
         self.inference_batch_size = inference.create_integer_parameter(
             "InferenceBatchSize", 64, minimum=1, maximum=65_536
         )
@@ -184,6 +186,7 @@ class TorchPINNSettings(Observable, Observer):
         """
         values: dict[str, Any] = {
             "patch_weighting": _choice(self.patch_weighting.get_value()),
+            "subpixel": _choice(self.subpixel.get_value()),
             "inference_batch_size": self.inference_batch_size.get_value(),
             "chunk_size": self.chunk_size.get_value(),
             "crop_fraction": self.crop_fraction.get_value(),

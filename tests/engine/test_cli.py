@@ -269,3 +269,12 @@ def test_infer_phase_alignment_flag():
     base = ["infer", "--model_path", "m", "--test_data", "t.npz"]
     assert parser.parse_args(base).phase_alignment is None  # not an override: default on
     assert parser.parse_args([*base, "--no-phase-alignment"]).phase_alignment is False
+
+
+def test_infer_subpixel_flag():
+    parser = cli.build_parser()
+    base = ["infer", "--model_path", "m", "--test_data", "t.npz"]
+    assert parser.parse_args(base).subpixel is None  # not an override: lanczos3 by default
+    assert parser.parse_args([*base, "--subpixel", "bilinear"]).subpixel == "bilinear"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--subpixel", "cubic"])

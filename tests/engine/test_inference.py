@@ -116,13 +116,67 @@ def test_bright_pixel_lands_at_documented_coordinate():
     assert covered_rows.min() == y - 8 and covered_rows.max() == y + 7
     assert covered_cols.min() == x - 8 and covered_cols.max() == x + 7
 
-    # A quarter-pixel shift to the right splits the pixel bilinearly between two columns.
+    # A quarter-pixel shift to the right: bilinear splits the pixel between two columns ...
+    quarter = np.array([[x + 0.25, y]])
     stitched = stitch_patches(
-        patch, np.array([[x + 0.25, y]]), N, weighting="uniform", canvas=frame
+        patch, quarter, N, weighting="uniform", canvas=frame, subpixel="bilinear"
     )
     assert stitched.object[row, col] == pytest.approx(0.75, abs=1e-6)
     assert stitched.object[row, col + 1] == pytest.approx(0.25, abs=1e-6)
     assert np.count_nonzero(np.abs(stitched.object) > 1e-7) == 2
+    # ... Lanczos (the default) spreads it along the row over the kernel's six columns, the
+    # most at the nearest one, keeping its sum and moving its centre of mass right by ~1/4.
+    stitched = stitch_patches(patch, quarter, N, weighting="uniform", canvas=frame)
+    line = stitched.object[row].real
+    assert np.count_nonzero(np.abs(stitched.object) > 1e-7) == 6
+    assert np.nonzero(np.abs(line) > 1e-7)[0].tolist() == list(range(col - 2, col + 4))
+    assert np.argmax(line) == col and line.sum() == pytest.approx(1.0, abs=1e-6)
+    centre = float((np.arange(w) * line).sum())
+    assert centre == pytest.approx(col + 0.25, abs=0.03)
+
+
+def test_fine_detail_at_fractional_positions_lanczos_versus_bilinear():
+    """Patches of fine detail measured at fractional positions stitch back onto the grid.
+
+    The object is a sum of two fringes of period 4.3 and 3.1 pixels, sampled exactly at each
+    patch pixel's coordinate (no interpolation in the patches). Lanczos resampling (the
+    default) places them with a mean error of ~2% of the amplitude (measured 0.021, worst
+    0.054); the bilinear splat blurs them by up to half a pixel (mean 0.21, worst 0.48),
+    which is why Lanczos is the default. Integer positions are exact either way.
+    """
+    h, w = 80, 88
+
+    def fringes(cols, rows):
+        return np.exp(2j * np.pi * cols / 4.3) + 0.5 * np.exp(2j * np.pi * rows / 3.1)
+
+    rng = np.random.default_rng(11)
+    x0, y0 = _integer_raster((h, w), step=6)
+    rows, cols = np.mgrid[0:h, 0:w]
+    j = np.arange(N) - N / 2
+    frame = CanvasGeometry(0, 0, w, h)
+    errors = {}
+    for jitter in (0.0, 0.5):
+        x = x0 + rng.uniform(-jitter, jitter, x0.shape)
+        y = y0 + rng.uniform(-jitter, jitter, y0.shape)
+        patches = fringes(x[:, None, None] + j[None, None, :], y[:, None, None] + j[None, :, None])
+        for subpixel in ("lanczos3", "bilinear"):
+            stitched = stitch_patches(
+                patches.astype(np.complex64),
+                np.stack([x, y], 1),
+                N,
+                weighting="uniform",
+                canvas=frame,
+                subpixel=subpixel,
+            )
+            interior = stitched.covered.copy()
+            interior[:12], interior[-12:] = False, False
+            interior[:, :12], interior[:, -12:] = False, False
+            assert interior.sum() > 1000
+            errors[jitter, subpixel] = np.abs(stitched.object - fringes(cols, rows))[interior]
+    assert errors[0.0, "lanczos3"].max() < 1e-5 and errors[0.0, "bilinear"].max() < 1e-5
+    lanczos, bilinear = errors[0.5, "lanczos3"], errors[0.5, "bilinear"]
+    assert lanczos.mean() < 0.03 and lanczos.max() < 0.08
+    assert bilinear.mean() > 5 * lanczos.mean()  # the blur the default avoids is real
 
 
 def test_group_channels_land_at_their_own_positions():

@@ -151,6 +151,13 @@ def test_configs_are_frozen():
         payload.training.epochs = 3  # type: ignore[misc]
 
 
+def test_subpixel_is_lanczos_by_default_and_validated():
+    assert create_inference_payload({}).inference.subpixel == "lanczos3"
+    assert create_inference_payload({"subpixel": "bilinear"}).inference.subpixel == "bilinear"
+    with pytest.raises(ValueError, match=r"InferenceConfig.subpixel.*lanczos3.*bilinear"):
+        create_inference_payload({"subpixel": "cubic"})
+
+
 def test_phase_alignment_is_on_by_default_and_validated():
     assert create_inference_payload({}).inference.phase_alignment is True
     assert create_inference_payload({"phase_alignment": False}).inference.phase_alignment is False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +168,36 @@ class TickTimer:
     def max_gap(self, start: float = 0.0, end: float = float("inf")) -> float:
         gaps = self.gaps(start, end)
         return max(gaps) if gaps else float("inf")
+
+
+class GcPauses:
+    """Records the interpreter's garbage collections (start, seconds, generation) while on.
+
+    A full collection holds the GIL for as long as it walks every tracked object, so in a
+    long-lived test process it can stall the GUI thread for reasons that have nothing to do
+    with the code under test; recording them says which stalls those were.
+    """
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, float, int]] = []
+        self._began = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            now = time.perf_counter()
+            self.pauses.append((self._began, now - self._began, int(info["generation"])))
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def longest(self, count: int = 3) -> list[tuple[float, float, int]]:
+        return sorted(self.pauses, key=lambda p: p[1], reverse=True)[:count]
 
 
 def wait_until_idle(gui: Gui, session: Any, timeout: float) -> None:

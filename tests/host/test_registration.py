@@ -100,6 +100,7 @@ def test_settings_reach_the_engine_only_through_the_payload_factory(library):
     assert payload.model.in_channels == payload.grid.gridsize**2
     inference = create_inference_payload(library.settings.inference_overrides())
     assert inference.inference.patch_weighting == "probe"
+    assert inference.inference.subpixel == "lanczos3"
 
 
 def test_bootstrap_is_idempotent():
