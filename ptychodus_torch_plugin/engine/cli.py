@@ -33,6 +33,7 @@ import numpy as np
 from .config import (
     ACCELERATORS,
     CHECKPOINT_MODES,
+    FINAL_WEIGHTS,
     LOGGERS,
     PATCH_WEIGHTINGS,
     PRECISIONS,
@@ -221,6 +222,14 @@ def _add_train(sub: Any) -> None:
         dest="checkpoint_mode",
         choices=CHECKPOINT_MODES,
         help=f"whether the monitored metric is better low or high (default: {_C.mode})",
+    )
+    p.add_argument(
+        "--final-weights",
+        dest="final_weights",
+        choices=FINAL_WEIGHTS,
+        help="weights saved at the end: the best epoch by the monitored metric, or the last "
+        "epoch's (the most converged with a decaying --scheduler such as cosine) "
+        f"(default: {_T.final_weights})",
     )
     p.add_argument(
         "--early-stop-patience",
@@ -479,6 +488,7 @@ _TRAIN_FLAGS = {
     "checkpoint_monitor": "checkpoint_monitor",
     "checkpoint_mode": "checkpoint_mode",
     "early_stop_patience": "early_stop_patience",
+    "final_weights": "final_weights",
     "logger": "logger",
 }
 

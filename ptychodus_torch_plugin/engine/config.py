@@ -26,6 +26,8 @@ NORMALIZATIONS = ("none", "batch")
 AMP_ACTIVATIONS = ("sigmoid", "silu")
 LOSSES = ("poisson", "mae")
 MODES = ("pinn", "supervised")
+#: Which weights training returns: the best by the monitored metric, or the last epoch's.
+FINAL_WEIGHTS = ("best", "last")
 PATCH_WEIGHTINGS = ("probe", "uniform")
 #: How a patch at a fractional position meets the integer canvas (see ``inference.py``).
 SUBPIXEL_METHODS = ("lanczos3", "bilinear")
@@ -191,10 +193,14 @@ class TrainingConfig:
     loss: str = "poisson"
     epochs: int = 50
     batch_size: int = 16
+    # best: the epoch with the best monitored metric (safe with a constant rate);
+    # last: the last finished epoch (with a decaying schedule the most converged one)
+    final_weights: str = "best"
     backend: str = SUPPORTED_BACKEND
 
     def __post_init__(self) -> None:
         _check_choice("TrainingConfig", "mode", self.mode, MODES)
+        _check_choice("TrainingConfig", "final_weights", self.final_weights, FINAL_WEIGHTS)
         _check_choice("TrainingConfig", "loss", self.loss, LOSSES)
         _check_int("TrainingConfig", "epochs", self.epochs, 1, 100_000)
         _check_int("TrainingConfig", "batch_size", self.batch_size, 1, 65_536)

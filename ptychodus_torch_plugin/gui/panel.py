@@ -174,6 +174,14 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         "How the learning rate changes over the epochs.",
     ),
     ParameterSpec(
+        "final_weights",
+        "Keep weights of:",
+        "Training",
+        "Which network training hands over: the best epoch by validation loss, or the last "
+        "epoch (with a decaying scheduler such as cosine the most converged one, and usually "
+        "the better image of this scan).",
+    ),
+    ParameterSpec(
         "loss",
         "Loss:",
         "Training",

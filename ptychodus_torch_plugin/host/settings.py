@@ -33,6 +33,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "Normalization": engine_config.NORMALIZATIONS,
     "Loss": engine_config.LOSSES,
     "Scheduler": engine_config.SCHEDULERS,
+    "FinalWeights": engine_config.FINAL_WEIGHTS,
     "PatchWeighting": engine_config.PATCH_WEIGHTINGS,
     "Subpixel": engine_config.SUBPIXEL_METHODS,
     "InputNormalization": engine_config.INPUT_NORMALIZATIONS,
@@ -96,6 +97,7 @@ class TorchPINNSettings(Observable, Observer):
             "LearningRate", 1e-3, minimum=1e-12, maximum=10.0
         )
         self.scheduler = training.create_string_parameter("Scheduler", "constant")
+        self.final_weights = training.create_string_parameter("FinalWeights", "best")
         self.seed = training.create_integer_parameter("Seed", 0, minimum=0)
         self.n_groups = training.create_integer_parameter("NGroups", 0, minimum=0)
         self.nphotons = training.create_real_parameter("NPhotons", 0.0, minimum=0.0)
@@ -168,6 +170,7 @@ class TorchPINNSettings(Observable, Observer):
             "batch_size": self.batch_size.get_value(),
             "learning_rate": self.learning_rate.get_value(),
             "scheduler": _choice(self.scheduler.get_value()),
+            "final_weights": _choice(self.final_weights.get_value()),
             "seed": self.seed.get_value(),
             "n_groups": self.n_groups.get_value(),
             "nphotons": nphotons if nphotons > 0 else None,  # 0: measured from the data

@@ -278,3 +278,12 @@ def test_infer_subpixel_flag():
     assert parser.parse_args([*base, "--subpixel", "bilinear"]).subpixel == "bilinear"
     with pytest.raises(SystemExit):
         parser.parse_args([*base, "--subpixel", "cubic"])
+
+
+def test_train_final_weights_flag():
+    parser = cli.build_parser()
+    base = ["train", "--train_data_file", "t.npz", "--output_dir", "o"]
+    assert parser.parse_args(base).final_weights is None  # not an override: "best"
+    assert parser.parse_args([*base, "--final-weights", "last"]).final_weights == "last"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--final-weights", "middle"])

@@ -126,6 +126,41 @@ def test_checkpoints_and_csv_logs_on_the_real_metric(small_scan, tmp_path):
     assert result.best_epoch in (1, 2)
 
 
+class _EpochWeights(Callback):
+    """The generator's weights at the end of every epoch."""
+
+    def __init__(self):
+        self.states = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        state = pl_module.autoencoder.state_dict()
+        self.states.append({k: v.detach().clone() for k, v in state.items()})
+
+
+@pytest.mark.parametrize("final_weights", ["best", "last"])
+def test_final_weights_best_or_last_epoch(small_scan, final_weights):
+    # mode "max" makes the "best" epoch the worst one by validation loss, so the two choices
+    # pick different epochs whatever the tiny run's loss curve does
+    payload = create_training_payload(
+        tiny_overrides(epochs=3, n_groups=48, checkpoint_mode="max", final_weights=final_weights)
+    )
+    weights = _EpochWeights()
+    result = train(payload, small_scan, callbacks=[weights])
+    losses = [r.val_loss for r in result.history]
+    expected = 3 if final_weights == "last" else int(np.argmax(losses)) + 1
+    assert result.best_epoch == expected
+    returned = result.model.autoencoder.state_dict()
+    for name, value in weights.states[expected - 1].items():
+        torch.testing.assert_close(returned[name], value, msg=name)
+    if expected != 3:  # the last epoch's weights really differ from the ones returned
+        assert any(not torch.equal(returned[k], v) for k, v in weights.states[2].items())
+
+
+def test_final_weights_is_validated():
+    with pytest.raises(ValueError, match=r"TrainingConfig.final_weights.*best.*last"):
+        create_training_payload({"final_weights": "middle"})
+
+
 def test_early_stopping_uses_the_monitored_metric(small_scan):
     payload = create_training_payload(
         tiny_overrides(epochs=3, early_stop_patience=1, n_groups=48, learning_rate=1e-9)
