@@ -16,7 +16,7 @@ Why stitching looks the way it does (shared/design/PTYCHOPINN.md section 8):
   note's method) splats each cropped pixel over the four nearest canvas pixels. Why the
   default differs from the design note: a bilinear splat is a low-pass filter of up to half a
   pixel, visible as lost fine texture. Stitching the true Run1084 patches at their real
-  (fractional) positions gives amplitude SSIM 0.961 bilinear, 0.981 Lanczos; on a trained
+  (fractional) positions gives amplitude SSIM 0.961 bilinear, 0.980 Lanczos; on a trained
   network's patches +0.005 (docs/performance.md). Both keep a constant object constant (the
   kernel weights sum to one; the weight map is the same in numerator and denominator).
 * Geometry is the engine-wide convention: patch pixel ``j`` of a pattern at position ``x``

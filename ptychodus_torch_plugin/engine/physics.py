@@ -236,9 +236,7 @@ def _translated_box_weights(
     """
     batch, channels = shifts.shape[:2]
     top = side // 2 - n // 2
-    low = n // 2 - (n // 2) // 2  # pad_to's placement of the N/2 box inside N
-    box = torch.zeros(n, device=device)
-    box[low : low + n // 2] = 1.0
+    box = _central_box(n, n // 2, device=device)[n // 2]  # its centre row: the 1-D profile
 
     def along_x(profile: Tensor) -> Tensor:  # (B, C, 1, side)
         rows = profile.view(1, 1, 1, n).expand(batch, channels, 1, n)
