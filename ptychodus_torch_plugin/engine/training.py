@@ -135,8 +135,9 @@ class _HistoryCallback(Callback):
     epoch's are returned); otherwise only an epoch that improves the monitored metric does.
     Why both: with a schedule that decays the learning rate, the last epoch is the most
     converged, and on the training scan itself its image is better (Run1084: amplitude SSIM
-    +0.002 to +0.004 at gridsize 2, +0.05 at gridsize 1 and 1e4 photons, where the validation
-    NLL turns up while the image still improves); with a constant rate the best epoch guards
+    +0.000 to +0.005 at gridsize 2 and 1e6 photons, +0.016 at 1e4, +0.05 at gridsize 1 and
+    1e4, where the validation NLL turns up while the image still improves); with a constant
+    rate the best epoch guards
     against a late divergence.
     """
 
