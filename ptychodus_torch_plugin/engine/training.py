@@ -137,8 +137,7 @@ class _HistoryCallback(Callback):
     converged, and on the training scan itself its image is better (Run1084: amplitude SSIM
     +0.000 to +0.005 at gridsize 2 and 1e6 photons, +0.016 at 1e4, +0.05 at gridsize 1 and
     1e4, where the validation NLL turns up while the image still improves); with a constant
-    rate the best epoch guards
-    against a late divergence.
+    rate the best epoch guards against a late divergence.
     """
 
     def __init__(self, monitor: str, mode: str, observer: Any, keep_last: bool = False) -> None:
