@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ptychodus_torch_plugin.engine.config import GridConfig, ModelConfig
 from ptychodus_torch_plugin.engine.network import (
     Generator,
+    conv3x3_as_matmul,
     count_parameters,
     encoder_widths,
     flops_per_group,
@@ -147,3 +148,42 @@ def test_gradients_reach_every_parameter():
         assert param.grad is not None, name
         assert torch.isfinite(param.grad).all(), name
         assert param.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("out_channels", [1, 4, 9])
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_head_convolution_as_matmul_equals_conv2d(out_channels, channels_last, with_bias):
+    """The GEMM + nine shifted adds form is the same 3x3 'same' convolution, borders included."""
+    torch.manual_seed(out_channels)
+    x = torch.randn(3, 16, 12, 20)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(out_channels, 16, 3, 3)
+    bias = torch.randn(out_channels) if with_bias else None
+    expected = torch.nn.functional.conv2d(x, weight, bias, padding=1)
+    got = conv3x3_as_matmul(x, weight, bias)
+    assert got.shape == expected.shape == (3, out_channels, 12, 20)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # Not symmetric by accident: a one-pixel shift of the input is a different answer.
+    assert not torch.allclose(got, torch.roll(expected, 1, dims=-1), atol=1e-3)
+
+
+@pytest.mark.parametrize("gridsize", [1, 2])
+def test_inference_heads_give_the_training_heads_output(gridsize):
+    """Without gradients the heads take the GEMM path; the patches are those of conv2d."""
+    torch.manual_seed(gridsize)
+    model = Generator(_config(32, gridsize, probe_big=True)).eval()
+    model.to(memory_format=torch.channels_last)
+    x = torch.rand(2, gridsize**2, 32, 32).contiguous(memory_format=torch.channels_last)
+    calls = []
+    for name, module in model.named_modules():
+        if name.endswith(("central", "border.3")):
+            module.register_forward_hook(lambda m, args, out: calls.append(out))
+    with_grad = model(x).detach()
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        without_grad = model(x)
+    assert len(calls) == 8  # two decoders x two heads, twice
+    ops = {str(op) for op in counter.get_flop_counts()["Global"]}
+    assert "aten.mm" in ops and "aten.convolution" in ops  # heads by GEMM, hidden layers by conv
+    torch.testing.assert_close(without_grad, with_grad, rtol=1e-5, atol=1e-5)
