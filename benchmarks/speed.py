@@ -149,9 +149,7 @@ def main() -> int:
         model = build_model(n, gridsize)
         flops = flops_per_group(model.model_config)
         for batch in (16, 64):
-            predict, row_roofline, fraction = predict_against_roofline(
-                model, batch, args.repeats
-            )
+            predict, row_roofline, fraction = predict_against_roofline(model, batch, args.repeats)
             bound = row_roofline * 1e9 / flops
             train = train_step_rate(model, batch, max(3, args.repeats // 2))
             row = {
