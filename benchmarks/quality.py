@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from ptychodus_torch_plugin.engine.archive import save_archive
 from ptychodus_torch_plugin.engine.images import save_object_images
 from ptychodus_torch_plugin.engine.inference import CanvasGeometry, reconstruct
 from ptychodus_torch_plugin.engine.metrics import evaluate, scanned_region
@@ -198,6 +199,7 @@ def run_run1084(gridsize: int, photons: float, args: argparse.Namespace) -> dict
     # The best-validation network too, when it is not the one handed over.
     other = None
     if best.state is not None and best.epoch != result.best_epoch:
+        handed_over = copy.deepcopy(result.model.autoencoder.state_dict())
         result.model.autoencoder.load_state_dict(best.state)
         other_object = reconstruct(
             result.model, data, canvas=CanvasGeometry(0.0, 0.0, width, height)
@@ -210,9 +212,12 @@ def run_run1084(gridsize: int, photons: float, args: argparse.Namespace) -> dict
             },
         }
     name = f"run1084_g{gridsize}_{photons:.0e}".replace("+0", "")
-    if args.save_dir is not None:  # keep the reconstruction for later re-scoring
+    if args.save_dir is not None:  # keep the reconstruction and the model for later re-scoring
         args.save_dir.mkdir(parents=True, exist_ok=True)
         np.savez(args.save_dir / f"{name}.npz", object=stitched.object, weights=stitched.weights)
+        if other is not None:  # the network handed over, not the best-validation one loaded
+            result.model.autoencoder.load_state_dict(handed_over)
+        save_archive(result.model, args.save_dir / f"{name}.zip")
     save_object_images(
         stitched.object, args.images, mask=mask, prefix=name, title=f"Run1084 g={gridsize}"
     )
@@ -281,7 +286,9 @@ def main() -> int:
     )
     parser.add_argument("--images", type=Path, default=REPO / "docs" / "images")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
-    parser.add_argument("--save-dir", type=Path, default=None, help="keep reconstructions here")
+    parser.add_argument(
+        "--save-dir", type=Path, default=None, help="keep reconstructions and models here"
+    )
     parser.add_argument(
         "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)"
     )

@@ -277,7 +277,10 @@ class ExecutionConfig:
     early_stop_patience: int | None = None  # None: no early stopping
     logger: str = "csv"
     enable_progress_bar: bool = True
-    inference_batch_size: int = 64
+    # 16: the fastest float32 predict on the 2-core CI CPU (N=64: 77-79% of the matmul
+    # roofline at 16, 63-70% at 64, whose activations no longer fit the caches;
+    # benchmarks/speed.py). A GPU may prefer more; memory grows with it.
+    inference_batch_size: int = 16
 
     def __post_init__(self) -> None:
         owner = "ExecutionConfig"

@@ -110,7 +110,7 @@ class TorchPINNSettings(Observable, Observer):
         self.patch_weighting = inference.create_string_parameter("PatchWeighting", "probe")
         self.subpixel = inference.create_string_parameter("Subpixel", "lanczos3")
         self.inference_batch_size = inference.create_integer_parameter(
-            "InferenceBatchSize", 64, minimum=1, maximum=65_536
+            "InferenceBatchSize", 16, minimum=1, maximum=65_536
         )
         self.chunk_size = inference.create_integer_parameter("ChunkSize", 256, minimum=1)
         self.crop_fraction = inference.create_real_parameter(
