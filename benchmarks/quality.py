@@ -174,6 +174,7 @@ def _overrides(args: argparse.Namespace, *, gridsize: int, filters: int) -> dict
         "seed": 0,
         "precision": args.precision,
         "final_weights": args.final_weights,
+        "validation_fraction": args.validation_fraction,
     }
 
 
@@ -277,6 +278,12 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=5e-3)
     parser.add_argument("--scheduler", default="cosine")
+    parser.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.05,
+        help="held-out share of the groups (the engine's default 0.05); 0 trains on all",
+    )
     parser.add_argument(
         "--final-weights",
         default="last",
