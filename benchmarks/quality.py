@@ -143,11 +143,40 @@ class _BestValidationWeights(Callback):
             self.state = copy.deepcopy(pl_module.autoencoder.state_dict())
 
 
-def _train(data, overrides: dict, budget_s: float):  # noqa: ANN001, ANN202
+class _WeightAverages(Callback):
+    """Exponential moving averages of the weights (and batch-norm statistics), per batch.
+
+    Why: averaging the last few hundred steps' weights removes some of the optimiser's noise
+    that the schedule's lowest rate leaves; scored beside the handed-over network so whether
+    it helps is measured, not assumed. Float32 copies; ~1 ms per step.
+    """
+
+    def __init__(self, decays: tuple[float, ...]) -> None:
+        self.decays = decays
+        self.states: dict[float, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        current = pl_module.autoencoder.state_dict()
+        for decay in self.decays:
+            state = self.states.get(decay)
+            if state is None:
+                self.states[decay] = {k: v.detach().clone() for k, v in current.items()}
+                continue
+            floats = [k for k, v in current.items() if v.is_floating_point()]
+            torch._foreach_lerp_(
+                [state[k] for k in floats], [current[k].detach() for k in floats], 1.0 - decay
+            )
+            for k, v in current.items():
+                if not v.is_floating_point():
+                    state[k].copy_(v)
+
+
+def _train(data, overrides: dict, budget_s: float, ema_decays: tuple[float, ...] = ()):  # noqa: ANN001, ANN202
     """Train within ``budget_s`` seconds; ``epochs = 0``: a wall-time cosine schedule."""
     start = time.perf_counter()
     best = _BestValidationWeights()
-    callbacks: list[Callback] = [best]
+    averages = _WeightAverages(ema_decays)
+    callbacks: list[Callback] = [best, averages] if ema_decays else [best]
     if not overrides["epochs"]:
         callbacks.append(_TimeCosine(budget_s, overrides["learning_rate"]))
         overrides = {**overrides, "epochs": 100_000, "scheduler": "constant"}
@@ -159,7 +188,7 @@ def _train(data, overrides: dict, budget_s: float):  # noqa: ANN001, ANN202
         cancel=token,
         callbacks=callbacks,
     )
-    return result, time.perf_counter() - start, best
+    return result, time.perf_counter() - start, best, averages
 
 
 def _overrides(args: argparse.Namespace, *, gridsize: int, filters: int) -> dict:
@@ -182,7 +211,9 @@ def run_run1084(gridsize: int, photons: float, args: argparse.Namespace) -> dict
     data = simulate_from_object_npz(RUN1084, nphotons=photons, seed=1)
     overrides = _overrides(args, gridsize=gridsize, filters=args.filters)
     print(f"  training: {overrides}", flush=True)
-    result, seconds, best = _train(data, overrides, args.budget_minutes * 60)
+    result, seconds, best, averages = _train(
+        data, overrides, args.budget_minutes * 60, tuple(args.ema)
+    )
     height, width = data.object_guess.shape
     inference = reconstruct(result.model, data, canvas=CanvasGeometry(0.0, 0.0, width, height))
     stitched = inference.stitched
@@ -199,8 +230,17 @@ def run_run1084(gridsize: int, photons: float, args: argparse.Namespace) -> dict
     plain = evaluate(unaligned, data.object_guess, mask)
     # The best-validation network too, when it is not the one handed over.
     other = None
+    handed_over = copy.deepcopy(result.model.autoencoder.state_dict())
+    averaged = {}
+    for decay, state in averages.states.items():
+        result.model.autoencoder.load_state_dict(state)
+        averaged_object = reconstruct(
+            result.model, data, canvas=CanvasGeometry(0.0, 0.0, width, height)
+        ).stitched.object
+        scores = evaluate(averaged_object, data.object_guess, mask).to_dict()
+        averaged[str(decay)] = {k: round(v, 4) for k, v in scores.items()}
+    result.model.autoencoder.load_state_dict(handed_over)
     if best.state is not None and best.epoch != result.best_epoch:
-        handed_over = copy.deepcopy(result.model.autoencoder.state_dict())
         result.model.autoencoder.load_state_dict(best.state)
         other_object = reconstruct(
             result.model, data, canvas=CanvasGeometry(0.0, 0.0, width, height)
@@ -216,8 +256,7 @@ def run_run1084(gridsize: int, photons: float, args: argparse.Namespace) -> dict
     if args.save_dir is not None:  # keep the reconstruction and the model for later re-scoring
         args.save_dir.mkdir(parents=True, exist_ok=True)
         np.savez(args.save_dir / f"{name}.npz", object=stitched.object, weights=stitched.weights)
-        if other is not None:  # the network handed over, not the best-validation one loaded
-            result.model.autoencoder.load_state_dict(handed_over)
+        result.model.autoencoder.load_state_dict(handed_over)  # not an averaged or best one
         save_archive(result.model, args.save_dir / f"{name}.zip")
     save_object_images(
         stitched.object, args.images, mask=mask, prefix=name, title=f"Run1084 g={gridsize}"
@@ -230,6 +269,7 @@ def run_run1084(gridsize: int, photons: float, args: argparse.Namespace) -> dict
         "train_seconds": round(seconds, 1),
         **{k: round(v, 4) for k, v in quality.to_dict().items()},
         "best_validation_network": other,
+        "weight_averages": averaged,
         "with_phase_ramp_removed": {k: round(v, 4) for k, v in ramp.to_dict().items()},
         "without_phase_alignment": {k: round(v, 4) for k, v in plain.to_dict().items()},
         "inference_seconds": {k: round(v, 3) for k, v in inference.timings.items()},
@@ -242,7 +282,7 @@ def run_siemens(args: argparse.Namespace) -> dict:
     data = load_npz(SIEMENS)
     overrides = _overrides(args, gridsize=1, filters=1)
     print(f"  training: {overrides}", flush=True)
-    result, seconds, _ = _train(data, overrides, args.budget_minutes * 60)
+    result, seconds, _, _ = _train(data, overrides, args.budget_minutes * 60)
     inference = reconstruct(result.model, data)
     stitched = inference.stitched
     mask = scanned_region(stitched.weights, erode=data.N // 8)
@@ -290,6 +330,13 @@ def main() -> int:
         choices=("best", "last"),
         help="network scored: the last epoch's (default; the schedule ends at its lowest "
         "rate) or the best by validation NLL (then the last epoch's is not scored)",
+    )
+    parser.add_argument(
+        "--ema",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also score exponential moving averages of the weights with these decays per step",
     )
     parser.add_argument("--images", type=Path, default=REPO / "docs" / "images")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
