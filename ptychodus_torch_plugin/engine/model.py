@@ -139,7 +139,7 @@ class TrainedModel:
             training_device=training_device,
         )
 
-    def predict(self, inputs: np.ndarray | torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    def predict(self, inputs: np.ndarray | torch.Tensor, batch_size: int = 16) -> np.ndarray:
         """Object patches (G, C, N, N) complex64 for normalised inputs (G, C, N, N).
 
         Runs in channels-last memory format, which lets oneDNN's convolutions run about 1.7x
