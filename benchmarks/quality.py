@@ -148,7 +148,8 @@ class _WeightAverages(Callback):
 
     Why: averaging the last few hundred steps' weights removes some of the optimiser's noise
     that the schedule's lowest rate leaves; scored beside the handed-over network so whether
-    it helps is measured, not assumed. Float32 copies; ~1 ms per step.
+    it helps is measured, not assumed. One copy of the state and one foreach lerp per decay
+    and step.
     """
 
     def __init__(self, decays: tuple[float, ...]) -> None:
@@ -228,7 +229,8 @@ def run_run1084(gridsize: int, photons: float, args: argparse.Namespace) -> dict
         result.model, data, unaligned_payload, canvas=CanvasGeometry(0.0, 0.0, width, height)
     ).stitched.object
     plain = evaluate(unaligned, data.object_guess, mask)
-    # The best-validation network too, when it is not the one handed over.
+    # The weight averages (--ema) and the best-validation network too, when it is not the
+    # one handed over; the handed-over weights are restored afterwards.
     other = None
     handed_over = copy.deepcopy(result.model.autoencoder.state_dict())
     averaged = {}
