@@ -61,8 +61,8 @@ def test_cancel_stops_within_one_batch(small_scan):
 
 
 def test_cpu_training_runs_in_channels_last_and_saves_plain_weights(small_scan, tmp_path):
-    """The faster NHWC layout and fused Adam are used while training; archives do not care."""
-    layouts, fused = [], []
+    """The faster NHWC layout is used while training; archives and predictions do not care."""
+    layouts = []
 
     class Layout(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, idx):
@@ -70,12 +70,10 @@ def test_cpu_training_runs_in_channels_last_and_saves_plain_weights(small_scan, 
             layouts.append(
                 all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
             )
-            fused.append(trainer.optimizers[0].defaults["fused"])
 
     payload = create_training_payload(tiny_overrides(gridsize=2, epochs=1))
     result = train(payload, small_scan, callbacks=[Layout()])
     assert layouts and all(layouts)
-    assert fused and all(fused)
     inputs = np.random.default_rng(0).random((3, 4, 32, 32)).astype(np.float32)
     before = result.model.predict(inputs)
     path = save_archive(result.model, tmp_path / "wts.h5.zip")
