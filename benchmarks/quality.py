@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from ptychodus_torch_plugin.engine.archive import save_archive
 from ptychodus_torch_plugin.engine.images import save_object_images
 from ptychodus_torch_plugin.engine.inference import CanvasGeometry, reconstruct
-from ptychodus_torch_plugin.engine.metrics import evaluate, scanned_region
+from ptychodus_torch_plugin.engine.metrics import QualityMetrics, evaluate, scanned_region
 from ptychodus_torch_plugin.engine.module import cosine_decay
 from ptychodus_torch_plugin.engine.payload import create_training_payload
 from ptychodus_torch_plugin.engine.simulate import simulate_from_object_npz
@@ -158,12 +158,12 @@ class _WeightAverages(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         current = pl_module.autoencoder.state_dict()
+        floats = [k for k, v in current.items() if v.is_floating_point()]
         for decay in self.decays:
             state = self.states.get(decay)
             if state is None:
                 self.states[decay] = {k: v.detach().clone() for k, v in current.items()}
                 continue
-            floats = [k for k, v in current.items() if v.is_floating_point()]
             torch._foreach_lerp_(
                 [state[k] for k in floats], [current[k].detach() for k in floats], 1.0 - decay
             )
@@ -208,6 +208,11 @@ def _overrides(args: argparse.Namespace, *, gridsize: int, filters: int) -> dict
     }
 
 
+def _rounded(quality: QualityMetrics) -> dict:
+    """A quality report's scores rounded to 4 digits, as the results print them."""
+    return {k: round(v, 4) for k, v in quality.to_dict().items()}
+
+
 def run_run1084(gridsize: int, photons: float, args: argparse.Namespace) -> dict:
     data = simulate_from_object_npz(RUN1084, nphotons=photons, seed=1)
     overrides = _overrides(args, gridsize=gridsize, filters=args.filters)
@@ -216,7 +221,8 @@ def run_run1084(gridsize: int, photons: float, args: argparse.Namespace) -> dict
         data, overrides, args.budget_minutes * 60, tuple(args.ema)
     )
     height, width = data.object_guess.shape
-    inference = reconstruct(result.model, data, canvas=CanvasGeometry(0.0, 0.0, width, height))
+    canvas = CanvasGeometry(0.0, 0.0, width, height)
+    inference = reconstruct(result.model, data, canvas=canvas)
     stitched = inference.stitched
     mask = scanned_region(stitched.weights, erode=data.N // 8)
     quality = evaluate(stitched.object, data.object_guess, mask)
@@ -225,40 +231,27 @@ def run_run1084(gridsize: int, photons: float, args: argparse.Namespace) -> dict
     ramp = evaluate(stitched.object, data.object_guess, mask, remove_phase_ramp=True)
     # And the same network stitched without phase alignment (what it adds, measured).
     unaligned_payload = result.model.inference_payload({"phase_alignment": False})
-    unaligned = reconstruct(
-        result.model, data, unaligned_payload, canvas=CanvasGeometry(0.0, 0.0, width, height)
-    ).stitched.object
+    unaligned = reconstruct(result.model, data, unaligned_payload, canvas=canvas).stitched.object
     plain = evaluate(unaligned, data.object_guess, mask)
+
     # The weight averages (--ema) and the best-validation network too, when it is not the
     # one handed over; the handed-over weights are restored afterwards.
-    other = None
     handed_over = copy.deepcopy(result.model.autoencoder.state_dict())
-    averaged = {}
-    for decay, state in averages.states.items():
+
+    def score_weights(state: dict) -> dict:
         result.model.autoencoder.load_state_dict(state)
-        averaged_object = reconstruct(
-            result.model, data, canvas=CanvasGeometry(0.0, 0.0, width, height)
-        ).stitched.object
-        scores = evaluate(averaged_object, data.object_guess, mask).to_dict()
-        averaged[str(decay)] = {k: round(v, 4) for k, v in scores.items()}
-    result.model.autoencoder.load_state_dict(handed_over)
+        image = reconstruct(result.model, data, canvas=canvas).stitched.object
+        return _rounded(evaluate(image, data.object_guess, mask))
+
+    averaged = {str(decay): score_weights(state) for decay, state in averages.states.items()}
+    other = None
     if best.state is not None and best.epoch != result.best_epoch:
-        result.model.autoencoder.load_state_dict(best.state)
-        other_object = reconstruct(
-            result.model, data, canvas=CanvasGeometry(0.0, 0.0, width, height)
-        ).stitched.object
-        other = {
-            "epoch": best.epoch,
-            **{
-                k: round(v, 4)
-                for k, v in evaluate(other_object, data.object_guess, mask).to_dict().items()
-            },
-        }
+        other = {"epoch": best.epoch, **score_weights(best.state)}
+    result.model.autoencoder.load_state_dict(handed_over)
     name = f"run1084_g{gridsize}_{photons:.0e}".replace("+0", "")
     if args.save_dir is not None:  # keep the reconstruction and the model for later re-scoring
         args.save_dir.mkdir(parents=True, exist_ok=True)
         np.savez(args.save_dir / f"{name}.npz", object=stitched.object, weights=stitched.weights)
-        result.model.autoencoder.load_state_dict(handed_over)  # not an averaged or best one
         save_archive(result.model, args.save_dir / f"{name}.zip")
     save_object_images(
         stitched.object, args.images, mask=mask, prefix=name, title=f"Run1084 g={gridsize}"
@@ -269,11 +262,11 @@ def run_run1084(gridsize: int, photons: float, args: argparse.Namespace) -> dict
         "final_weights": args.final_weights,
         "epoch_handed_over": result.best_epoch,
         "train_seconds": round(seconds, 1),
-        **{k: round(v, 4) for k, v in quality.to_dict().items()},
+        **_rounded(quality),
         "best_validation_network": other,
         "weight_averages": averaged,
-        "with_phase_ramp_removed": {k: round(v, 4) for k, v in ramp.to_dict().items()},
-        "without_phase_alignment": {k: round(v, 4) for k, v in plain.to_dict().items()},
+        "with_phase_ramp_removed": _rounded(ramp),
+        "without_phase_alignment": _rounded(plain),
         "inference_seconds": {k: round(v, 3) for k, v in inference.timings.items()},
     }
 
