@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import SUPPORTED_BACKEND, ModelConfig
+from .config import SUPPORTED_BACKEND, ExecutionConfig, ModelConfig
 from .network import Generator
 from .payload import InferencePayload, create_inference_payload, create_training_payload
 from .physics import ForwardModel
@@ -139,7 +139,11 @@ class TrainedModel:
             training_device=training_device,
         )
 
-    def predict(self, inputs: np.ndarray | torch.Tensor, batch_size: int = 16) -> np.ndarray:
+    def predict(
+        self,
+        inputs: np.ndarray | torch.Tensor,
+        batch_size: int = ExecutionConfig.inference_batch_size,
+    ) -> np.ndarray:
         """Object patches (G, C, N, N) complex64 for normalised inputs (G, C, N, N).
 
         Runs in channels-last memory format, which lets oneDNN's convolutions run about 1.7x
