@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ptychodus_torch_plugin.engine.data import PtychoData, load_npz
+from ptychodus_torch_plugin.engine.data import PtychoData, load_npz, mean_pattern_power
 from ptychodus_torch_plugin.engine.images import save_object_images
 from ptychodus_torch_plugin.engine.inference import CanvasGeometry, stitch_patches
 from ptychodus_torch_plugin.engine.metrics import evaluate, scanned_region
@@ -136,7 +136,7 @@ def fit_object(
     measured = torch.from_numpy(data.amplitudes).float()
     probe = torch.from_numpy(data.probe).to(torch.complex64)
     # A unit object then carries the data's mean pattern energy (Parseval, orthonormal FFT).
-    energy = float(measured.square().sum(dim=(-2, -1)).mean())
+    energy = mean_pattern_power(data.amplitudes)
     probe = probe * math.sqrt(energy / float(probe.abs().square().sum()))
     obj = torch.ones(height, width, dtype=torch.complex64, requires_grad=True)
     optimizer = torch.optim.Adam([obj], lr=learning_rate)
@@ -163,7 +163,7 @@ def fit_object(
     return obj.detach().numpy(), loss_per_pattern
 
 
-def _region(data: PtychoData, shape: tuple[int, int]) -> np.ndarray:
+def scanned_mask(data: PtychoData, shape: tuple[int, int]) -> np.ndarray:
     """The region quality.py scores: the stitcher's covered pixels, eroded by N/8."""
     height, width = shape
     positions = np.stack([data.xcoords, data.ycoords], axis=-1)
@@ -174,6 +174,12 @@ def _region(data: PtychoData, shape: tuple[int, int]) -> np.ndarray:
     return scanned_region(weights, erode=data.N // 8)
 
 
+def file_canvas(data: PtychoData) -> tuple[int, int]:
+    """A square canvas in the file's own frame, from the origin to past the farthest patch."""
+    extent = int(math.ceil(max(data.xcoords.max(), data.ycoords.max()) + data.N / 2)) + 2
+    return extent, extent
+
+
 def run_run1084(args: argparse.Namespace) -> list[dict]:
     results = []
     for photons in args.photons:
@@ -182,7 +188,7 @@ def run_run1084(args: argparse.Namespace) -> list[dict]:
         start = time.perf_counter()
         obj, loss = fit_object(data, shape, args.epochs)
         seconds = time.perf_counter() - start
-        quality = evaluate(obj, data.object_guess, _region(data, shape))
+        quality = evaluate(obj, data.object_guess, scanned_mask(data, shape))
         name = f"run1084_{photons:.0e}".replace("+0", "")
         result = {
             "case": name,
@@ -198,13 +204,11 @@ def run_run1084(args: argparse.Namespace) -> list[dict]:
 
 def run_siemens(args: argparse.Namespace) -> list[dict]:
     data = load_npz(SIEMENS)
-    n = data.N
-    # Canvas from the origin to past the farthest patch, in the file's own frame.
-    extent = int(math.ceil(max(data.xcoords.max(), data.ycoords.max()) + n / 2)) + 2
+    shape = file_canvas(data)
     results = []
     for convention in CONVENTIONS:
         start = time.perf_counter()
-        obj, loss = fit_object(read_as(data, convention), (extent, extent), args.epochs)
+        obj, loss = fit_object(read_as(data, convention), shape, args.epochs)
         result = {
             "case": "siemens_star",
             "convention": convention.name,
@@ -215,7 +219,7 @@ def run_siemens(args: argparse.Namespace) -> list[dict]:
         print(f"  {json.dumps(result)}", flush=True)
         results.append(result)
         if convention.name == "stored" and args.images is not None:
-            mask = _region(data, (extent, extent))
+            mask = scanned_mask(data, shape)
             save_object_images(
                 obj,
                 args.images,
