@@ -1,0 +1,104 @@
+"""The settings files we ship in resources/settings, read the way Ptychodus reads them.
+
+Why: Ptychodus only logs a warning for a key it does not know and leaves that setting at its
+default, so a misspelled or renamed key in a shipped file silently changes what a user runs;
+and the files that claim to hold the defaults drift when a default changes (the inference
+batch size did). These tests load each file into a real ``SettingsRegistry``.
+"""
+
+from __future__ import annotations
+
+import configparser
+from pathlib import Path
+
+import pytest
+from ptychodus.api.settings import SettingsRegistry
+
+from ptychodus_torch_plugin.engine.payload import (
+    create_inference_payload,
+    create_training_payload,
+)
+from ptychodus_torch_plugin.host.settings import GROUPS, TorchPINNSettings
+
+SETTINGS_DIR = Path(__file__).resolve().parents[2] / "resources" / "settings"
+SETTINGS_FILES = sorted(SETTINGS_DIR.glob("*.ini"))
+#: Files that list every TorchPINN setting at its default (per reconstructor).
+DEFAULTS_FILES = {"torchpinn-pinn.ini": "pinn", "torchpinn-supervised.ini": "supervised"}
+
+
+def _parsed(path: Path) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(path)
+    return parser
+
+
+def _loaded(path: Path | None) -> tuple[SettingsRegistry, TorchPINNSettings]:
+    """Our settings in a fresh registry, with ``path`` opened into it (None: the defaults)."""
+    registry = SettingsRegistry()
+    settings = TorchPINNSettings(registry)
+    if path is not None:
+        registry.open_settings(path)
+    return registry, settings
+
+
+def test_the_shipped_settings_files_are_all_checked():
+    names = {path.name for path in SETTINGS_FILES}
+    assert set(DEFAULTS_FILES) | {"torchpinn-quality.ini", "torchpinn-tiny.ini"} <= names
+
+
+@pytest.mark.parametrize("path", SETTINGS_FILES, ids=lambda path: path.name)
+def test_every_key_names_a_known_setting(path):
+    parser = _parsed(path)
+    registry, _ = _loaded(None)
+    ours = [section for section in parser.sections() if section.startswith("TorchPINN")]
+    assert ours, f"{path.name} sets no TorchPINN section"
+    for section in ours:
+        assert section in GROUPS, f"{path.name}: unknown section [{section}]"
+        known = {name.lower() for name in registry[section].parameters()}
+        unknown = sorted(set(parser[section]) - known)
+        assert not unknown, f"{path.name} [{section}]: unknown keys {unknown}"
+    assert parser["Processing"]["Algorithm"].casefold().startswith("torchpinn_")
+
+
+@pytest.mark.parametrize("path", SETTINGS_FILES, ids=lambda path: path.name)
+def test_every_value_is_accepted_by_the_engine(path):
+    _, settings = _loaded(path)
+    mode = "supervised" if "supervised" in path.name else "pinn"
+    training = create_training_payload(settings.training_overrides(mode, 64))
+    inference = create_inference_payload(settings.inference_overrides())
+    assert training.model.grid.N == 64
+    assert inference.inference.chunk_size >= 1
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULTS_FILES))
+def test_the_defaults_files_hold_every_default(name):
+    path = SETTINGS_DIR / name
+    parser = _parsed(path)
+    defaults, _ = _loaded(None)
+    loaded, _ = _loaded(path)
+    for group in GROUPS:
+        for key, parameter in defaults[group].parameters().items():
+            assert parser.has_option(group, key), f"{name}: [{group}] {key} is missing"
+            value = loaded[group].parameters()[key].get_value()
+            assert value == parameter.get_value(), (
+                f"{name}: [{group}] {key} = {value!r}, but the default is "
+                f"{parameter.get_value()!r}"
+            )
+    algorithm = parser["Processing"]["Algorithm"].casefold()
+    assert algorithm == f"torchpinn_{DEFAULTS_FILES[name]}"
+
+
+def test_the_quality_file_sets_what_the_benchmark_scored():
+    """The settings behind docs/performance.md's best Run1084 scores (benchmarks/quality.py)."""
+    _, settings = _loaded(SETTINGS_DIR / "torchpinn-quality.ini")
+    values = settings.training_overrides("pinn", 64)
+    expected = {
+        "gridsize": 2,
+        "n_filters_scale": 1,
+        "normalization": "batch",
+        "batch_size": 16,
+        "learning_rate": 5e-3,
+        "scheduler": "cosine",
+        "final_weights": "last",
+    }
+    assert {key: values[key] for key in expected} == expected
