@@ -232,6 +232,20 @@ def _add_train(sub: Any) -> None:
         f"(default: {_T.final_weights})",
     )
     p.add_argument(
+        "--probe-refinement-epochs",
+        dest="probe_refinement_epochs",
+        type=_nonnegative_int,
+        help="epochs of a per-scan probe fit before training, for a probe that may not be "
+        f"this scan's (default: {_T.probe_refinement_epochs}, the probe as given)",
+    )
+    p.add_argument(
+        "--probe-modes",
+        dest="probe_modes",
+        type=_nonnegative_int,
+        help="incoherent probe modes (default: 0, as many as the file's probe has; more "
+        "need --probe-refinement-epochs)",
+    )
+    p.add_argument(
         "--early-stop-patience",
         dest="early_stop_patience",
         type=_positive_int,
@@ -489,6 +503,8 @@ _TRAIN_FLAGS = {
     "checkpoint_mode": "checkpoint_mode",
     "early_stop_patience": "early_stop_patience",
     "final_weights": "final_weights",
+    "probe_refinement_epochs": "probe_refinement_epochs",
+    "probe_modes": "probe_modes",
     "logger": "logger",
 }
 
@@ -604,10 +620,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "intensity_scale": result.model.intensity_scale,
             "nphotons": result.model.nphotons,
             "checkpoints": [str(p) for p in result.checkpoint_paths],
+            "probe_refinement": None
+            if result.probe_refinement is None
+            else result.probe_refinement.summary(),
             "sources": dict(payload.sources),
             "history": [record.to_dict() for record in result.history],
         }
         _atomic_save_json(output_dir / "history.json", summary)
+    refinement = result.probe_refinement
+    if refinement is not None and refinement.epochs:
+        fixed = refinement.misfit_fixed_probe
+        _say(
+            args,
+            f"probe refinement ({refinement.probe.shape[0]} mode(s), {refinement.epochs} "
+            f"epochs): amplitude misfit per pattern {'-' if fixed is None else f'{fixed:.5g}'} "
+            f"with the file's probe, {refinement.misfit:.5g} refined",
+        )
     last = result.history[-1] if result.history else None
     if last is not None:
         val = "-" if last.val_loss is None else f"{last.val_loss:.5g}"

@@ -33,6 +33,8 @@ PATCH_WEIGHTINGS = ("probe", "uniform")
 SUBPIXEL_METHODS = ("lanczos3", "bilinear")
 INPUT_NORMALIZATIONS = ("recompute", "stored")
 PATCH_SIZES = (32, 64, 128, 256)
+#: Most incoherent probe modes probe refinement fits.
+MAX_PROBE_MODES = 8
 
 #: Optional logging backends and the package each one needs.
 LOGGER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
@@ -196,10 +198,21 @@ class TrainingConfig:
     # best: the epoch with the best monitored metric (safe with a constant rate);
     # last: the last finished epoch (with a decaying schedule the most converged one)
     final_weights: str = "best"
+    # Probe refinement before training (``probe_refinement.py``): 0 trains with the probe as
+    # given; n > 0 first fits the probe to the scan for n epochs of a per-scan solver. Worth it
+    # whenever the probe may not be this scan's (another scan, another defocus).
+    probe_refinement_epochs: int = 0
+    # Incoherent probe modes the model uses: 0 keeps the data's; fewer takes the first ones;
+    # more needs probe refinement, which fits the new ones.
+    probe_modes: int = 0
     backend: str = SUPPORTED_BACKEND
 
     def __post_init__(self) -> None:
         _check_choice("TrainingConfig", "mode", self.mode, MODES)
+        _check_int(
+            "TrainingConfig", "probe_refinement_epochs", self.probe_refinement_epochs, 0, 10_000
+        )
+        _check_int("TrainingConfig", "probe_modes", self.probe_modes, 0, MAX_PROBE_MODES)
         _check_choice("TrainingConfig", "final_weights", self.final_weights, FINAL_WEIGHTS)
         _check_choice("TrainingConfig", "loss", self.loss, LOSSES)
         _check_int("TrainingConfig", "epochs", self.epochs, 1, 100_000)

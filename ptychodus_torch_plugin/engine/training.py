@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import tempfile
 import time
@@ -32,6 +33,7 @@ from .model import EpochRecord, TrainedModel
 from .module import TRAIN_LOSS, VAL_LOSS, PINNModule, SupervisedModule
 from .payload import TrainingPayload
 from .prepare import GroupDataset, PreparedScan, prepare_scan, split_rows
+from .probe_refinement import ProbeRefinement, refine_probe
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ class TrainingResult:
     output_dir: Path | None
     backend: str = SUPPORTED_BACKEND
     checkpoint_paths: list[Path] = field(default_factory=list)
+    #: The probe refinement that ran before training (``probe_refinement_epochs > 0``).
+    probe_refinement: ProbeRefinement | None = None
 
 
 # ----------------------------------------------------------------------------- callbacks
@@ -286,6 +290,7 @@ def train(
     accelerator = resolve_accelerator(execution.accelerator)
     L.seed_everything(payload.data.seed, workers=True, verbose=False)
 
+    data, refinement = _with_training_probe(data, payload, cancel)
     scan = prepare_scan(data, grid, payload.data)
     supervised = payload.training.mode == "supervised"
     targets = _supervised_targets(data) if supervised else None
@@ -416,7 +421,28 @@ def train(
         output_dir=out,
         backend=model.backend,
         checkpoint_paths=checkpoint_paths,
+        probe_refinement=refinement,
     )
+
+
+def _with_training_probe(
+    data: PtychoData, payload: TrainingPayload, cancel: CancelToken | None
+) -> tuple[PtychoData, ProbeRefinement | None]:
+    """``data`` with the probe the model is trained with: refined and/or cut to its modes."""
+    epochs, modes = payload.training.probe_refinement_epochs, payload.training.probe_modes
+    present = data.probe.shape[0]
+    if epochs == 0:
+        if modes > present:
+            raise ValueError(
+                f"TrainingConfig.probe_modes = {modes} is invalid for data with {present} probe "
+                f"mode(s): allowed 0 to {present} without refinement; set "
+                "probe_refinement_epochs > 0 to fit the additional modes"
+            )
+        if 0 < modes < present:
+            return dataclasses.replace(data, probe=data.probe[:modes].copy()), None
+        return data, None
+    refinement = refine_probe(data, epochs, modes, seed=payload.data.seed, cancel=cancel)
+    return dataclasses.replace(data, probe=refinement.probe), refinement
 
 
 def _checkpoint_files(checkpoint_cb: ModelCheckpoint | None) -> list[Path]:

@@ -194,6 +194,21 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         "Training",
         "Random seed for weights, validation split and shuffling (reproducible runs).",
     ),
+    ParameterSpec(
+        "probe_refinement_epochs",
+        "Probe refinement:",
+        "Training",
+        "Epochs of a per-scan fit of the probe before training (0 = use the probe as given). "
+        "Use it when the probe may not be this scan's (another scan or defocus): with a "
+        "mismatched probe the network learns a lattice instead of the object.",
+    ),
+    ParameterSpec(
+        "probe_modes",
+        "Probe modes:",
+        "Training",
+        "Incoherent probe modes the model uses (0 = as many as the probe has). More than the "
+        "probe has are fitted by probe refinement; partially coherent beams need 2-3.",
+    ),
     # Inference
     ParameterSpec(
         "patch_weighting",

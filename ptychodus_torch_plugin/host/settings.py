@@ -105,6 +105,13 @@ class TorchPINNSettings(Observable, Observer):
         self.validation_fraction = training.create_real_parameter(
             "ValidationFraction", 0.05, minimum=0.0, maximum=0.5
         )
+        # Probe refinement before training (0: train with the probe Ptychodus hands over).
+        self.probe_refinement_epochs = training.create_integer_parameter(
+            "ProbeRefinementEpochs", 0, minimum=0, maximum=10_000
+        )
+        self.probe_modes = training.create_integer_parameter(
+            "ProbeModes", 0, minimum=0, maximum=engine_config.MAX_PROBE_MODES
+        )
 
         # Inference
         self.patch_weighting = inference.create_string_parameter("PatchWeighting", "probe")
@@ -175,6 +182,8 @@ class TorchPINNSettings(Observable, Observer):
             "n_groups": self.n_groups.get_value(),
             "nphotons": nphotons if nphotons > 0 else None,  # 0: measured from the data
             "validation_fraction": self.validation_fraction.get_value(),
+            "probe_refinement_epochs": self.probe_refinement_epochs.get_value(),
+            "probe_modes": self.probe_modes.get_value(),
             "inference_batch_size": self.inference_batch_size.get_value(),
             "checkpoint_enable": False,
         }

@@ -287,3 +287,44 @@ def test_train_final_weights_flag():
     assert parser.parse_args([*base, "--final-weights", "last"]).final_weights == "last"
     with pytest.raises(SystemExit):
         parser.parse_args([*base, "--final-weights", "middle"])
+
+
+def test_train_with_probe_refinement_reports_it(data_file, tmp_path, small_network, capsys):
+    out = tmp_path / "OUT"
+    argv = [
+        "train",
+        "--train_data_file",
+        str(data_file),
+        "--output_dir",
+        str(out),
+        "--max_epochs",
+        "1",
+        "--n_groups",
+        "16",
+        "--accelerator",
+        "cpu",
+        "--logger",
+        "none",
+        "--probe-refinement-epochs",
+        "5",
+        "--probe-modes",
+        "2",
+    ]
+    assert cli.main(argv) == 0
+    assert "probe refinement (2 mode(s), 5 epochs)" in capsys.readouterr().out
+    history = json.loads((out / "history.json").read_text())
+    refinement = history["probe_refinement"]
+    assert (refinement["epochs"], refinement["modes"], refinement["fixed_epochs"]) == (5, 2, 1)
+    assert 0 < refinement["misfit_per_pattern_refined"]
+    assert history["sources"]["probe_modes"] == "override"
+    assert cli.main(["inspect", str(out)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["config"]["config"]["probe_refinement_epochs"] == 5
+    assert shown["config"]["probe_shape"] == [2, 32, 32]
+
+
+def test_probe_refinement_flags_reject_negative_values(capsys):
+    base = ["train", "--train_data_file", "t.npz", "--output_dir", "o"]
+    for flag in ("--probe-refinement-epochs", "--probe-modes"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args([*base, flag, "-1"])

@@ -52,6 +52,8 @@ def test_settings_ini_selecting_pinn_round_trips(tmp_path):
             Epochs = 7
             LearningRate = 0.002
             Scheduler = cosine
+            ProbeRefinementEpochs = 40
+            ProbeModes = 3
             [TorchPINNModel]
             Gridsize = 2
             ModelPath = /data/models/wts.h5.zip
@@ -75,6 +77,8 @@ def test_settings_ini_selecting_pinn_round_trips(tmp_path):
         "Gridsize = 2",
         "ModelPath = /data/models/wts.h5.zip",
         "Devices = 2",
+        "ProbeRefinementEpochs = 40",
+        "ProbeModes = 3",
     ):
         assert line in text
     again = ModelCore(saved)
@@ -86,6 +90,7 @@ def test_settings_ini_selecting_pinn_round_trips(tmp_path):
     overrides = settings.training_overrides("pinn", 32)
     assert overrides["gridsize"] == 2 and overrides["devices"] == 2
     assert overrides["scheduler"] == "cosine"
+    assert (overrides["probe_refinement_epochs"], overrides["probe_modes"]) == (40, 3)
 
 
 def test_settings_reach_the_engine_only_through_the_payload_factory(library):

@@ -81,8 +81,7 @@ def test_the_defaults_files_hold_every_default(name):
             assert parser.has_option(group, key), f"{name}: [{group}] {key} is missing"
             value = loaded[group].parameters()[key].get_value()
             assert value == parameter.get_value(), (
-                f"{name}: [{group}] {key} = {value!r}, but the default is "
-                f"{parameter.get_value()!r}"
+                f"{name}: [{group}] {key} = {value!r}, but the default is {parameter.get_value()!r}"
             )
     algorithm = parser["Processing"]["Algorithm"].casefold()
     assert algorithm == f"torchpinn_{DEFAULTS_FILES[name]}"
