@@ -245,7 +245,7 @@ def run_siemens(args: argparse.Namespace) -> list[dict]:
                 args.images,
                 mask=mask,
                 prefix="siemens_star_iterative_refined_probe",
-                title=f"Siemens star, iterative, probe refined ({modes} modes)",
+                title="Iterative, refined probe",
             )
     return results
 

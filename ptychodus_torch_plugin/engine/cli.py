@@ -634,7 +634,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             args,
             f"probe refinement ({refinement.probe.shape[0]} mode(s), {refinement.epochs} "
             f"epochs): amplitude misfit per pattern {'-' if fixed is None else f'{fixed:.5g}'} "
-            f"with the file's probe, {refinement.misfit:.5g} refined",
+            f"after {refinement.fixed_epochs} with the starting probe, {refinement.misfit:.5g} "
+            "refined",
         )
     last = result.history[-1] if result.history else None
     if last is not None:

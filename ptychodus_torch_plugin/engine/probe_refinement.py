@@ -4,10 +4,10 @@ Why this exists. The PINN's forward model multiplies every object patch by a *fi
 if that probe is not the one that illuminated this scan (a probe from another scan, another
 defocus, or a solver that stored a different plane), no network can explain the patterns and
 training learns a lattice of nearly identical patches. The measured Siemens star in
-``../shared/data`` is such a case: with its stored probe an object-only fit leaves 49,782 per
-pattern of amplitude misfit; the same fit with the probe refined leaves 6,498, and with three
-incoherent modes 4,529, about the Poisson noise floor (docs/performance.md). A PINN trained
-with the refined probe reconstructs the star; with the stored one it does not.
+``../shared/data`` is such a case: with its stored probe an object-only fit leaves 48,763 per
+pattern of amplitude misfit; the same fit with the probe refined leaves 5,307, and with three
+incoherent modes 3,961, about the Poisson noise floor (100 epochs each; docs/performance.md).
+A PINN trained with the refined probe reconstructs the star; with the stored one it does not.
 
 How. A short per-scan gradient descent (Adam) on the complex object pixels of a canvas that
 covers the scan *and* on the probe modes, through the same bilinear sub-pixel sampling as the
@@ -23,8 +23,8 @@ probe a defocus error of 1.5 rad of quadratic phase at the aperture edge is refi
 noise floor; one of 3 rad is not (the misfit falls 1.6x and stalls). A probe that far off
 needs a better start (another solver, or a propagation search), not more epochs.
 
-Cost: about 0.5 s per epoch for the 1,087 Run1084 patterns (N = 64) and 1.6 s for the 516
-Siemens star patterns (N = 128, 3 modes) on the 2-core CI CPU.
+Cost on the 2-core CI CPU: 0.8 s per epoch for the 516 Siemens star patterns (N = 128), 1.5 s
+with 3 modes.
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ class ProbeRefinement:
     """The refined probe and how well it explains the data.
 
     ``misfit_per_pattern`` holds one value per finished epoch: the summed squared amplitude
-    difference per pattern (the first ``fixed_epochs`` with the given probe, the rest with the
-    refined one), so its drop is what refining the probe bought.
+    difference per pattern (the first ``fixed_epochs`` with the probe fixed at its start: the
+    given modes, plus any new ones at their random start; the rest with the probe refined),
+    so its drop is what refining the probe bought.
     """
 
     probe: np.ndarray  # (modes, N, N) complex64, scaled so a unit object carries the data's energy
@@ -246,12 +247,13 @@ def refine_probe(
         cancelled=cancelled,
     )
     logger.info(
-        "probe refinement: %d mode(s), %d epoch(s)%s; amplitude misfit per pattern %s with the "
-        "given probe, %.6g refined",
+        "probe refinement: %d mode(s), %d epoch(s)%s; amplitude misfit per pattern %s after %d "
+        "epoch(s) with the probe fixed at its start, %.6g refined",
         result.probe.shape[0],
         result.epochs,
         " (cancelled)" if cancelled else "",
         "-" if result.misfit_fixed_probe is None else f"{result.misfit_fixed_probe:.6g}",
+        fixed_epochs,
         result.misfit,
     )
     return result

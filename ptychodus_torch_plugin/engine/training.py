@@ -441,6 +441,13 @@ def _with_training_probe(
         if 0 < modes < present:
             return dataclasses.replace(data, probe=data.probe[:modes].copy()), None
         return data, None
+    if payload.training.mode == "supervised":
+        logger.warning(
+            "probe_refinement_epochs = %d ignored: supervised training has no physics model "
+            "that the probe would enter",
+            epochs,
+        )
+        return data, None
     refinement = refine_probe(data, epochs, modes, seed=payload.data.seed, cancel=cancel)
     return dataclasses.replace(data, probe=refinement.probe), refinement
 

@@ -159,3 +159,13 @@ def test_probe_modes_without_refinement(small_scan) -> None:
 def test_training_config_validates_the_probe_fields(field, value) -> None:
     with pytest.raises(ValueError, match=f"TrainingConfig.{field}"):
         TrainingConfig(**{field: value})
+
+
+def test_supervised_training_ignores_probe_refinement(small_scan, caplog) -> None:
+    payload = create_training_payload(
+        tiny_overrides(epochs=1, n_groups=16, mode="supervised", probe_refinement_epochs=5)
+    )
+    with caplog.at_level("WARNING"):
+        result = train(payload, small_scan)
+    assert result.probe_refinement is None
+    assert "probe_refinement_epochs = 5 ignored" in caplog.text
