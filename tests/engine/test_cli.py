@@ -291,25 +291,10 @@ def test_train_final_weights_flag():
 
 def test_train_with_probe_refinement_reports_it(data_file, tmp_path, small_network, capsys):
     out = tmp_path / "OUT"
-    argv = [
-        "train",
-        "--train_data_file",
-        str(data_file),
-        "--output_dir",
-        str(out),
-        "--max_epochs",
-        "1",
-        "--n_groups",
-        "16",
-        "--accelerator",
-        "cpu",
-        "--logger",
-        "none",
-        "--probe-refinement-epochs",
-        "5",
-        "--probe-modes",
-        "2",
-    ]
+    argv = (
+        f"train --train_data_file {data_file} --output_dir {out} --max_epochs 1 --n_groups 16 "
+        "--accelerator cpu --logger none --probe-refinement-epochs 5 --probe-modes 2"
+    ).split()
     assert cli.main(argv) == 0
     assert "probe refinement (2 mode(s), 5 epochs)" in capsys.readouterr().out
     history = json.loads((out / "history.json").read_text())
