@@ -14,8 +14,8 @@ depend on the network:
   reading is fitted once more with the probe refined (the engine's ``refine_probe``, 1 and 3
   incoherent modes): the drop in misfit is how much of it the stored probe causes.
 
-The solver: object-only gradient descent (Adam) on the complex object pixels, the file's probe
-fixed (scaled so that a unit object carries the data's mean pattern energy), patches
+The solver: the engine's ``refine_probe`` with the probe held for every epoch, i.e.
+object-only gradient descent (Adam) on the complex object pixels, the file's probe fixed (scaled so that a unit object carries the data's mean pattern energy), patches
 extracted bilinearly at the real sub-pixel positions exactly as the simulator does, the
 engine's own far-field amplitude (``physics.predicted_amplitude``), an amplitude least-squares
 loss, a cosine learning-rate decay. Deliberately simple: no probe refinement (except in the
@@ -40,13 +40,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ptychodus_torch_plugin.engine.data import PtychoData, load_npz, mean_pattern_power
+from ptychodus_torch_plugin.engine.data import PtychoData, load_npz
 from ptychodus_torch_plugin.engine.images import save_object_images
 from ptychodus_torch_plugin.engine.inference import CanvasGeometry, stitch_patches
 from ptychodus_torch_plugin.engine.metrics import evaluate, scanned_region
-from ptychodus_torch_plugin.engine.physics import predicted_amplitude
 from ptychodus_torch_plugin.engine.probe_refinement import (
-    bilinear_patches,
     refine_probe,
     sample_grid,
 )
@@ -111,46 +109,35 @@ def fit_object(
 ) -> tuple[np.ndarray, float]:
     """Object (H, W) fitted to ``data`` by gradient descent, and the last epoch's loss per pattern.
 
-    The loss is the summed squared amplitude difference per pattern (Gaussian noise on
-    amplitudes, the usual least-squares target of iterative solvers).
+    The engine's probe refinement with the probe held at the file's for every epoch
+    (``probe_fixed_share`` 1.0): Adam on the object pixels, the summed squared amplitude
+    difference per pattern as the loss (Gaussian noise on amplitudes, the usual least-squares
+    target of iterative solvers). Its canvas is placed into the (H, W) frame whose pixel
+    (0, 0) is object position (0, 0); pixels no patch reaches stay 1.
     """
     n = data.N
-    x = torch.from_numpy(np.asarray(data.xcoords, np.float64))
-    y = torch.from_numpy(np.asarray(data.ycoords, np.float64))
-    rows, cols = sample_grid(y, n), sample_grid(x, n)
+    rows = sample_grid(torch.from_numpy(np.asarray(data.ycoords, np.float64)), n)[0]
+    cols = sample_grid(torch.from_numpy(np.asarray(data.xcoords, np.float64)), n)[0]
     height, width = shape
-    if int(rows[0].min()) < 0 or int(cols[0].min()) < 0:
+    if int(rows.min()) < 0 or int(cols.min()) < 0:
         raise ValueError("fit_object: a patch starts left of or above the canvas; shift positions")
-    if int(rows[0].max()) + 2 > height or int(cols[0].max()) + 2 > width:
+    if int(rows.max()) + 2 > height or int(cols.max()) + 2 > width:
         raise ValueError(f"fit_object: canvas {shape} too small for the positions")
-    measured = torch.from_numpy(data.amplitudes).float()
-    probe = torch.from_numpy(data.probe).to(torch.complex64)
-    # A unit object then carries the data's mean pattern energy (Parseval, orthonormal FFT).
-    energy = mean_pattern_power(data.amplitudes)
-    probe = probe * math.sqrt(energy / float(probe.abs().square().sum()))
-    obj = torch.ones(height, width, dtype=torch.complex64, requires_grad=True)
-    optimizer = torch.optim.Adam([obj], lr=learning_rate)
-    steps_per_epoch = math.ceil(len(measured) / batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=epochs * steps_per_epoch, eta_min=learning_rate / 100
+    fit = refine_probe(
+        data,
+        epochs,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        seed=seed,
+        probe_fixed_share=1.0,
     )
-    generator = torch.Generator().manual_seed(seed)
-    loss_per_pattern = math.nan
-    for _ in range(epochs):
-        total = 0.0
-        for batch in torch.randperm(len(measured), generator=generator).split(batch_size):
-            patches = bilinear_patches(
-                obj, (rows[0][batch], rows[1][batch]), (cols[0][batch], cols[1][batch])
-            )
-            predicted = predicted_amplitude(patches[:, None], probe)[:, 0]
-            loss = (predicted - measured[batch]).square().sum(dim=(-2, -1)).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += float(loss.detach()) * len(batch)
-        loss_per_pattern = total / len(measured)
-    return obj.detach().numpy(), loss_per_pattern
+    frame = np.ones(shape, np.complex64)
+    left, top = int(fit.origin[0]), int(fit.origin[1])  # frame pixel of the canvas's (0, 0)
+    r0, c0 = max(top, 0), max(left, 0)
+    r1 = min(top + fit.object.shape[0], height)
+    c1 = min(left + fit.object.shape[1], width)
+    frame[r0:r1, c0:c1] = fit.object[r0 - top : r1 - top, c0 - left : c1 - left]
+    return frame, fit.misfit
 
 
 def scanned_mask(

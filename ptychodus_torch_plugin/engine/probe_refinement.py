@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .cancel import CancelToken
-from .config import MAX_PROBE_MODES
+from .config import MAX_PROBE_MODES, _check_int, _check_real
 from .data import PtychoData, mean_pattern_power
 from .physics import predicted_amplitude
 
@@ -46,8 +46,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ProbeRefinement", "bilinear_patches", "refine_probe", "sample_grid"]
 
-#: Share of the epochs with the probe held fixed (the object settles first).
-_FIXED_PROBE_SHARE = 0.2
 #: Probe step relative to the object's, per unit of the probe's peak amplitude.
 _PROBE_STEP = 0.2
 #: Amplitude of the new modes' random start, relative to mode 0.
@@ -128,28 +126,15 @@ def bilinear_patches(
     return top * (1 - wr) + bottom * wr
 
 
-def _check(epochs: int, modes: int, learning_rate: float, batch_size: int) -> None:
-    for name, value, low in (
-        ("epochs", epochs, 1),
-        ("modes", modes, 0),
-        ("batch_size", batch_size, 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(
-                f"refine_probe: {name} = {value!r} is invalid: allowed an integer >= {low}"
-            )
-    if modes > MAX_PROBE_MODES:
-        raise ValueError(
-            f"refine_probe: modes = {modes} is invalid: allowed 0 (keep) to {MAX_PROBE_MODES}"
-        )
-    if not (
-        isinstance(learning_rate, int | float)
-        and math.isfinite(learning_rate)
-        and learning_rate > 0
-    ):
-        raise ValueError(
-            f"refine_probe: learning_rate = {learning_rate!r} is invalid: allowed a number > 0"
-        )
+def _check(
+    epochs: int, modes: int, learning_rate: float, batch_size: int, probe_fixed_share: float
+) -> None:
+    owner = "refine_probe"
+    _check_int(owner, "epochs", epochs, 1)
+    _check_int(owner, "modes", modes, 0, MAX_PROBE_MODES)
+    _check_int(owner, "batch_size", batch_size, 1)
+    _check_real(owner, "learning_rate", learning_rate, 0.0, exclusive_minimum=True)
+    _check_real(owner, "probe_fixed_share", probe_fixed_share, 0.0, maximum=1.0)
 
 
 def _starting_modes(probe: np.ndarray, modes: int, seed: int) -> np.ndarray:
@@ -174,13 +159,17 @@ def refine_probe(
     learning_rate: float = 0.05,
     batch_size: int = 64,
     seed: int = 0,
+    probe_fixed_share: float = 0.2,
     cancel: CancelToken | None = None,
 ) -> ProbeRefinement:
     """Fit the probe of ``data`` (``modes`` incoherent modes; 0 keeps the data's count).
 
-    ``cancel`` is checked every batch; a cancelled refinement returns the probe as it stands.
+    ``probe_fixed_share``: the share of the epochs with the probe held at its start, so the
+    object takes up what that probe already explains first; 1.0 fits the object only (the
+    iterative yardstick's fixed-probe fits). ``cancel`` is checked every batch; a cancelled
+    refinement returns the probe as it stands.
     """
-    _check(epochs, modes, learning_rate, batch_size)
+    _check(epochs, modes, learning_rate, batch_size, probe_fixed_share)
     n = data.N
     x = torch.from_numpy(np.asarray(data.xcoords, np.float64))
     y = torch.from_numpy(np.asarray(data.ycoords, np.float64))
@@ -211,7 +200,7 @@ def refine_probe(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=epochs * steps_per_epoch, eta_min=learning_rate / 100
     )
-    fixed_epochs = int(epochs * _FIXED_PROBE_SHARE)
+    fixed_epochs = int(epochs * probe_fixed_share)
     generator = torch.Generator().manual_seed(seed)
     history: list[float] = []
     cancelled = False

@@ -67,6 +67,16 @@ def test_the_right_probe_stays_the_right_probe(defocused_scan) -> None:
     assert result.misfit <= result.misfit_fixed_probe
 
 
+def test_a_fully_fixed_probe_fits_the_object_only(defocused_scan) -> None:
+    wrong = dataclasses.replace(
+        defocused_scan, probe=zone_plate_probe(N, curvature=2.5)[np.newaxis]
+    )
+    fit = refine_probe(wrong, 10, batch_size=16, probe_fixed_share=1.0)
+    assert fit.fixed_epochs == 10 and fit.misfit == fit.misfit_fixed_probe
+    assert _overlap(fit.probe[0], wrong.probe[0]) > 1 - 1e-6  # the given probe, only rescaled
+    assert fit.misfit > 20_000  # the wrong probe, kept, cannot explain the data
+
+
 def test_modes_are_added_or_cut_as_asked(defocused_scan) -> None:
     two = refine_probe(defocused_scan, 5, modes=2, batch_size=64)
     assert two.probe.shape == (2, N, N)
@@ -85,6 +95,7 @@ def test_modes_are_added_or_cut_as_asked(defocused_scan) -> None:
         ({"epochs": 5, "modes": -1}, "modes"),
         ({"epochs": 5, "batch_size": 0}, "batch_size"),
         ({"epochs": 5, "learning_rate": 0.0}, "learning_rate"),
+        ({"epochs": 5, "probe_fixed_share": 1.5}, "probe_fixed_share"),
     ],
 )
 def test_bad_settings_name_the_field(defocused_scan, kwargs, field) -> None:
