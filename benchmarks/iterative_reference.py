@@ -15,8 +15,9 @@ depend on the network:
   incoherent modes): the drop in misfit is how much of it the stored probe causes.
 
 The solver: the engine's ``refine_probe`` with the probe held for every epoch, i.e.
-object-only gradient descent (Adam) on the complex object pixels, the file's probe fixed (scaled so that a unit object carries the data's mean pattern energy), patches
-extracted bilinearly at the real sub-pixel positions exactly as the simulator does, the
+object-only gradient descent (Adam) on the complex object pixels, the file's probe fixed
+(scaled so that a unit object carries the data's mean pattern energy), patches extracted
+bilinearly at the real sub-pixel positions exactly as the simulator does, the
 engine's own far-field amplitude (``physics.predicted_amplitude``), an amplitude least-squares
 loss, a cosine learning-rate decay. Deliberately simple: no probe refinement (except in the
 rows that say so), no position correction, so its figures are a floor for an iterative

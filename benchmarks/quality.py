@@ -5,9 +5,8 @@ simulator at 1e6 and 1e4 photons, gridsize 1 and 2, trained on this machine with
 budget; the real measured Siemens star (516 frames, N = 128, no ground truth), trained after
 the engine's probe refinement (the file's probe does not fit this measurement; 50 epochs,
 3 modes, inside the budget), whose amplitude and phase images are saved under docs/images/;
-and a simulated copy of that star
-(same probe, positions and counts; the iterative reference of ``iterative_reference.py`` as
-its object), scored against that object.
+and a simulated copy of that star (same probe, positions and counts; the iterative reference
+of ``iterative_reference.py`` as its object), scored against that object.
 
 Run:  .venv/bin/python benchmarks/quality.py [--cases run1084-g2-1e6,...] [--budget-minutes 15]
 Skips cleanly (exit 0) when ../shared/data is absent.
@@ -39,10 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 RUN1084 = SHARED_DATA / "run1084_object_probe.npz"
 SIEMENS = SHARED_DATA / "siemens_star_experimental.npz"
-#: The iterative yardstick of the measured star (``run_siemens``): probe refinement epochs and
-#: incoherent modes (3 modes reach about the Poisson noise floor; docs/performance.md).
+#: Epochs of the iterative yardstick of the measured star (``run_siemens``; its incoherent
+#: modes are ``iterative_reference.REFINED_MODES``).
 SIEMENS_REFERENCE_EPOCHS = 50
-SIEMENS_REFERENCE_MODES = 3
 ALL_CASES = (
     "run1084-g2-1e6",
     "run1084-g1-1e6",
@@ -312,12 +310,14 @@ def run_siemens(args: argparse.Namespace) -> dict:
     misfit about the Poisson noise floor): its object is what the data say, so the PINN image's
     agreement with it (SSIM after the usual alignment) tells a lattice from a star in numbers.
     """
+    from iterative_reference import REFINED_MODES
+
     from ptychodus_torch_plugin.engine.data import load_npz
     from ptychodus_torch_plugin.engine.probe_refinement import refine_probe
 
     data = load_npz(SIEMENS)
     start = time.perf_counter()
-    reference = refine_probe(data, SIEMENS_REFERENCE_EPOCHS, SIEMENS_REFERENCE_MODES)
+    reference = refine_probe(data, SIEMENS_REFERENCE_EPOCHS, REFINED_MODES)
     print(
         f"  iterative reference (outside the budget, {time.perf_counter() - start:.0f} s): "
         f"{reference.summary()}",
