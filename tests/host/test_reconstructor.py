@@ -191,3 +191,20 @@ def test_train_from_npz_yields_epochs_and_a_stop_keeps_the_best_model(
     assert "training stopped after" in messages and "kept the best model" in messages
     model = library.model_slot.get()
     assert model.epochs_trained >= 1
+
+
+def test_training_with_probe_refinement_settings_keeps_the_refined_modes(
+    library, reconstruct_input, tmp_path, caplog
+):
+    from ptychodus_torch_plugin.host.convert import probe_modes
+
+    assert probe_modes(reconstruct_input.product).shape[0] == 1
+    reconstructor = library.reconstructor("PINN")
+    reconstructor.export_training_data(tmp_path / "train_data.npz", reconstruct_input)
+    settings = dict(TINY, probe_refinement_epochs=5, probe_modes=2)
+    with settings_values(library, **settings), caplog.at_level(logging.INFO):
+        outputs = list(reconstructor.train(tmp_path, tmp_path))
+    assert len(outputs) == 1
+    n = np.shape(reconstruct_input.diffraction_patterns)[-1]
+    assert library.model_slot.get().probe.shape == (2, n, n)
+    assert "probe refinement: 2 mode(s), 5 epoch(s)" in caplog.text
