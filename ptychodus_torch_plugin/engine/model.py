@@ -92,6 +92,16 @@ class TrainedModel:
         return self.autoencoder.forward_model.probe.detach().cpu().numpy()
 
     @property
+    def probe_refined(self) -> bool:
+        """Whether :attr:`probe` was fitted to the training data (``probe_refinement_epochs``).
+
+        Supervised training ignores the setting (it has no physics model), so its probe is the
+        data's. Archives written before the setting existed have no key: not refined.
+        """
+        epochs = int(self.config.get("probe_refinement_epochs", 0) or 0)
+        return epochs > 0 and self.config.get("mode", "pinn") != "supervised"
+
+    @property
     def model_config(self) -> ModelConfig:
         return create_training_payload(self.config).model
 

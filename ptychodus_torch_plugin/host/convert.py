@@ -8,7 +8,8 @@
   ``i``). Ptychodus anchors an N-pixel patch at ``x - (N-1)/2``, the engine at ``x - N/2``, so
   engine coordinates are Ptychodus pixel coordinates + 0.5; with that, both share one object
   pixel frame and the stitched canvas ``CanvasGeometry(0, 0, W, H)`` *is* the input object.
-* Probe: the incoherent mode stack at OPR index 0, shape (modes, N, N).
+* Probe: the incoherent mode stack at OPR index 0, shape (modes, N, N). A model trained with
+  probe refinement hands its refined probe back in the result (:func:`result_probes`).
 * Result: an ``Object`` with the input's pixel geometry, centre and layer spacing; the
   reconstruction (the total transmission) goes into layer 0 and the other layers are 1 there,
   so the product of the layers is the reconstruction; pixels no patch has reached yet keep
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ptychodus.api.object import Object
+from ptychodus.api.probe import ProbeSequence
 from ptychodus.api.product import LossValue, Product
 from ptychodus.api.reconstruct import ReconstructInput
 
@@ -33,6 +35,7 @@ from .names import LOGGER_NAME, TEST_DATA_NAME, TRAINING_DATA_NAME
 if TYPE_CHECKING:  # engine types; the modules are imported lazily at work time
     from ..engine.data import PtychoData
     from ..engine.inference import CanvasGeometry, StitchedObject
+    from ..engine.model import TrainedModel
 
 logger = logging.getLogger(f"{LOGGER_NAME}.host.convert")
 
@@ -165,11 +168,59 @@ def validation_losses(history: Sequence[Any]) -> list[LossValue]:
     ]
 
 
-def with_object(product: Product, obj: Object, losses: Sequence[LossValue]) -> Product:
+def result_probes(product: Product, model: TrainedModel) -> ProbeSequence:
+    """The probe to hand back with a reconstruction: the model's refined one, else the input's.
+
+    Why: a model trained with probe refinement learnt objects that explain its data through the
+    probe it fitted, not through the one the product holds (on the measured Siemens star the
+    stored probe left ten times the misfit). Handing that probe back keeps the product's object
+    and probe consistent, as Ptychodus's iterative reconstructors do with theirs, and shows the
+    user in the Probe view what the fit found. The model keeps its probe normalised, so it is
+    scaled to the input probe's total power (the photon budget the product states), on the
+    input's pixel geometry. The input's probe is kept when the model's probe was not refined,
+    has another size, or the input carries orthogonal probe relaxation (OPR) weights, which a
+    single refined mode stack cannot honour.
+    """
+    given = product.probes
+    if not model.probe_refined:
+        return given
+    refined = model.probe
+    shape = (given.height_px, given.width_px)
+    if refined.shape[-2:] != shape or given.get_opr_weights_or_none() is not None:
+        logger.info(
+            "the model's refined probe (%s) does not replace the product's (%s, %d OPR mode(s))",
+            "x".join(map(str, refined.shape)),
+            "x".join(map(str, shape)),
+            given.num_coherent_modes,
+        )
+        return given
+    power_in = float(np.sum(np.abs(np.asarray(given.get_array())) ** 2))
+    power_model = float(np.sum(np.abs(refined.astype(np.complex128)) ** 2))
+    if not (math.isfinite(power_in) and power_in > 0 and power_model > 0):
+        return given
+    array = refined.astype(np.complex128) * math.sqrt(power_in / power_model)
+    logger.info(
+        "returning the model's refined probe (%d mode(s)) scaled to the product's probe power",
+        refined.shape[0],
+    )
+    return ProbeSequence(
+        array=array[np.newaxis].astype(given.dtype, copy=False),
+        opr_weights=None,
+        pixel_geometry=given.get_pixel_geometry(),
+    )
+
+
+def with_object(
+    product: Product,
+    obj: Object,
+    losses: Sequence[LossValue],
+    probes: ProbeSequence | None = None,
+) -> Product:
+    """``product`` with the reconstruction's object and losses (and probes, when given)."""
     return Product(
         metadata=product.metadata,
         probe_positions=product.probe_positions,
-        probes=product.probes,
+        probes=product.probes if probes is None else probes,
         object_=obj,
         losses=list(losses),
     )

@@ -35,6 +35,7 @@ from .convert import (
     find_training_data,
     losses_from_history,
     reconstruct_input_to_data,
+    result_probes,
     stitched_to_object,
     validation_losses,
     with_object,
@@ -93,6 +94,7 @@ class TorchPINNReconstructor(TrainableReconstructor):
         payload = model.inference_payload(self._library.settings.inference_overrides())
         template = parameters.product.object_
         losses = losses_from_history(model.history)
+        probes = result_probes(parameters.product, model)
         groups = payload.inference.n_groups or data.n_patterns
         self._goal = max(1, math.ceil(groups / payload.inference.chunk_size))
         self.chunks_run = []
@@ -124,7 +126,10 @@ class TorchPINNReconstructor(TrainableReconstructor):
                     chunk.groups_total,
                 )
                 product = with_object(
-                    parameters.product, stitched_to_object(chunk.stitched, template), losses
+                    parameters.product,
+                    stitched_to_object(chunk.stitched, template),
+                    losses,
+                    probes,
                 )
                 yield ReconstructOutput(product=product, progress=chunk.chunk_index + 1)
         finally:

@@ -1,5 +1,6 @@
 """Model archive wts.h5.zip: round trip, integrity, refusal of foreign or unsafe content."""
 
+import dataclasses
 import io
 import json
 import pickle
@@ -266,6 +267,24 @@ def test_probe_is_read_without_pickle(saved, tmp_path):
     path = _rewrite(saved[1], tmp_path / "x.zip", replace={"probe.npy": buffer.getvalue()})
     with pytest.raises(ValueError, match="probe.npy"):
         load_archive(path)
+
+
+@pytest.mark.parametrize(
+    ("mode", "epochs", "refined"),
+    [("pinn", 0, False), ("pinn", 20, True), ("supervised", 20, False)],
+)
+def test_archive_says_whether_its_probe_was_refined(tmp_path, mode, epochs, refined):
+    """The host hands a refined probe back to Ptychodus; the archive must keep the fact."""
+    model = _model(mode=mode, probe_refinement_epochs=epochs)
+    assert model.probe_refined is refined
+    assert load_archive(save_archive(model, tmp_path)).probe_refined is refined
+
+
+def test_archive_without_the_refinement_key_reads_as_not_refined(saved):
+    model = saved[0]
+    older = dataclasses.replace(model, config={**model.config})
+    older.config.pop("probe_refinement_epochs")
+    assert not older.probe_refined
 
 
 # ----------------------------------------------------------------------------- atomic save

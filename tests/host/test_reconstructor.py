@@ -84,6 +84,8 @@ def test_reconstruct_streams_one_output_per_chunk_in_the_input_frame(
         assert np.all(np.isfinite(obj.get_array()))
     losses = outputs[-1].product.losses
     assert [loss.epoch for loss in losses] == [1] and losses[0].value > 0
+    # Trained without probe refinement: the product's own probe comes back untouched.
+    assert all(o.product.probes is reconstruct_input.product.probes for o in outputs)
     # Chunks fill the image in: more pixels differ from the initial guess each time.
     changed = [np.count_nonzero(o.product.object_.get_array() != 1) for o in outputs]
     assert changed == sorted(changed) and changed[0] < changed[-1]
@@ -206,5 +208,44 @@ def test_training_with_probe_refinement_settings_keeps_the_refined_modes(
         outputs = list(reconstructor.train(tmp_path, tmp_path))
     assert len(outputs) == 1
     n = np.shape(reconstruct_input.diffraction_patterns)[-1]
-    assert library.model_slot.get().probe.shape == (2, n, n)
+    model = library.model_slot.get()
+    assert model.probe.shape == (2, n, n) and model.probe_refined
     assert "probe refinement: 2 mode(s), 5 epoch(s)" in caplog.text
+
+    # Reconstructing with it hands the refined probe back, at the input probe's power, so the
+    # product's object and probe belong together (what Ptychodus's Probe view then shows).
+    given = reconstruct_input.product.probes
+    with caplog.at_level(logging.INFO):
+        product = list(reconstructor.reconstruct(reconstruct_input))[-1].product
+    returned = np.asarray(product.probes.get_array())
+    assert returned.shape == (1, 2, n, n) and returned.dtype == given.dtype
+    assert product.probes.get_pixel_geometry() == given.get_pixel_geometry()
+    power = np.sum(np.abs(returned) ** 2)
+    assert power == pytest.approx(np.sum(np.abs(given.get_array()) ** 2), rel=1e-5)
+    ratio = returned[0] / model.probe
+    strong = np.abs(model.probe) > 0.1 * np.abs(model.probe).max()
+    assert np.allclose(ratio[strong], ratio[strong].mean(), rtol=1e-4)  # one real factor
+    assert abs(ratio[strong].mean().imag) < 1e-6 * abs(ratio[strong].mean())
+    assert "returning the model's refined probe (2 mode(s))" in caplog.text
+
+
+def test_refined_probe_is_not_forced_onto_a_product_with_opr_weights(
+    reconstruct_input, trained_archive
+):
+    import dataclasses
+
+    from ptychodus.api.probe import ProbeSequence
+
+    from ptychodus_torch_plugin.engine.archive import load_archive
+    from ptychodus_torch_plugin.host.convert import result_probes
+
+    plain = load_archive(trained_archive)
+    model = dataclasses.replace(plain, config={**plain.config, "probe_refinement_epochs": 3})
+    assert model.probe_refined and not plain.probe_refined
+    given = reconstruct_input.product.probes
+    assert result_probes(reconstruct_input.product, model) is not given  # the refined one
+    stack = np.stack([given.get_array()[0]] * 2)  # two OPR (coherent) modes
+    opr = ProbeSequence(stack, np.ones((5, 2)), given.get_pixel_geometry())
+    p = reconstruct_input.product
+    product = Product(p.metadata, p.probe_positions, opr, p.object_, p.losses)
+    assert result_probes(product, model) is opr
