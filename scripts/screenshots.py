@@ -9,6 +9,8 @@ It simulates a small scan with Ptychodus's own simulator and writers, starts Pty
 PINN and writes (default ``docs/images/``):
 
 * ``gui_panel.png``: the processing view with the panel (parameters, model status, actions);
+* ``gui_panel_probe.png``: the panel scrolled to its training fields, probe refinement set as
+  the user guide suggests for a probe that may not be the scan's (reset before training);
 * ``gui_training.png``: "Train on this scan" in progress: progress bars, time left, live loss;
 * ``gui_reconstructed.png``: Ptychodus's object view showing the result of "Infer" with the
   model just trained.
@@ -25,11 +27,41 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 N = int(os.environ.get("SCREENSHOT_N", "32"))
 EPOCHS = int(os.environ.get("SCREENSHOT_EPOCHS", "25"))
 SNAPSHOT_EPOCH = int(os.environ.get("SCREENSHOT_AT_EPOCH", "6"))
+
+
+def _scroll_areas(widget: Any) -> list[Any]:
+    from PyQt5.QtWidgets import QScrollArea
+
+    areas = []
+    while widget is not None:
+        if isinstance(widget, QScrollArea):
+            areas.append(widget)
+        widget = widget.parentWidget()
+    return areas
+
+
+def show_probe_settings(view: Any, panel: Any, settings: Any) -> None:
+    """Scroll the panel to the training fields with probe refinement set as the guide says."""
+    from PyQt5.QtWidgets import QLabel
+
+    settings.probe_refinement_epochs.set_value(50)
+    settings.probe_modes.set_value(3)
+    labels = [w for w in panel.findChildren(QLabel) if w.text() == "Probe modes:"]
+    if not labels:
+        raise RuntimeError("no 'Probe modes:' field in the panel")
+    for area in _scroll_areas(labels[0]):
+        area.ensureWidgetVisible(labels[0], 50, 120)
+
+
+def scroll_to_top(panel: Any) -> None:
+    for area in _scroll_areas(panel):
+        area.verticalScrollBar().setValue(0)
 
 
 def main(argv: list[str]) -> int:
@@ -89,6 +121,12 @@ def main(argv: list[str]) -> int:
         model.processing_core.algorithm_parameter.notify_observers()
         pump(1.0)
         grab("gui_panel.png")
+        show_probe_settings(view, panel, settings)
+        pump(1.0)
+        grab("gui_panel_probe.png")
+        settings.probe_refinement_epochs.set_value(0)  # the demo trains with the given probe
+        settings.probe_modes.set_value(0)
+        scroll_to_top(panel)
 
         epochs_seen: list[int] = []
         panel.session.worker_started.connect(
