@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from .cancel import CancelToken
 from .config import SUPPORTED_BACKEND, ExecutionConfig
 from .data import PtychoData
-from .devices import resolve_accelerator
+from .devices import resolve_accelerator, select_device
 from .model import EpochRecord, TrainedModel
 from .module import TRAIN_LOSS, VAL_LOSS, PINNModule, SupervisedModule
 from .payload import TrainingPayload
@@ -448,7 +448,12 @@ def _with_training_probe(
             epochs,
         )
         return data, None
-    refinement = refine_probe(data, epochs, modes, seed=payload.data.seed, cancel=cancel)
+    device = select_device(payload.execution.accelerator)
+    if device.type == "mps":  # complex autograd on MPS is incomplete; the CPU does it
+        device = torch.device("cpu")
+    refinement = refine_probe(
+        data, epochs, modes, seed=payload.data.seed, cancel=cancel, device=device
+    )
     return dataclasses.replace(data, probe=refinement.probe), refinement
 
 

@@ -152,6 +152,35 @@ def test_training_uses_the_refined_probe(small_scan) -> None:
     assert payload.to_flat()["probe_refinement_epochs"] == 5
 
 
+def test_training_refines_on_its_own_device(small_scan, monkeypatch) -> None:
+    from ptychodus_torch_plugin.engine import training
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(torch.device(kwargs["device"]))
+        return refine_probe(*args, **kwargs)
+
+    monkeypatch.setattr(training, "refine_probe", spy)
+    payload = create_training_payload(
+        tiny_overrides(epochs=1, n_groups=16, probe_refinement_epochs=2, accelerator="cpu")
+    )
+    train(payload, small_scan)
+    assert seen == [torch.device("cpu")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_refinement_on_the_gpu_matches_the_cpu(defocused_scan) -> None:
+    wrong = dataclasses.replace(
+        defocused_scan, probe=zone_plate_probe(N, curvature=2.5)[np.newaxis]
+    )
+    cpu = refine_probe(wrong, 20, batch_size=16)
+    gpu = refine_probe(wrong, 20, batch_size=16, device="cuda")
+    assert gpu.probe.dtype == np.complex64 and gpu.object.dtype == np.complex64
+    assert _overlap(gpu.probe[0], cpu.probe[0]) > 0.999
+    assert gpu.misfit == pytest.approx(cpu.misfit, rel=0.02)
+
+
 def test_probe_modes_without_refinement(small_scan) -> None:
     more = create_training_payload(tiny_overrides(epochs=1, probe_modes=2))
     with pytest.raises(ValueError, match="probe_modes = 2 .*probe_refinement_epochs"):
