@@ -35,6 +35,8 @@ INPUT_NORMALIZATIONS = ("recompute", "stored")
 PATCH_SIZES = (32, 64, 128, 256)
 #: Most incoherent probe modes probe refinement fits.
 MAX_PROBE_MODES = 8
+#: Most probe refinement epochs (a typo guard: 100 already reach the noise floor on real data).
+MAX_PROBE_REFINEMENT_EPOCHS = 10_000
 
 #: Optional logging backends and the package each one needs.
 LOGGER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
@@ -210,7 +212,11 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         _check_choice("TrainingConfig", "mode", self.mode, MODES)
         _check_int(
-            "TrainingConfig", "probe_refinement_epochs", self.probe_refinement_epochs, 0, 10_000
+            "TrainingConfig",
+            "probe_refinement_epochs",
+            self.probe_refinement_epochs,
+            0,
+            MAX_PROBE_REFINEMENT_EPOCHS,
         )
         _check_int("TrainingConfig", "probe_modes", self.probe_modes, 0, MAX_PROBE_MODES)
         _check_choice("TrainingConfig", "final_weights", self.final_weights, FINAL_WEIGHTS)

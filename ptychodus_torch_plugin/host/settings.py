@@ -107,7 +107,10 @@ class TorchPINNSettings(Observable, Observer):
         )
         # Probe refinement before training (0: train with the probe Ptychodus hands over).
         self.probe_refinement_epochs = training.create_integer_parameter(
-            "ProbeRefinementEpochs", 0, minimum=0, maximum=10_000
+            "ProbeRefinementEpochs",
+            0,
+            minimum=0,
+            maximum=engine_config.MAX_PROBE_REFINEMENT_EPOCHS,
         )
         self.probe_modes = training.create_integer_parameter(
             "ProbeModes", 0, minimum=0, maximum=engine_config.MAX_PROBE_MODES
