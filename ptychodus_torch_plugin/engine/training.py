@@ -12,6 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -93,28 +94,56 @@ class _ObserverCallback(Callback):
         )
 
 
-class _CancelCallback(Callback):
-    """Stops within one batch of ``token.cancel()``: checked after every batch.
+def early_exit_exception() -> type[BaseException] | None:
+    """The exception Lightning treats as "end ``fit`` now, normally" (its tuner uses it).
 
-    It must run after every other batch-end hook (``train`` adds it last), so a cancel raised
-    by an observer or another thread during batch k stops training right after batch k.
+    Raised from a callback it ends ``fit`` at once: no validation pass, no epoch-end hooks
+    for the epoch cut short. Private to Lightning (pinned in constraints.txt), hence looked up
+    defensively: ``None`` means the callers fall back to ``trainer.should_stop``.
+    """
+    try:
+        from lightning.pytorch.utilities.exceptions import _TunerExitException
+    except Exception:  # another Lightning release
+        return None
+    return _TunerExitException
+
+
+class _CancelCallback(Callback):
+    """Ends training within one batch of ``token.cancel()``: checked around every batch.
+
+    Checked before and after every training batch and before every validation batch, and it
+    ends ``fit`` at once (:func:`early_exit_exception`), so Stop never waits for a validation
+    pass over a large test scan and the epoch cut short is never recorded as finished: the
+    model handed back is that of the last whole epoch. It must run after every other
+    batch-end hook (``train`` adds it last), so a cancel raised by an observer or another
+    thread during batch k stops training right after batch k.
     """
 
     def __init__(self, token: CancelToken) -> None:
         self.token = token
         self.cancelled = False
+        self._exit = early_exit_exception()
 
     def _check(self, trainer: L.Trainer) -> None:
-        if self.token.cancelled:
-            self.cancelled = True
-            trainer.should_stop = True
+        if not self.token.cancelled:
+            return
+        self.cancelled = True
+        trainer.should_stop = True
+        if self._exit is not None:
+            raise self._exit("training stopped by request")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         self._check(trainer)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
+        self._check(trainer)
+
+    def on_validation_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         self._check(trainer)
 
 
@@ -144,11 +173,21 @@ class _HistoryCallback(Callback):
     rate the best epoch guards against a late divergence.
     """
 
-    def __init__(self, monitor: str, mode: str, observer: Any, keep_last: bool = False) -> None:
+    def __init__(
+        self,
+        monitor: str,
+        mode: str,
+        observer: Any,
+        keep_last: bool = False,
+        cancel: CancelToken | None = None,
+    ) -> None:
         self.monitor = monitor
         self.mode = mode
         self.observer = observer
         self.keep_last = keep_last
+        #: An epoch ending after a cancel was cut short (Lightning without the early exit):
+        #: not recorded, its weights not kept.
+        self.cancel = cancel
         self.history: list[EpochRecord] = []
         self.best_value: float | None = None
         self.best_epoch: int | None = None
@@ -161,8 +200,8 @@ class _HistoryCallback(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = trainer.callback_metrics
         train_loss = metrics.get(f"{TRAIN_LOSS}_epoch", metrics.get(TRAIN_LOSS))
-        if train_loss is None:  # epoch cancelled before its first batch finished
-            return
+        if train_loss is None or (self.cancel is not None and self.cancel.cancelled):
+            return  # cancelled: this epoch did not finish
         val_loss = metrics.get(VAL_LOSS)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         record = EpochRecord(
@@ -184,7 +223,7 @@ class _HistoryCallback(Callback):
         self.history.append(record)
         value = metrics.get(self.monitor)
         better = False
-        if value is not None:
+        if value is not None and math.isfinite(float(value)):  # a NaN would never be beaten
             value = float(value)
             better = (
                 self.best_value is None
@@ -354,8 +393,11 @@ def train(
     val_loader = DataLoader(val_set, shuffle=False, **loader_kwargs) if val_set else None
 
     keep_last = payload.training.final_weights == "last"
-    history_cb = _HistoryCallback(monitor, checkpointing.mode, observer, keep_last=keep_last)
-    cancel_cb = _CancelCallback(cancel or CancelToken())
+    token = cancel or CancelToken()
+    history_cb = _HistoryCallback(
+        monitor, checkpointing.mode, observer, keep_last=keep_last, cancel=token
+    )
+    cancel_cb = _CancelCallback(token)
     all_callbacks: list[Callback] = [_ChannelsLastCallback(), history_cb, *callbacks]
     if observer is not None:
         all_callbacks.append(_ObserverCallback(observer))

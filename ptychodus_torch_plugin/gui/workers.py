@@ -86,15 +86,6 @@ class LoadedModel:
 
 
 # ----------------------------------------------------------------------------- prompt stop
-def _early_exit_exception() -> type[BaseException] | None:
-    """The exception Lightning treats as "end fit now, normally" (its tuner uses it)."""
-    try:
-        from lightning.pytorch.utilities.exceptions import _TunerExitException
-    except Exception:  # another Lightning: fall back to the engine's per-batch check
-        return None
-    return _TunerExitException
-
-
 def make_prompt_stop(token: Any) -> Any:
     """A Lightning callback that ends ``fit`` within one layer of ``token.cancel()``.
 
@@ -105,7 +96,9 @@ def make_prompt_stop(token: Any) -> Any:
     import torch
     from lightning.pytorch.callbacks import Callback
 
-    exit_exception = _early_exit_exception()
+    from ..engine.training import early_exit_exception
+
+    exit_exception = early_exit_exception()
 
     class _PromptStop(Callback):
         """Ends ``fit`` within one layer of ``token.cancel()``, also mid-batch."""

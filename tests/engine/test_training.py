@@ -54,10 +54,67 @@ def test_cancel_stops_within_one_batch(small_scan):
     batches = [e for e in recorder.events if e[0] == "batch"]
     assert result.cancelled
     assert [(e[1], e[2]) for e in batches] == [(0, 0), (0, 1), (0, 2)]
-    assert len(result.history) <= 1
+    # The epoch cut short is not a finished epoch: nothing recorded, no "best" weights.
+    assert result.history == [] and result.best_epoch is None
+    assert not [e for e in recorder.events if e[0] == "epoch"]
     # The model is still usable.
     patches = result.model.predict(np.zeros((2, 1, 32, 32), np.float32))
     assert patches.shape == (2, 1, 32, 32) and np.isfinite(patches).all()
+
+
+class ValidationCounter(Callback):
+    def __init__(self, token):
+        self.token = token
+        self.after_cancel = 0
+
+    def on_validation_batch_end(self, *args):
+        self.after_cancel += self.token.cancelled
+
+
+@pytest.mark.parametrize(
+    ("final_weights", "early_exit"), [("best", True), ("last", True), ("best", False)]
+)
+def test_cancel_mid_epoch_keeps_the_last_whole_epoch_and_skips_validation(
+    small_scan, final_weights, early_exit, monkeypatch
+):
+    """Stop in epoch 2 with a test scan: no validation pass, epoch 1's network comes back.
+
+    Without Lightning's early exit (another release) the engine falls back to
+    ``should_stop``: Lightning then validates the cut-off epoch, which must still not count.
+    """
+    from ptychodus_torch_plugin.engine import training
+
+    if not early_exit:
+        monkeypatch.setattr(training, "early_exit_exception", lambda: None)
+    token = CancelToken()
+    recorder = Recorder(cancel_at=(1, 1), token=token)
+    counter = ValidationCounter(token)
+    kept = {}
+
+    class Snapshot(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            kept[trainer.current_epoch] = {
+                k: v.detach().clone() for k, v in pl_module.autoencoder.state_dict().items()
+            }
+
+    payload = create_training_payload(
+        tiny_overrides(epochs=5, batch_size=8, final_weights=final_weights)
+    )
+    result = train(
+        payload,
+        small_scan,
+        test_data=small_scan,
+        observer=recorder,
+        cancel=token,
+        callbacks=[counter, Snapshot()],
+    )
+    assert result.cancelled and [r.epoch for r in result.history] == [1]
+    assert result.best_epoch == 1
+    if early_exit:
+        assert counter.after_cancel == 0
+        assert list(kept) == [0]  # no epoch-end hook ran for the cut-off epoch
+    state = result.model.autoencoder.state_dict()
+    assert all(torch.equal(state[k].cpu(), v.cpu()) for k, v in kept[0].items())
 
 
 def test_cpu_training_runs_in_channels_last_and_saves_plain_weights(small_scan, tmp_path):
