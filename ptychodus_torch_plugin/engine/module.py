@@ -56,7 +56,7 @@ class _ReconstructionModule(L.LightningModule):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.autoencoder.generator(inputs)
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _loss(self, batch: dict[str, torch.Tensor], validation: bool = False) -> torch.Tensor:
         raise NotImplementedError
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -66,7 +66,7 @@ class _ReconstructionModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss = self._loss(batch)
+        loss = self._loss(batch, validation=True)
         self.log(VAL_LOSS, loss, on_epoch=True, prog_bar=True, batch_size=batch["inputs"].shape[0])
 
     def configure_optimizers(self) -> Any:
@@ -108,7 +108,13 @@ class _ReconstructionModule(L.LightningModule):
 
 
 class PINNModule(_ReconstructionModule):
-    """Unsupervised: the predicted diffraction must explain the measured diffraction."""
+    """Unsupervised: the predicted diffraction must explain the measured diffraction.
+
+    ``val_intensity_scale``: the physics scale ``s`` of a separate test scan. Each scan's
+    inputs are normalised on their own (``input_normalization = "recompute"``), so only its
+    own ``s`` turns them back into its counts; with the training scan's, a test scan at
+    another dose would be scored against counts off by the dose ratio.
+    """
 
     def __init__(
         self,
@@ -117,28 +123,31 @@ class PINNModule(_ReconstructionModule):
         intensity_scale: float,
         loss: str = "poisson",
         bad_pixels: torch.Tensor | None = None,
+        val_intensity_scale: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(autoencoder, **kwargs)
         self.intensity_scale = float(intensity_scale)
+        self.val_intensity_scale = (
+            self.intensity_scale if val_intensity_scale is None else float(val_intensity_scale)
+        )
         self.loss_name = loss
         self.register_buffer("bad_pixels", bad_pixels, persistent=False)
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _loss(self, batch: dict[str, torch.Tensor], validation: bool = False) -> torch.Tensor:
         inputs = batch["inputs"]
         _, predicted = self.autoencoder(inputs, batch["offsets"])
+        scale = self.val_intensity_scale if validation else self.intensity_scale
         with torch.autocast(device_type=predicted.device.type, enabled=False):  # fp32 loss
             if self.loss_name == "poisson":
-                return poisson_nll(
-                    predicted, inputs.float(), self.intensity_scale, self.bad_pixels, full=True
-                )
+                return poisson_nll(predicted, inputs.float(), scale, self.bad_pixels, full=True)
             return mae_loss(predicted, inputs.float(), self.bad_pixels)
 
 
 class SupervisedModule(_ReconstructionModule):
     """Supervised: L1 on amplitude and wrapped phase against ground-truth object patches."""
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _loss(self, batch: dict[str, torch.Tensor], validation: bool = False) -> torch.Tensor:
         amplitude, phase = self.autoencoder.generator.amplitude_phase(batch["inputs"])
         target = batch["targets"]
         amplitude_loss = (amplitude - target.abs()).abs().mean()

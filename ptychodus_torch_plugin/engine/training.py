@@ -333,8 +333,9 @@ def train(
     scan = prepare_scan(data, grid, payload.data)
     supervised = payload.training.mode == "supervised"
     targets = _supervised_targets(data) if supervised else None
+    val_scan: PreparedScan | None = None
     if test_data is not None:
-        val_scan: PreparedScan | None = prepare_scan(
+        val_scan = prepare_scan(
             test_data, grid, payload.data, input_scale=scan.input_scale
         )
         train_rows = np.arange(scan.n_groups)
@@ -378,6 +379,7 @@ def train(
         module = PINNModule(
             model.autoencoder,
             intensity_scale=scan.intensity_scale,
+            val_intensity_scale=None if val_scan is None else val_scan.intensity_scale,
             loss=payload.training.loss,
             bad_pixels=mask,
             **module_kwargs,

@@ -273,3 +273,48 @@ def test_a_loaded_model_can_be_trained_again_after_predicting(small_scan, tmp_pa
     generator = model.generator.train()
     generator(torch.rand(2, 1, 32, 32)).abs().sum().backward()
     assert all(p.grad is not None for p in generator.parameters() if p.requires_grad)
+
+
+def test_loss_counts_are_the_measured_counts_with_a_hot_pixel_flagged_bad(small_scan):
+    """A saturated pixel excluded from the loss must not inflate the dose the loss assumes."""
+    import dataclasses
+
+    from ptychodus_torch_plugin.engine.prepare import prepare_scan
+
+    hot = np.zeros((32, 32), bool)
+    hot[3, 5] = True
+    amplitudes = small_scan.amplitudes.copy()
+    amplitudes[:, 3, 5] = np.sqrt(65535.0)
+    data = dataclasses.replace(small_scan, amplitudes=amplitudes, bad_pixels=hot)
+    payload = create_training_payload(tiny_overrides())
+    scan = prepare_scan(data, payload.grid, payload.data)
+    counts = (scan.intensity_scale * scan.inputs.astype(np.float64)) ** 2
+    measured = amplitudes.astype(np.float64) ** 2
+    np.testing.assert_allclose(counts[:, ~hot], measured[:, ~hot], rtol=1e-4, atol=1e-6)
+    original = small_scan.amplitudes[:, 3, 5].astype(np.float64) ** 2
+    assert scan.nphotons == pytest.approx(small_scan.mean_photons() - original.mean())
+
+
+def test_a_test_scan_at_another_dose_is_scored_against_its_own_counts(small_scan, monkeypatch):
+    from ptychodus_torch_plugin.engine import training
+    from ptychodus_torch_plugin.engine.prepare import prepare_scan
+    from ptychodus_torch_plugin.engine.simulate import simulate_dataset
+
+    low = simulate_dataset(N=32, nphotons=1e3, seed=1)
+    seen = {}
+
+    class Spy(training.PINNModule):
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(training, "PINNModule", Spy)
+    payload = create_training_payload(tiny_overrides(epochs=1))
+    result = train(payload, small_scan, test_data=low)
+    assert result.history[0].val_loss > 0
+    val = prepare_scan(low, payload.grid, payload.data)
+    counts = (seen["val_intensity_scale"] * val.inputs.astype(np.float64)) ** 2
+    np.testing.assert_allclose(counts, low.amplitudes.astype(np.float64) ** 2, rtol=1e-4, atol=1e-6)
+    assert seen["intensity_scale"] ** 2 == pytest.approx(
+        100 * seen["val_intensity_scale"] ** 2, rel=0.05
+    )
