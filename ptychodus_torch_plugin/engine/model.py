@@ -103,7 +103,7 @@ class TrainedModel:
 
     @property
     def model_config(self) -> ModelConfig:
-        return create_training_payload(self.config).model
+        return create_training_payload(self.config, check_environment=False).model
 
     @property
     def N(self) -> int:  # noqa: N802 - N is the project-wide symbol for the patch size
@@ -134,7 +134,7 @@ class TrainedModel:
         training_device: str = "cpu",
     ) -> TrainedModel:
         """A fresh (untrained) model for ``config``; the archive loads weights into it."""
-        payload = create_training_payload(config)
+        payload = create_training_payload(config, check_environment=False)
         generator = Generator(payload.model)
         forward_model = ForwardModel.from_config(
             payload.model, probe, probe_scale=payload.data.probe_scale

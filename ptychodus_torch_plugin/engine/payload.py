@@ -182,8 +182,15 @@ def create_training_payload(
     overrides: Mapping[str, Any] | None = None,
     *,
     execution: ExecutionConfig | None = None,
+    check_environment: bool = True,
 ) -> TrainingPayload:
-    """Build every training config from one flat mapping (``None`` values count as unset)."""
+    """Build every training config from one flat mapping (``None`` values count as unset).
+
+    ``check_environment=False`` skips what only matters for training *here* (the logging
+    backend's package): a model archive rebuilds its network from its stored training
+    config, and a model trained with TensorBoard logging must still load where TensorBoard
+    is not installed.
+    """
     resolver = _Resolver(overrides or {}, {}, execution)
     grid = resolver.build(GridConfig)
     data = resolver.build(DataConfig, grid)
@@ -191,7 +198,8 @@ def create_training_payload(
     training = resolver.build(TrainingConfig, grid)
     exec_config = resolver.build_execution()
     resolver.reject_unknown("training")
-    _require_logger_backend(exec_config)
+    if check_environment:
+        _require_logger_backend(exec_config)
     return TrainingPayload(
         grid=grid,
         data=data,

@@ -287,6 +287,26 @@ def test_archive_without_the_refinement_key_reads_as_not_refined(saved):
     assert not older.probe_refined
 
 
+@pytest.mark.parametrize("logger", ["tensorboard", "mlflow"])
+def test_a_model_trained_with_a_logger_missing_here_still_loads(saved, tmp_path, logger):
+    """Trained on a cluster with TensorBoard, used at a beamline without it."""
+    import importlib.util
+
+    from ptychodus_torch_plugin.engine.config import LOGGER_PACKAGES
+
+    if importlib.util.find_spec(LOGGER_PACKAGES[logger]) is not None:
+        pytest.skip(f"{logger} is installed here")
+    model = dataclasses.replace(saved[0], config={**saved[0].config, "logger": logger})
+    loaded = load_archive(save_archive(model, tmp_path))
+    assert loaded.config["logger"] == logger
+    assert loaded.model_config == saved[0].model_config
+    inputs = np.zeros((2, 4, 32, 32), np.float32)
+    np.testing.assert_array_equal(loaded.predict(inputs), saved[0].predict(inputs))
+    # Training with it here still says what to install.
+    with pytest.raises(ValueError, match=f"logger = '{logger}' needs"):
+        create_training_payload(loaded.config)
+
+
 # ----------------------------------------------------------------------------- atomic save
 def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
     model = _model(gridsize=1, neighbor_count=4)
