@@ -403,6 +403,22 @@ def _deprecated(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
+def _output_folder(path: str, flag: str) -> Path:
+    """The output folder, checked up front: a wrong path fails before the work, not after."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise CLIError(f"{flag} {folder}: exists and is not a folder; give a folder path")
+    return folder
+
+
+def _output_file(path: str, flag: str) -> Path:
+    """An output file path that is not an existing folder (checked before the work)."""
+    file = Path(path)
+    if file.is_dir():
+        raise CLIError(f"{flag} {file}: is a folder; give a file name, e.g. {file / 'scan.npz'}")
+    return file
+
+
 def _require_file(path: str | None, what: str) -> Path:
     if path is None:
         raise CLIError(f"{what}: no file given")
@@ -473,7 +489,8 @@ def _atomic_save_json(path: Path, value: Any) -> None:
     from .atomic import atomic_write_path
 
     with atomic_write_path(path) as tmp:
-        tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+        text = json.dumps(_json_safe(value), indent=2, sort_keys=True, default=str)
+        tmp.write_text(text + "\n")
 
 
 # ----------------------------------------------------------------------------- train
@@ -580,7 +597,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.test_data_file is None
         else _require_file(args.test_data_file, "test data file")
     )
-    output_dir = Path(args.output_dir)
+    output_dir = _output_folder(args.output_dir, "--output_dir")
 
     from .archive import save_archive
     from .data import load_npz
@@ -689,7 +706,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     from .inference import CanvasGeometry, reconstruct
 
     data_file = _require_file(args.test_data, "test data file")
-    output_dir = Path(args.output_dir)
+    output_dir = _output_folder(args.output_dir, "--output_dir")
     with _console_logging(bool(args.quiet)):
         model = load_archive(args.model_path)
         data = load_npz(data_file)
@@ -741,7 +758,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
                     "timings": dict(result.timings),
                 }
             )
-            _atomic_save_json(output_dir / "metrics.json", _json_safe(report))
+            _atomic_save_json(output_dir / "metrics.json", report)
             written.append(output_dir / "metrics.json")
             if "amplitude_ssim" in report:
                 _say(
@@ -764,7 +781,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from .data import save_npz
     from .simulate import simulate_dataset, simulate_from_object_npz
 
-    output = Path(args.output)
+    output = _output_file(args.output, "--output")
     with _console_logging(bool(args.quiet)):
         if args.from_object is not None:
             source = _require_file(args.from_object, "object file")
@@ -832,14 +849,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, CLIError) as exc:
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # e.g. `ptychodus-torch inspect X | head`
         with contextlib.suppress(OSError, ValueError, AttributeError):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
         return 141
+    except OSError as exc:  # permissions, a full disk, a folder where a file should go
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,6 +11,7 @@ value found and the allowed range, so a bad setting fails where it is made, not 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,11 @@ PATCH_SIZES = (32, 64, 128, 256)
 MAX_PROBE_MODES = 8
 #: Most probe refinement epochs (a typo guard: 100 already reach the noise floor on real data).
 MAX_PROBE_REFINEMENT_EPOCHS = 10_000
+
+#: Largest seed (numpy's and Lightning's seeding take 32-bit unsigned integers).
+MAX_SEED = 2**32 - 1
+#: The metrics training logs, which checkpointing and early stopping can monitor.
+CHECKPOINT_MONITORS = ("val_loss", "train_loss")
 
 #: Optional logging backends and the package each one needs.
 LOGGER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
@@ -69,7 +75,7 @@ def _check_real(
     maximum: float | None = None,
 ) -> None:
     ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if ok and value != value:  # NaN
+    if ok and not math.isfinite(value):  # NaN or infinite: no setting means either
         ok = False
     if ok and minimum is not None:
         ok = value > minimum if exclusive_minimum else value >= minimum
@@ -80,7 +86,7 @@ def _check_real(
             "" if minimum is None else (f" > {minimum}" if exclusive_minimum else f" >= {minimum}")
         )
         high = "" if maximum is None else f" <= {maximum}"
-        _fail(owner, name, value, f"a number{low}{high}")
+        _fail(owner, name, value, f"a finite number{low}{high}")
 
 
 def _range_text(minimum: int | None, maximum: int | None) -> str:
@@ -114,6 +120,8 @@ class GridConfig:
     neighbor_count: int = 4
 
     def __post_init__(self) -> None:
+        if isinstance(self.N, bool) or not isinstance(self.N, int):
+            _fail("GridConfig", "N", self.N, "one of " + ", ".join(map(str, PATCH_SIZES)))
         _check_choice("GridConfig", "N", self.N, PATCH_SIZES)
         _check_int("GridConfig", "gridsize", self.gridsize, 1, 4)
         _check_int("GridConfig", "neighbor_count", self.neighbor_count, 1, 64)
@@ -144,7 +152,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_int("DataConfig", "n_groups", self.n_groups, 0)
-        _check_int("DataConfig", "seed", self.seed, 0)
+        _check_int("DataConfig", "seed", self.seed, 0, MAX_SEED)
         if self.nphotons is not None:
             _check_real("DataConfig", "nphotons", self.nphotons, 0.0, exclusive_minimum=True)
         _check_real("DataConfig", "probe_scale", self.probe_scale, 0.0, exclusive_minimum=True)
@@ -272,8 +280,7 @@ class CheckpointConfig:
         if not isinstance(self.enable, bool):
             _fail("CheckpointConfig", "enable", self.enable, "True or False")
         _check_int("CheckpointConfig", "save_top_k", self.save_top_k, -1)
-        if not isinstance(self.monitor, str) or not self.monitor:
-            _fail("CheckpointConfig", "monitor", self.monitor, "a logged metric name")
+        _check_choice("CheckpointConfig", "monitor", self.monitor, CHECKPOINT_MONITORS)
         _check_choice("CheckpointConfig", "mode", self.mode, CHECKPOINT_MODES)
 
 

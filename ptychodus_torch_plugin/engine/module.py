@@ -13,11 +13,11 @@ from typing import Any
 import lightning as L
 import torch
 
+from .config import CHECKPOINT_MONITORS
 from .model import Autoencoder
 from .physics import mae_loss, poisson_nll
 
-TRAIN_LOSS = "train_loss"
-VAL_LOSS = "val_loss"
+VAL_LOSS, TRAIN_LOSS = CHECKPOINT_MONITORS  # the metric names config validates monitors against
 
 
 def _wrapped_phase_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -353,11 +353,6 @@ def train(
     if val_set is None and monitor == VAL_LOSS:
         logger.warning("no validation data (validation_fraction = 0): monitoring %s", TRAIN_LOSS)
         monitor = TRAIN_LOSS
-    if monitor not in (TRAIN_LOSS, VAL_LOSS):
-        raise ValueError(
-            f"CheckpointConfig.monitor = {monitor!r} is invalid: allowed {VAL_LOSS!r} or "
-            f"{TRAIN_LOSS!r} (the metrics this module logs)"
-        )
 
     model = TrainedModel.build(
         payload.to_flat(),

@@ -98,7 +98,9 @@ class TorchPINNSettings(Observable, Observer):
         )
         self.scheduler = training.create_string_parameter("Scheduler", "constant")
         self.final_weights = training.create_string_parameter("FinalWeights", "best")
-        self.seed = training.create_integer_parameter("Seed", 0, minimum=0)
+        self.seed = training.create_integer_parameter(
+            "Seed", 0, minimum=0, maximum=engine_config.MAX_SEED
+        )
         self.n_groups = training.create_integer_parameter("NGroups", 0, minimum=0)
         self.nphotons = training.create_real_parameter("NPhotons", 0.0, minimum=0.0)
         self.loss = training.create_string_parameter("Loss", "poisson")

@@ -210,6 +210,36 @@ def test_missing_files_exit_1_naming_the_path(tmp_path, data_file, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_output_paths_of_the_wrong_kind_fail_before_the_work(data_file, tmp_path, capsys):
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    assert cli.main(["simulate", "--output", str(folder), "--N", "32"]) == 1
+    err = capsys.readouterr().err
+    assert f"--output {folder}: is a folder" in err and "Traceback" not in err
+    assert list(folder.iterdir()) == []  # no temp file left behind either
+
+    a_file = tmp_path / "s32.npz"
+    a_file.write_bytes(b"not a folder")
+    argv = ["infer", "--model_path", str(tmp_path / "m.h5.zip"), "--test_data", str(data_file)]
+    assert cli.main([*argv, "--output_dir", str(a_file)]) == 1
+    err = capsys.readouterr().err
+    assert f"--output_dir {a_file}: exists and is not a folder" in err
+    argv = ["train", "--train_data_file", str(data_file), "--output_dir", str(a_file)]
+    assert cli.main(argv) == 1
+    assert "exists and is not a folder" in capsys.readouterr().err
+    assert a_file.read_bytes() == b"not a folder"
+
+
+def test_other_os_errors_are_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "x.npz"))
+
+    monkeypatch.setattr(cli, "_cmd_simulate", refuse)  # the parser binds it when main runs
+    assert cli.main(["simulate", "--output", str(tmp_path / "x.npz")]) == 1
+    err = capsys.readouterr().err
+    assert "simulate: error: [Errno 13] Permission denied" in err and "Traceback" not in err
+
+
 def test_invalid_settings_exit_1_with_the_message(data_file, tmp_path, capsys):
     argv = ["train", "--train_data_file", str(data_file), "--output_dir", str(tmp_path)]
     assert cli.main([*argv, "--gridsize", "2", "--neighbor_count", "3"]) == 1

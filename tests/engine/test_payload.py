@@ -104,6 +104,12 @@ def test_checkpoint_fields_flatten_and_override():
         ({"amp_activation": "relu"}, "ModelConfig.amp_activation", "'sigmoid'"),
         ({"normalization": "layer"}, "ModelConfig.normalization", "'batch'"),
         ({"nphotons": -5.0}, "DataConfig.nphotons", "> 0"),
+        ({"nphotons": float("inf")}, "DataConfig.nphotons", "a finite number > 0"),
+        ({"learning_rate": float("inf")}, "ExecutionConfig.learning_rate", "finite"),
+        ({"probe_scale": float("nan")}, "DataConfig.probe_scale", "finite"),
+        ({"seed": 2**32}, "DataConfig.seed", "[0, 4294967295]"),
+        ({"checkpoint_monitor": "val_los"}, "CheckpointConfig.monitor", "'train_loss'"),
+        ({"N": 64.0}, "GridConfig.N", "32, 64, 128, 256"),
         ({"deterministic": "yes"}, "ExecutionConfig.deterministic", "True or False"),
     ],
 )
