@@ -335,9 +335,7 @@ def train(
     targets = _supervised_targets(data) if supervised else None
     val_scan: PreparedScan | None = None
     if test_data is not None:
-        val_scan = prepare_scan(
-            test_data, grid, payload.data, input_scale=scan.input_scale
-        )
+        val_scan = prepare_scan(test_data, grid, payload.data, input_scale=scan.input_scale)
         train_rows = np.arange(scan.n_groups)
         val_targets = _supervised_targets(test_data) if supervised else None
         val_set = GroupDataset(val_scan, targets=val_targets)
