@@ -202,16 +202,24 @@ def _lanczos_crop(patches: np.ndarray, frac: np.ndarray, start: int, size: int) 
     Vectorised separable resampling: one weighted sum of 2a shifted slices per axis. Samples
     beyond the patch edge repeat the edge pixel (only reached when the box is the whole patch),
     so a constant patch stays constant. Returns complex128 (P, size, size).
+
+    Only the source window the box reads (``size + 2a - 1`` pixels a side) is converted to
+    complex128 and edge-padded, not the whole patch: at N = 256 with the default half-size
+    box that is a quarter of the patch, and the temporaries shrink accordingly.
     """
     a = _LANCZOS_A
-    padded = np.pad(patches.astype(np.complex128), ((0, 0), (a, a), (a, a)), mode="edge")
-    lo = start  # padded index of source offset -a for output pixel 0 (original start - a)
+    n = patches.shape[-1]
+    first, stop = start - a, start + size + a - 1  # source pixels [first, stop) are read
+    low, high = max(0, -first), max(0, stop - n)  # beyond the patch edge: repeat the edge
+    window = patches[:, max(first, 0) : min(stop, n), max(first, 0) : min(stop, n)]
+    window = window.astype(np.complex128)
+    if low or high:
+        window = np.pad(window, ((0, 0), (low, high), (low, high)), mode="edge")
     wx = _lanczos_taps(frac[:, 0])
     wy = _lanczos_taps(frac[:, 1])
-    rows = padded[:, lo : lo + size + 2 * a - 1, :]
-    along_x = np.zeros((patches.shape[0], rows.shape[1], size), dtype=np.complex128)
+    along_x = np.zeros((patches.shape[0], window.shape[1], size), dtype=np.complex128)
     for t in range(2 * a):
-        along_x += wx[:, t, None, None] * rows[:, :, lo + t : lo + t + size]
+        along_x += wx[:, t, None, None] * window[:, :, t : t + size]
     out = np.zeros((patches.shape[0], size, size), dtype=np.complex128)
     for t in range(2 * a):
         out += wy[:, t, None, None] * along_x[:, t : t + size, :]
