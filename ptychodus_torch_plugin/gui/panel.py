@@ -922,8 +922,28 @@ class TorchPINNViewControllerFactory(ReconstructorViewControllerFactory):
         return str(self._library.name)
 
     def create_view_controller(self, reconstructor_name: str) -> QWidget:
-        reconstructor = self._library.reconstructor(reconstructor_name)
-        panel = TorchPINNPanel(self.session, reconstructor, self._file_dialog_factory)
+        """Our panel, or a label saying why it is missing: Ptychodus builds every panel while
+        it starts, so an exception here would stop the whole application, not only ours."""
+        try:
+            reconstructor = self._library.reconstructor(reconstructor_name)
+            panel = TorchPINNPanel(self.session, reconstructor, self._file_dialog_factory)
+        except Exception as exc:
+            logger.warning(
+                "the %s %s panel could not be built (%s: %s); its reconstructor still runs "
+                "with the settings file's values",
+                self.name,
+                reconstructor_name,
+                type(exc).__name__,
+                exc,
+            )
+            label = QLabel(
+                f"The TorchPINN {reconstructor_name} panel could not be built:\n"
+                f"{type(exc).__name__}: {exc}\n\nThe reconstructor still runs with the "
+                "settings file's values; please report this with the log."
+            )
+            label.setWordWrap(True)
+            label.setAlignment(Qt.AlignmentFlag.AlignCenter)
+            return label
         self.panels.append(panel)
         return panel
 

@@ -21,6 +21,9 @@ from ptychodus.api.settings import SettingsRegistry
 from ..engine import config as engine_config
 from .names import SETTINGS_PREFIX
 
+#: Largest integer a Ptychodus (Qt) spin box can hold; every integer setting stays within it.
+SPIN_BOX_MAX = 2**31 - 1
+
 MODEL_GROUP = f"{SETTINGS_PREFIX}Model"
 TRAINING_GROUP = f"{SETTINGS_PREFIX}Training"
 INFERENCE_GROUP = f"{SETTINGS_PREFIX}Inference"
@@ -98,9 +101,9 @@ class TorchPINNSettings(Observable, Observer):
         )
         self.scheduler = training.create_string_parameter("Scheduler", "constant")
         self.final_weights = training.create_string_parameter("FinalWeights", "best")
-        self.seed = training.create_integer_parameter(
-            "Seed", 0, minimum=0, maximum=engine_config.MAX_SEED
-        )
+        # Not engine_config.MAX_SEED (2**32 - 1): Ptychodus edits integers in Qt spin boxes,
+        # which hold signed 32-bit values, and a larger bound stops the panel from building.
+        self.seed = training.create_integer_parameter("Seed", 0, minimum=0, maximum=SPIN_BOX_MAX)
         self.n_groups = training.create_integer_parameter("NGroups", 0, minimum=0)
         self.nphotons = training.create_real_parameter("NPhotons", 0.0, minimum=0.0)
         self.loss = training.create_string_parameter("Loss", "poisson")

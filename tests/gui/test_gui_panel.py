@@ -165,3 +165,32 @@ def test_load_and_save_model_buttons(gui, tmp_path, monkeypatch):
     assert panel.message_label.text().startswith("Loading the model failed:")
     assert "broken.h5.zip" in panel.message_label.text()
     assert gui.library.settings.get_model_path() == source.resolve()  # unchanged
+
+
+def test_every_spin_box_holds_its_setting_range(gui):
+    """A bound beyond Qt's signed 32-bit spin box stops the panel, and Ptychodus, building."""
+    from ptychodus.api.parameters import IntegerParameter
+
+    from ptychodus_torch_plugin.host.settings import SPIN_BOX_MAX
+
+    settings = gui.library.settings
+    integers = [p for p in vars(settings).values() if isinstance(p, IntegerParameter)]
+    assert len(integers) >= 8
+    assert all((p.get_maximum() or 0) <= SPIN_BOX_MAX for p in integers)
+    spins = gui.panel(PINN_KEY).parameter_widget.findChildren(QSpinBox)
+    assert spins and max(s.maximum() for s in spins) <= SPIN_BOX_MAX
+
+
+def test_a_panel_that_cannot_be_built_becomes_a_label_not_a_crash(gui, monkeypatch, caplog):
+    from PyQt5.QtWidgets import QLabel
+
+    from ptychodus_torch_plugin.gui import panel as panel_module
+
+    def broken(*args, **kwargs):
+        raise OverflowError("argument 2 overflowed")
+
+    monkeypatch.setattr(panel_module, "TorchPINNPanel", broken)
+    factory = panel_module.TorchPINNViewControllerFactory(gui.library)
+    widget = factory.create_view_controller("PINN")
+    assert isinstance(widget, QLabel) and "OverflowError: argument 2 overflowed" in widget.text()
+    assert "panel could not be built" in caplog.text and not factory.panels
