@@ -84,8 +84,25 @@ class TorchPINNReconstructor(TrainableReconstructor):
         """
         return self._goal if self._goal > 0 else self._library.settings.epochs.get_value()
 
+    def _logged(self, what: str, work: Iterator[Any]) -> Iterator[Any]:
+        """``work``'s items, with any error it raises also logged on the library's logger.
+
+        Why: Ptychodus shows our logger in its log pane, but an exception out of ``train`` or
+        ``reconstruct`` only reaches its task manager's log (a traceback on the terminal), so
+        without this the user would see a run end without a word. Closing (Stop) is not an
+        error and is not logged.
+        """
+        try:
+            yield from work
+        except Exception as exc:
+            self._logger.error("%s %s failed: %s", self._name, what, exc)
+            raise
+
     # ------------------------------------------------------------------ inference
     def reconstruct(self, parameters: ReconstructInput) -> Iterator[ReconstructOutput]:
+        return self._logged("inference", self._reconstruct(parameters))
+
+    def _reconstruct(self, parameters: ReconstructInput) -> Iterator[ReconstructOutput]:
         require_backend()
         from ..engine.inference import reconstruct_iter
 
@@ -172,6 +189,9 @@ class TorchPINNReconstructor(TrainableReconstructor):
 
     # ------------------------------------------------------------------ training
     def train(self, input_path: Path, output_path: Path) -> Iterator[TrainOutput]:
+        return self._logged("training", self._train(input_path, output_path))
+
+    def _train(self, input_path: Path, output_path: Path) -> Iterator[TrainOutput]:
         require_backend()
         from ..engine.payload import create_training_payload
         from ..engine.training import CancelToken

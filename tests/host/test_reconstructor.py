@@ -62,6 +62,28 @@ def test_reconstruct_without_a_model_says_how_to_get_one(library, reconstruct_in
         next(reconstructor.reconstruct(reconstruct_input))
 
 
+def test_errors_reach_the_library_logger_that_ptychodus_shows(
+    library, reconstruct_input, tmp_path, caplog
+):
+    """Ptychodus's log pane follows our logger; its task manager only prints tracebacks."""
+    from ptychodus.api.settings import SettingsRegistry
+
+    from ptychodus_torch_plugin.host.library import TorchPINNLibrary
+    from ptychodus_torch_plugin.host.names import LOGGER_NAME
+
+    fresh = TorchPINNLibrary(SettingsRegistry())
+    with caplog.at_level(logging.ERROR, logger=LOGGER_NAME):
+        with pytest.raises(RuntimeError):
+            next(fresh.reconstructor("PINN").reconstruct(reconstruct_input))
+        with pytest.raises(FileNotFoundError):
+            next(library.reconstructor("PINN").train(tmp_path, tmp_path))  # no data there
+    errors = [r for r in caplog.records if r.name.startswith(LOGGER_NAME)]
+    assert [r.levelno for r in errors] == [logging.ERROR, logging.ERROR]
+    assert "PINN inference failed: No TorchPINN model is loaded" in errors[0].getMessage()
+    assert "PINN training failed: " in errors[1].getMessage()
+    assert str(tmp_path) in errors[1].getMessage()
+
+
 def test_reconstruct_streams_one_output_per_chunk_in_the_input_frame(
     library, reconstruct_input, trained_archive
 ):
