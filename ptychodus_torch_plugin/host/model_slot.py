@@ -128,7 +128,14 @@ class ModelSlot:
         self._settings.set_model_path(None)
 
     def remember_path(self, file: Path) -> None:
+        """Store the adopted model's archive as ``ModelPath`` (on the host thread).
+
+        From here on the old path means the old archive again: a settings file that names it
+        later must load that model, not keep the adopted one.
+        """
         self._settings.set_model_path(Path(file).resolve())
+        with self._lock:
+            self._superseded_path = None
 
     def get(self) -> TrainedModel:
         """The model, loading the remembered archive on first use."""

@@ -271,3 +271,27 @@ def test_refined_probe_is_not_forced_onto_a_product_with_opr_weights(
     p = reconstruct_input.product
     product = Product(p.metadata, p.probe_positions, opr, p.object_, p.losses)
     assert result_probes(product, model) is opr
+
+
+def test_model_path_set_back_to_an_older_archive_loads_that_archive(trained_archive, tmp_path):
+    """Train A, train B, then a settings file names A again: A must be used, not B."""
+    import dataclasses
+
+    from ptychodus.api.settings import SettingsRegistry
+
+    from ptychodus_torch_plugin.engine.archive import load_archive, save_archive
+    from ptychodus_torch_plugin.host.library import TorchPINNLibrary
+
+    library = TorchPINNLibrary(SettingsRegistry())
+    slot = library.model_slot
+    a = slot.select(trained_archive)
+    model_a = slot.get()
+    model_b = dataclasses.replace(load_archive(a), history=model_a.history * 2)
+    b = save_archive(model_b, tmp_path / "B")
+    slot.adopt(model_b, b)  # what training does on its worker thread...
+    assert slot.get() is model_b  # (ModelPath still names A until the host thread stores B)
+    library.publish_model(b)  # ...and then on the host thread
+    assert slot.get() is model_b and library.settings.get_model_path() == b.resolve()
+
+    library.settings.set_model_path(a)  # e.g. Open Settings with a file naming A
+    assert slot.get().epochs_trained == model_a.epochs_trained == 1
