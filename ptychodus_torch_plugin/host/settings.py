@@ -51,16 +51,22 @@ def _choice(value: str) -> str:
     return value.strip().casefold()
 
 
-def _devices(value: str) -> int | str:
+def _devices(value: str) -> int:
+    """One device inside Ptychodus: ``auto`` means 1, more is refused with what to do instead.
+
+    Why: Lightning trains on several devices (or on every GPU, for ``auto``) by re-launching
+    the running program once per extra device; inside Ptychodus that program is the GUI or
+    the whole ``ptychodus -b`` job, which would then run twice (seen: every log line and the
+    archive written by two processes). The command line trains on several devices safely.
+    """
     text = value.strip().casefold()
-    if text in ("", "auto"):
-        return "auto"
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(
-            f"{EXECUTION_GROUP}.Devices = {value!r} is invalid: allowed 'auto' or a number >= 1"
-        ) from None
+    if text in ("", "auto", "1"):
+        return 1
+    raise ValueError(
+        f"{EXECUTION_GROUP}.Devices = {value!r} is invalid inside Ptychodus: allowed 'auto' "
+        "or 1 (training on several devices re-launches the whole program). Train on several "
+        "GPUs with `ptychodus-torch train --devices N ...` and load the archive with Load Model"
+    )
 
 
 class TorchPINNSettings(Observable, Observer):

@@ -87,8 +87,12 @@ def test_settings_ini_selecting_pinn_round_trips(tmp_path):
     assert again.processing_core.algorithm_parameter.get_value() == "torchpinn_pinn"
     assert settings.epochs.get_value() == 7
     assert settings.get_model_path() == Path("/data/models/wts.h5.zip")
+    # Several devices would make Lightning re-launch Ptychodus itself: refused, saying why.
+    with pytest.raises(ValueError, match=r"Devices = '2' is invalid inside Ptychodus.*--devices"):
+        settings.training_overrides("pinn", 32)
+    settings.devices.set_value("auto")
     overrides = settings.training_overrides("pinn", 32)
-    assert overrides["gridsize"] == 2 and overrides["devices"] == 2
+    assert overrides["gridsize"] == 2 and overrides["devices"] == 1
     assert overrides["scheduler"] == "cosine"
     assert (overrides["probe_refinement_epochs"], overrides["probe_modes"]) == (40, 3)
 
