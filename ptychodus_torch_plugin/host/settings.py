@@ -12,6 +12,7 @@ Choice-valued settings are strings (case-insensitive); the allowed values come f
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,9 @@ from ptychodus.api.observer import Observable, Observer
 from ptychodus.api.settings import SettingsRegistry
 
 from ..engine import config as engine_config
-from .names import SETTINGS_PREFIX
+from .names import LOGGER_NAME, SETTINGS_PREFIX
+
+logger = logging.getLogger(f"{LOGGER_NAME}.host.settings")
 
 #: Largest integer a Ptychodus (Qt) spin box can hold; every integer setting stays within it.
 SPIN_BOX_MAX = 2**31 - 1
@@ -79,6 +82,7 @@ class TorchPINNSettings(Observable, Observer):
         inference = registry.create_group(INFERENCE_GROUP)
         execution = registry.create_group(EXECUTION_GROUP)
         self._groups = (model, training, inference, execution)
+        self._warned: set[tuple[str, str, str]] = set()
         for group in self._groups:
             group.add_observer(self)
 
@@ -151,7 +155,38 @@ class TorchPINNSettings(Observable, Observer):
 
     def _update(self, observable: Observable) -> None:
         if observable in self._groups:
+            self._normalise_choices()
             self.notify_observers()
+
+    def _normalise_choices(self) -> None:
+        """Store every choice in its canonical spelling; warn once about one that is none.
+
+        Why: settings files may spell choices in any case (``Scheduler = Cosine``), which the
+        engine accepts, but the panel's drop-downs list the canonical spelling and would
+        silently show another item than the one that trains. A value that is no choice at
+        all is left as it is (training will refuse it, naming the allowed values) and logged
+        now, so the Ptychodus log explains the panel before a run fails.
+        """
+        for group_name, group in zip(GROUPS, self._groups, strict=True):
+            for name, parameter in group.parameters().items():
+                choices = CHOICES.get(name)
+                if choices is None:
+                    continue
+                value = parameter.get_value()
+                canonical = _choice(value)
+                if canonical in choices:
+                    if canonical != value:
+                        parameter.set_value(canonical)
+                elif (group_name, name, value) not in self._warned:
+                    self._warned.add((group_name, name, value))
+                    logger.warning(
+                        "%s.%s = %r is not a choice: allowed %s; training and inference "
+                        "refuse it until it is changed (panel or settings file)",
+                        group_name,
+                        name,
+                        value,
+                        ", ".join(choices),
+                    )
 
     # ------------------------------------------------------------------ model path
     def get_model_path(self) -> Path | None:

@@ -194,3 +194,22 @@ def test_a_panel_that_cannot_be_built_becomes_a_label_not_a_crash(gui, monkeypat
     widget = factory.create_view_controller("PINN")
     assert isinstance(widget, QLabel) and "OverflowError: argument 2 overflowed" in widget.text()
     assert "panel could not be built" in caplog.text and not factory.panels
+
+
+def test_a_choice_spelt_in_another_case_shows_in_its_drop_down(gui):
+    panel = gui.panel(PINN_KEY)
+    settings = gui.library.settings
+    combos = [
+        c
+        for c in panel.parameter_widget.findChildren(QComboBox)
+        if "TorchPINNTraining.Scheduler" in c.toolTip()
+    ]
+    assert len(combos) == 1
+    original = settings.scheduler.get_value()
+    try:
+        settings.scheduler.set_value("Cosine")  # as a settings file may spell it
+        gui.pump(0.2)
+        assert settings.scheduler.get_value() == "cosine"
+        assert combos[0].currentText() == "cosine"
+    finally:
+        settings.scheduler.set_value(original)

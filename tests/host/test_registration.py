@@ -256,3 +256,37 @@ def test_registered_library_finds_ours_and_names_a_missing_one(model_core, libra
     assert registration.registered_library(parameter) is library
     with pytest.raises(LookupError, match="NoSuchLibrary: found 0 registered libraries"):
         registration.registered_library(parameter, "NoSuchLibrary")
+
+
+def test_choices_in_any_case_are_stored_canonically_and_unknown_ones_are_logged(
+    tmp_path, caplog
+):
+    """The panel's drop-downs list canonical spellings; a file may use any case."""
+    from ptychodus.model import ModelCore
+
+    ini = tmp_path / "in.ini"
+    ini.write_text(
+        textwrap.dedent(
+            """
+            [TorchPINNModel]
+            Normalization = Batch
+            AmpActivation = relu
+            [TorchPINNTraining]
+            Scheduler = Cosine
+            [TorchPINNExecution]
+            Accelerator = CPU
+            """
+        )
+    )
+    with caplog.at_level("WARNING"):
+        core = ModelCore(ini)
+    library = registration.registered_libraries(core.processing_core.algorithm_parameter)[0]
+    settings = library.library.settings
+    values = (settings.normalization, settings.scheduler, settings.accelerator)
+    assert [p.get_value() for p in values] == ["batch", "cosine", "cpu"]
+    assert settings.amp_activation.get_value() == "relu"  # not a choice: left, and said
+    warnings = [r.getMessage() for r in caplog.records if "is not a choice" in r.getMessage()]
+    assert warnings == [
+        "TorchPINNModel.AmpActivation = 'relu' is not a choice: allowed sigmoid, silu; "
+        "training and inference refuse it until it is changed (panel or settings file)"
+    ]
