@@ -258,9 +258,7 @@ def test_registered_library_finds_ours_and_names_a_missing_one(model_core, libra
         registration.registered_library(parameter, "NoSuchLibrary")
 
 
-def test_choices_in_any_case_are_stored_canonically_and_unknown_ones_are_logged(
-    tmp_path, caplog
-):
+def test_choices_in_any_case_are_stored_canonically_and_unknown_ones_are_logged(tmp_path, caplog):
     """The panel's drop-downs list canonical spellings; a file may use any case."""
     from ptychodus.model import ModelCore
 
