@@ -109,7 +109,8 @@ def group_positions(
         raise ValueError(f"n_groups = {n_groups} is invalid: allowed >= 0 (0 = one per pattern)")
     if m < c:
         raise ValueError(
-            f"xcoords: found {m} positions, expected at least gridsize**2 = {c} to form a group"
+            f"xcoords: found {m} positions, expected at least gridsize**2 = {c} to form a group:"
+            " use a gridsize-1 model (it works for any scan) or a scan with more positions"
         )
     rng = np.random.default_rng(seed)
     positions = np.stack([x, y], axis=1)

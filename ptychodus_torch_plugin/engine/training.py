@@ -349,7 +349,13 @@ def train(
     checkpointing = execution.checkpointing
     monitor = checkpointing.monitor
     if val_set is None and monitor == VAL_LOSS:
-        logger.warning("no validation data (validation_fraction = 0): monitoring %s", TRAIN_LOSS)
+        logger.warning(
+            "no validation data (validation_fraction = %g of %d group(s) leaves none): "
+            "monitoring %s",
+            payload.data.validation_fraction,
+            scan.n_groups,
+            TRAIN_LOSS,
+        )
         monitor = TRAIN_LOSS
 
     model = TrainedModel.build(

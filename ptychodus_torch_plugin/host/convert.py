@@ -124,11 +124,40 @@ def reconstruct_input_to_data(
     )
 
 
-def canvas_for(obj: Object) -> CanvasGeometry:
-    """The input object's own pixel frame as an engine canvas."""
+def canvas_for(obj: Object, data: PtychoData | None = None) -> CanvasGeometry:
+    """The input object's own pixel frame as an engine canvas.
+
+    The reconstruction goes into the product's object array, so that array must exist and
+    should hold the scan: an empty object is refused with what to do, and scan positions
+    outside it are reported (their part of the image cannot be shown).
+    """
     from ..engine.inference import CanvasGeometry
 
-    return CanvasGeometry(0.0, 0.0, int(obj.width_px), int(obj.height_px))
+    width, height = int(obj.width_px), int(obj.height_px)
+    if width <= 0 or height <= 0:
+        raise ValueError(
+            f"the product's object is empty ({width} x {height} pixels): the reconstruction "
+            "is written into it, so create it first in Ptychodus's Object view (pick a "
+            "builder such as Random, or Open File...), then Reconstruct again"
+        )
+    if data is not None:
+        outside = (
+            (data.xcoords < 0)
+            | (data.xcoords > width)
+            | (data.ycoords < 0)
+            | (data.ycoords > height)
+        )
+        if outside.any():
+            logger.warning(
+                "%d of %d scan positions lie outside the product's object (%d x %d pixels): "
+                "their part of the reconstruction is cut off; enlarge the object in "
+                "Ptychodus's Object view to see all of it",
+                int(outside.sum()),
+                outside.size,
+                width,
+                height,
+            )
+    return CanvasGeometry(0.0, 0.0, width, height)
 
 
 def stitched_to_object(stitched: StitchedObject, template: Object) -> Object:

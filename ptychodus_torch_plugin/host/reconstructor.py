@@ -128,7 +128,7 @@ class TorchPINNReconstructor(TrainableReconstructor):
             model,
             data,
             payload,
-            canvas=canvas_for(template),
+            canvas=canvas_for(template, data),
             should_stop=self._library.is_stopping,
         )
         try:

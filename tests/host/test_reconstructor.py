@@ -295,3 +295,23 @@ def test_model_path_set_back_to_an_older_archive_loads_that_archive(trained_arch
 
     library.settings.set_model_path(a)  # e.g. Open Settings with a file naming A
     assert slot.get().epochs_trained == model_a.epochs_trained == 1
+
+
+def test_an_empty_object_is_refused_and_a_too_small_one_is_reported(
+    library, reconstruct_input, trained_archive, caplog
+):
+    template = reconstruct_input.product.object_
+    reconstructor = library.reconstructor("PINN")
+    reconstructor.load_model_from_file(trained_archive)
+    empty = Object(
+        np.zeros((1, 0, 0), complex), template.get_pixel_geometry(), template.get_center(), []
+    )
+    with pytest.raises(ValueError, match=r"object is empty \(0 x 0 pixels\).*Object view"):
+        list(reconstructor.reconstruct(_with_object(reconstruct_input, empty)))
+
+    corner = template.get_array()[:, :20, :20]  # the scan reaches far beyond 20 x 20 pixels
+    small = Object(corner, template.get_pixel_geometry(), template.get_center(), [])
+    with caplog.at_level(logging.WARNING):
+        outputs = list(reconstructor.reconstruct(_with_object(reconstruct_input, small)))
+    assert outputs[-1].product.object_.get_array().shape[-2:] == (20, 20)
+    assert "scan positions lie outside the product's object (20 x 20 pixels)" in caplog.text
