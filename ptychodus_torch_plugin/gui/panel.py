@@ -415,7 +415,9 @@ class TrainingSession(QObject):
         self.library = library
         self.model_directory: Path | None = None  # None: default_model_directory()
         self.runner = WorkerThread(self)
-        self.runner.idle.connect(lambda: self.busy_changed.emit(False))
+        self.runner.idle.connect(self._on_idle)
+        #: This session holds the library's one training run (see begin_training).
+        self._holds_training = False
         self.kind: str | None = None
         self.last_outcome: TrainingOutcome | None = None
         self.last_error: str | None = None
@@ -477,6 +479,10 @@ class TrainingSession(QObject):
                 archive_path=self.archive_path_for(product_name, reconstructor.mode),
                 product_name=product_name,
             )
+            begin = getattr(self.library, "begin_training", None)
+            if begin is not None:
+                begin(f"{reconstructor.name}, started from the panel")
+                self._holds_training = True
         except Exception as exc:
             self._fail(f"Cannot start training: {_text(exc)}")
             return False
@@ -577,6 +583,13 @@ class TrainingSession(QObject):
         self.worker_started.emit(kind, worker)  # before start: panels connect first
         self.runner.start(worker, name=f"torchpinn-{kind}")
         self.busy_changed.emit(True)
+
+    def _on_idle(self) -> None:
+        """The worker's thread ended (GUI thread): free the training run, then the buttons."""
+        if self._holds_training:
+            self._holds_training = False
+            self.library.end_training()
+        self.busy_changed.emit(False)
 
     def _note_stop_latency(self) -> None:
         if self.stop_requested_at is not None:

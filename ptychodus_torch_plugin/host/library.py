@@ -8,7 +8,9 @@ cheap and never imports torch: when torch or Lightning is missing the library st
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,8 @@ class TorchPINNLibrary(ReconstructorLibrary):
         self.model_slot = ModelSlot(self.settings)
         self._processing_core: Any = None
         self._task_manager: Any = None
+        self._training_lock = threading.Lock()
+        self._training_where: str | None = None  # what trains now (None: nothing)
         self.reconstructors = [
             TorchPINNReconstructor(name, RECONSTRUCTOR_MODES[name], self)
             for name in (PINN_NAME, SUPERVISED_NAME)
@@ -97,6 +101,35 @@ class TorchPINNLibrary(ReconstructorLibrary):
             manager.put_foreground_task(task)
         else:
             task()
+
+    # ------------------------------------------------------------------ one training at a time
+    def begin_training(self, where: str) -> None:
+        """Claim the library's one training run; a ``RuntimeError`` names the one running.
+
+        Why: the panel's Train on this scan runs outside Ptychodus's task manager, so
+        Ptychodus's own Train stays clickable meanwhile. Two runs would share the CPU, and the
+        one finishing last would silently replace the other's model.
+        """
+        with self._training_lock:
+            if self._training_where is not None:
+                raise RuntimeError(
+                    f"a TorchPINN training is already running ({self._training_where}): "
+                    "wait for it to finish, or stop it, then train again"
+                )
+            self._training_where = where
+
+    def end_training(self) -> None:
+        with self._training_lock:
+            self._training_where = None
+
+    @contextlib.contextmanager
+    def training_run(self, where: str) -> Iterator[None]:
+        """:meth:`begin_training` ... :meth:`end_training` around a block."""
+        self.begin_training(where)
+        try:
+            yield
+        finally:
+            self.end_training()
 
     def publish_model(self, archive: Path) -> None:
         """Remember ``archive`` as the model path and let Ptychodus re-enable Infer.

@@ -193,6 +193,10 @@ class TorchPINNReconstructor(TrainableReconstructor):
 
     def _train(self, input_path: Path, output_path: Path) -> Iterator[TrainOutput]:
         require_backend()
+        with self._library.training_run(f"{self._name}, started by Ptychodus's Train"):
+            yield from self._train_now(Path(input_path), Path(output_path))
+
+    def _train_now(self, input_path: Path, output_path: Path) -> Iterator[TrainOutput]:
         from ..engine.payload import create_training_payload
         from ..engine.training import CancelToken
         from ..engine.training import train as engine_train

@@ -240,3 +240,31 @@ def test_closing_the_window_during_training_stops_the_worker(gui):
     gui.view.processing_action.trigger()
     gui.pump(0.2)
     assert panel.train_button.isEnabled()
+
+
+def test_one_training_at_a_time_between_the_panel_and_ptychodus_train(gui, tmp_path):
+    """The panel trains outside Ptychodus's task manager: the library lets one run at a time."""
+    panel = gui.panel(PINN_KEY)
+    gui.select_product(32)
+    library = gui.library
+    library.begin_training("PINN, started by Ptychodus's Train")  # as while the host trains
+    try:
+        assert not panel.train_on_this_scan()
+        gui.pump(0.2)
+        assert not panel.session.is_running()
+        text = panel.message_label.text()
+        assert "Cannot start training: a TorchPINN training is already running" in text
+        assert "started by Ptychodus's Train" in text
+    finally:
+        library.end_training()
+    # and the other way round: while the panel trains, Ptychodus's Train is refused
+    with settings_values(library, **FAST):
+        assert panel.train_on_this_scan()
+        try:
+            with pytest.raises(RuntimeError, match="already running .*started from the panel"):
+                next(library.reconstructor("PINN").train(tmp_path, tmp_path))
+        finally:
+            panel.session.stop()
+            wait_until_idle(gui, panel.session, 60.0)
+    library.begin_training("free again")  # released when the panel's run ended
+    library.end_training()
