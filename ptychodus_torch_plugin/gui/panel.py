@@ -409,6 +409,8 @@ class TrainingSession(QObject):
     message = pyqtSignal(str, bool)
     #: the library's model changed (trained or loaded): the archive path
     model_changed = pyqtSignal(object)
+    #: an epoch of training started by Ptychodus's own Train: (reconstructor name, record)
+    host_epoch = pyqtSignal(str, object)
 
     def __init__(self, library: Any, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -416,6 +418,9 @@ class TrainingSession(QObject):
         self.model_directory: Path | None = None  # None: default_model_directory()
         self.runner = WorkerThread(self)
         self.runner.idle.connect(self._on_idle)
+        listen = getattr(library, "add_epoch_listener", None)
+        if listen is not None:  # emitted on Ptychodus's worker thread, delivered on ours
+            listen(lambda name, record: self.host_epoch.emit(name, record))
         #: This session holds the library's one training run (see begin_training).
         self._holds_training = False
         self.kind: str | None = None
@@ -701,6 +706,7 @@ class TorchPINNPanel(QWidget):
         self.save_button.clicked.connect(self._choose_model_to_save)
         session.worker_started.connect(self._on_worker_started)
         session.busy_changed.connect(self._on_busy_changed)
+        session.host_epoch.connect(self._on_host_epoch)
         session.message.connect(self.show_message)
         session.model_changed.connect(lambda _path: self.refresh_model_status())
 
@@ -846,6 +852,14 @@ class TorchPINNPanel(QWidget):
         worker.train_started.connect(self._on_train_started)
         worker.batch_progress.connect(self._on_batch_progress)
         worker.epoch_finished.connect(self._on_epoch_finished)
+
+    def _on_host_epoch(self, reconstructor: str, record: Any) -> None:
+        """An epoch of Ptychodus's own Train of this reconstructor: the loss, live."""
+        if reconstructor != self.reconstructor.name or self.session.is_running():
+            return
+        if int(record.epoch) == 1:
+            self.loss_plot.clear(f"{reconstructor} training (Ptychodus's Train)")
+        self.loss_plot.add_record(record)
 
     def _on_train_started(self, epochs: int, batches: int) -> None:
         self._train_started = time.perf_counter()

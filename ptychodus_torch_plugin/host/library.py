@@ -38,6 +38,7 @@ class TorchPINNLibrary(ReconstructorLibrary):
         self._task_manager: Any = None
         self._training_lock = threading.Lock()
         self._training_where: str | None = None  # what trains now (None: nothing)
+        self._epoch_listeners: list[Callable[[str, Any], None]] = []
         self.reconstructors = [
             TorchPINNReconstructor(name, RECONSTRUCTOR_MODES[name], self)
             for name in (PINN_NAME, SUPERVISED_NAME)
@@ -101,6 +102,23 @@ class TorchPINNLibrary(ReconstructorLibrary):
             manager.put_foreground_task(task)
         else:
             task()
+
+    # ------------------------------------------------------------------ epochs of host training
+    def add_epoch_listener(self, listener: Callable[[str, Any], None]) -> None:
+        """Call ``listener(reconstructor_name, record)`` after every epoch of host training.
+
+        Why: Ptychodus's own Train shows only a progress count; the panel listens here to draw
+        the loss as it comes. Called on Ptychodus's worker thread: a GUI listener must hand
+        the record over to its own thread (a Qt signal does).
+        """
+        self._epoch_listeners.append(listener)
+
+    def report_epoch(self, reconstructor: str, record: Any) -> None:
+        for listener in list(self._epoch_listeners):
+            try:
+                listener(reconstructor, record)
+            except Exception as exc:  # a listener's failure must not stop the training
+                self.get_logger().debug("epoch listener failed: %s", exc)
 
     # ------------------------------------------------------------------ one training at a time
     def begin_training(self, where: str) -> None:

@@ -249,6 +249,7 @@ class TorchPINNReconstructor(TrainableReconstructor):
                 if item is _DONE:
                     break
                 history.append(item)
+                self._library.report_epoch(self._name, item)
                 self._logger.info(
                     "epoch %d/%d: loss %.6g%s",
                     item.epoch,

@@ -268,3 +268,18 @@ def test_one_training_at_a_time_between_the_panel_and_ptychodus_train(gui, tmp_p
             wait_until_idle(gui, panel.session, 60.0)
     library.begin_training("free again")  # released when the panel's run ended
     library.end_training()
+
+
+def test_ptychodus_own_train_draws_the_loss_in_the_panel_live(gui, tmp_path):
+    """Ptychodus's Train shows only a count; the panel plots each epoch as it finishes."""
+    panel = gui.panel(PINN_KEY)
+    gui.select_product(32)
+    seen = []
+    panel.session.host_epoch.connect(lambda name, record: seen.append((name, record.epoch)))
+    api = gui.model.processing_core.processing_api
+    with settings_values(gui.library, **{**FAST, "epochs": 3}):
+        api.train(gui.scans[32], tmp_path, product_index=gui.products[32], block=True)
+        gui.pump(0.5)  # deliver the queued epoch signals
+    assert seen == [("PINN", 1), ("PINN", 2), ("PINN", 3)]
+    assert [epoch for epoch, _ in panel.loss_plot.training_points()] == [1, 2, 3]
+    assert (tmp_path / "wts.h5.zip").is_file()
