@@ -46,19 +46,16 @@ def test_panel_has_grouped_parameters_with_tooltips_and_the_actions(gui):
     assert epochs_tip and "Range: 1 to 100000." in epochs_tip[0]
 
 
+def _editors(panel, kind, key):
+    """The panel's editors of type ``kind`` whose tool tip names the setting ``key``."""
+    return [e for e in panel.parameter_widget.findChildren(kind) if key in e.toolTip()]
+
+
 def test_panel_editors_are_bound_to_the_host_settings(gui):
     panel = gui.panel(PINN_KEY)
     settings = gui.library.settings
-    epochs = [
-        e
-        for e in panel.parameter_widget.findChildren(QSpinBox)
-        if "TorchPINNTraining.Epochs" in e.toolTip()
-    ][0]
-    loss = [
-        e
-        for e in panel.parameter_widget.findChildren(QComboBox)
-        if "TorchPINNTraining.Loss" in e.toolTip()
-    ][0]
+    epochs = _editors(panel, QSpinBox, "TorchPINNTraining.Epochs")[0]
+    loss = _editors(panel, QComboBox, "TorchPINNTraining.Loss")[0]
     old_epochs, old_loss = settings.epochs.get_value(), settings.loss.get_value()
     try:
         epochs.setValue(7)
@@ -68,11 +65,7 @@ def test_panel_editors_are_bound_to_the_host_settings(gui):
         settings.loss.set_value("mae")
         assert loss.currentText() == "mae"
         other = gui.panel(SUPERVISED_KEY)  # every panel shows the same settings
-        other_epochs = [
-            e
-            for e in other.parameter_widget.findChildren(QSpinBox)
-            if "TorchPINNTraining.Epochs" in e.toolTip()
-        ][0]
+        other_epochs = _editors(other, QSpinBox, "TorchPINNTraining.Epochs")[0]
         assert other_epochs.value() == 11
     finally:
         settings.epochs.set_value(old_epochs)
@@ -199,11 +192,7 @@ def test_a_panel_that_cannot_be_built_becomes_a_label_not_a_crash(gui, monkeypat
 def test_a_choice_spelt_in_another_case_shows_in_its_drop_down(gui):
     panel = gui.panel(PINN_KEY)
     settings = gui.library.settings
-    combos = [
-        c
-        for c in panel.parameter_widget.findChildren(QComboBox)
-        if "TorchPINNTraining.Scheduler" in c.toolTip()
-    ]
+    combos = _editors(panel, QComboBox, "TorchPINNTraining.Scheduler")
     assert len(combos) == 1
     original = settings.scheduler.get_value()
     try:
