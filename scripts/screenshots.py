@@ -46,7 +46,7 @@ def _scroll_areas(widget: Any) -> list[Any]:
     return areas
 
 
-def show_probe_settings(view: Any, panel: Any, settings: Any) -> None:
+def show_probe_settings(panel: Any, settings: Any) -> None:
     """Scroll the panel to the training fields with probe refinement set as the guide says."""
     from PyQt5.QtWidgets import QLabel
 
@@ -121,7 +121,7 @@ def main(argv: list[str]) -> int:
         model.processing_core.algorithm_parameter.notify_observers()
         pump(1.0)
         grab("gui_panel.png")
-        show_probe_settings(view, panel, settings)
+        show_probe_settings(panel, settings)
         pump(1.0)
         grab("gui_panel_probe.png")
         settings.probe_refinement_epochs.set_value(0)  # the demo trains with the given probe

@@ -187,16 +187,17 @@ def refine_probe(
 
     measured = torch.from_numpy(data.amplitudes).to(device)
     keep = None
-    kept_amplitudes = data.amplitudes
+    kept_power = mean_pattern_power(data.amplitudes)  # mean counts per pattern, kept pixels
     if data.bad_pixels is not None and data.bad_pixels.any():
         keep = torch.from_numpy(~data.bad_pixels).float().to(device)
-        kept_amplitudes = np.where(data.bad_pixels[None], 0.0, data.amplitudes)
+        bad = data.amplitudes[:, data.bad_pixels].astype(np.float64)
+        kept_power -= float(np.square(bad).sum(axis=-1).mean())
     start = _starting_modes(np.asarray(data.probe, np.complex64), modes, seed)
     # Scaled so that a unit object carries the data's mean pattern energy (orthonormal FFT).
     power = float(np.square(np.abs(start)).sum())
     if not power > 0:
         raise ValueError("probeGuess: the probe is zero everywhere; nothing to refine")
-    start = start * math.sqrt(mean_pattern_power(kept_amplitudes) / power)
+    start = start * math.sqrt(kept_power / power)
     probe = torch.from_numpy(start.astype(np.complex64)).to(device).requires_grad_(True)
     obj = torch.ones(height, width, dtype=torch.complex64, device=device, requires_grad=True)
     probe_rate = learning_rate * _PROBE_STEP * float(probe.detach().abs().max())

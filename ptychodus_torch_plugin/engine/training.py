@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import logging
 import math
+import os
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -114,7 +115,8 @@ class _CancelCallback(Callback):
     Checked before and after every training batch and before every validation batch, and it
     ends ``fit`` at once (:func:`early_exit_exception`), so Stop never waits for a validation
     pass over a large test scan and the epoch cut short is never recorded as finished: the
-    model handed back is that of the last whole epoch. It must run after every other
+    model handed back is chosen among the whole epochs (``final_weights``: the best so far,
+    or the last). It must run after every other
     batch-end hook (``train`` adds it last), so a cancel raised by an observer or another
     thread during batch k stops training right after batch k.
     """
@@ -179,14 +181,16 @@ class _HistoryCallback(Callback):
         mode: str,
         observer: Any,
         keep_last: bool = False,
-        cancel: CancelToken | None = None,
+        cancel: _CancelCallback | None = None,
     ) -> None:
         self.monitor = monitor
         self.mode = mode
         self.observer = observer
         self.keep_last = keep_last
-        #: An epoch ending after a cancel was cut short (Lightning without the early exit):
-        #: not recorded, its weights not kept.
+        #: Once it has stopped training at a batch boundary, an epoch that still ends was cut
+        #: short (Lightning without the early exit): not recorded, its weights not kept. Its
+        #: flag, not the token: a cancel arriving after the last check of a finished epoch
+        #: leaves that epoch whole.
         self.cancel = cancel
         self.history: list[EpochRecord] = []
         self.best_value: float | None = None
@@ -201,7 +205,7 @@ class _HistoryCallback(Callback):
         metrics = trainer.callback_metrics
         train_loss = metrics.get(f"{TRAIN_LOSS}_epoch", metrics.get(TRAIN_LOSS))
         if train_loss is None or (self.cancel is not None and self.cancel.cancelled):
-            return  # cancelled: this epoch did not finish
+            return  # stopped inside this epoch: it did not finish
         val_loss = metrics.get(VAL_LOSS)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         record = EpochRecord(
@@ -394,11 +398,10 @@ def train(
     val_loader = DataLoader(val_set, shuffle=False, **loader_kwargs) if val_set else None
 
     keep_last = payload.training.final_weights == "last"
-    token = cancel or CancelToken()
+    cancel_cb = _CancelCallback(cancel or CancelToken())
     history_cb = _HistoryCallback(
-        monitor, checkpointing.mode, observer, keep_last=keep_last, cancel=token
+        monitor, checkpointing.mode, observer, keep_last=keep_last, cancel=cancel_cb
     )
-    cancel_cb = _CancelCallback(token)
     all_callbacks: list[Callback] = [_ChannelsLastCallback(), history_cb, *callbacks]
     if observer is not None:
         all_callbacks.append(_ObserverCallback(observer))
@@ -494,9 +497,13 @@ def _with_training_probe(
     device = select_device(payload.execution.accelerator)
     if device.type == "mps":  # complex autograd on MPS is incomplete; the CPU does it
         device = torch.device("cpu")
+    elif device.type == "cuda":  # each process of a multi-GPU run refines on its own GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     refinement = refine_probe(
         data, epochs, modes, seed=payload.data.seed, cancel=cancel, device=device
     )
+    if device.type == "cuda":  # hand the refinement's cached blocks back before training
+        torch.cuda.empty_cache()
     return dataclasses.replace(data, probe=refinement.probe), refinement
 
 

@@ -275,7 +275,9 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         "devices",
         "Devices:",
         "Execution",
-        "Number of devices (GPUs) Lightning uses, or 'auto'.",
+        "Training devices: one inside Ptychodus (several would make Lightning re-launch "
+        "Ptychodus itself); train on several GPUs with `ptychodus-torch train --devices N` "
+        "and load the archive.",
     ),
     ParameterSpec(
         "precision",
@@ -303,7 +305,7 @@ def tool_tip(spec: ParameterSpec, parameter: Any, key: str) -> str:
     if name in CHOICES:
         lines.append("Allowed: " + ", ".join(CHOICES[name]) + ".")
     elif spec.attribute == "devices":
-        lines.append("Allowed: auto, or an integer >= 1.")
+        lines.append("Allowed: auto or 1.")
     elif hasattr(parameter, "get_minimum"):
         low, high = parameter.get_minimum(), parameter.get_maximum()
         if low is not None and high is not None:

@@ -68,6 +68,10 @@ class LossPlot(QWidget):
     def validation_points(self) -> list[tuple[int, float]]:
         return list(self._validation)
 
+    @property
+    def title(self) -> str:
+        return self._title
+
     def clear(self, title: str = "Loss") -> None:
         self._train.clear()
         self._validation.clear()

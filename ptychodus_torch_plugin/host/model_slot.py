@@ -158,11 +158,7 @@ class ModelSlot:
             from ..engine.archive import load_archive
 
             file = resolve_archive(path)
-            try:
-                model = load_archive(file)
-            except Exception as exc:
-                logger.error("cannot load the model archive %s: %s", file, exc)
-                raise
+            model = load_archive(file)  # its errors name the file; the caller logs them
             self._model, self._model_file = model, file.resolve()
             self._superseded_path = None
             logger.info(

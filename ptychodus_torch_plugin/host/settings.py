@@ -201,7 +201,6 @@ class TorchPINNSettings(Observable, Observer):
     def _execution_overrides(self) -> dict[str, Any]:
         return {
             "accelerator": _choice(self.accelerator.get_value()),
-            "devices": _devices(self.devices.get_value()),
             "precision": _choice(self.precision.get_value()),
             "deterministic": self.deterministic.get_value(),
             # Ptychodus shows progress and losses itself: no terminal bar, no log files.
@@ -237,6 +236,7 @@ class TorchPINNSettings(Observable, Observer):
             "checkpoint_enable": False,
         }
         values.update(self._execution_overrides())
+        values["devices"] = _devices(self.devices.get_value())  # inference uses one anyway
         return values
 
     def inference_overrides(self) -> dict[str, Any]:

@@ -117,6 +117,22 @@ def test_cancel_mid_epoch_keeps_the_last_whole_epoch_and_skips_validation(
     assert all(torch.equal(state[k].cpu(), v.cpu()) for k, v in kept[0].items())
 
 
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_a_cancel_after_the_last_check_of_a_finished_epoch_keeps_that_epoch(small_scan, epochs):
+    """Stop pressed during the last validation batch: the epoch is whole and counts."""
+    token = CancelToken()
+
+    class LateCancel(Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == epochs - 1:
+                token.cancel()
+
+    payload = create_training_payload(tiny_overrides(epochs=epochs))
+    result = train(payload, small_scan, cancel=token, callbacks=[LateCancel()])
+    assert [r.epoch for r in result.history] == list(range(1, epochs + 1))
+    assert result.best_epoch is not None and not result.cancelled
+
+
 def test_cpu_training_runs_in_channels_last_and_saves_plain_weights(small_scan, tmp_path):
     """The faster NHWC layout is used while training; archives and predictions do not care."""
     layouts = []

@@ -275,11 +275,23 @@ def test_ptychodus_own_train_draws_the_loss_in_the_panel_live(gui, tmp_path):
     panel = gui.panel(PINN_KEY)
     gui.select_product(32)
     seen = []
-    panel.session.host_epoch.connect(lambda name, record: seen.append((name, record.epoch)))
+
+    def look(name, record):  # connected after the panel's slot: sees the plot it drew
+        points = [epoch for epoch, _ in panel.loss_plot.training_points()]
+        seen.append((name, record.epoch, points, panel.loss_plot.title))
+
+    panel.session.host_epoch.connect(look)
     api = gui.model.processing_core.processing_api
-    with settings_values(gui.library, **{**FAST, "epochs": 3}):
-        api.train(gui.scans[32], tmp_path, product_index=gui.products[32], block=True)
-        gui.pump(0.5)  # deliver the queued epoch signals
-    assert seen == [("PINN", 1), ("PINN", 2), ("PINN", 3)]
-    assert [epoch for epoch, _ in panel.loss_plot.training_points()] == [1, 2, 3]
+    try:
+        with settings_values(gui.library, **{**FAST, "epochs": 3}):
+            api.train(gui.scans[32], tmp_path, product_index=gui.products[32], block=True)
+            gui.pump(0.5)  # deliver the queued epoch signals
+    finally:
+        panel.session.host_epoch.disconnect(look)
+    title = "PINN training (Ptychodus's Train)"
+    assert seen == [
+        ("PINN", 1, [1], title),
+        ("PINN", 2, [1, 2], title),
+        ("PINN", 3, [1, 2, 3], title),
+    ]
     assert (tmp_path / "wts.h5.zip").is_file()

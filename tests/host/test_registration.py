@@ -90,6 +90,7 @@ def test_settings_ini_selecting_pinn_round_trips(tmp_path):
     # Several devices would make Lightning re-launch Ptychodus itself: refused, saying why.
     with pytest.raises(ValueError, match=r"Devices = '2' is invalid inside Ptychodus.*--devices"):
         settings.training_overrides("pinn", 32)
+    assert "devices" not in settings.inference_overrides()  # inference never needed them
     settings.devices.set_value("auto")
     overrides = settings.training_overrides("pinn", 32)
     assert overrides["gridsize"] == 2 and overrides["devices"] == 1
