@@ -116,9 +116,9 @@ class _CancelCallback(Callback):
     ends ``fit`` at once (:func:`early_exit_exception`), so Stop never waits for a validation
     pass over a large test scan and the epoch cut short is never recorded as finished: the
     model handed back is chosen among the whole epochs (``final_weights``: the best so far,
-    or the last). It must run after every other
-    batch-end hook (``train`` adds it last), so a cancel raised by an observer or another
-    thread during batch k stops training right after batch k.
+    or the last). It must run after every other batch-end hook (``train`` adds it last), so
+    a cancel raised by an observer or another thread during batch k stops training right
+    after batch k.
     """
 
     def __init__(self, token: CancelToken) -> None:

@@ -236,7 +236,7 @@ class TorchPINNSettings(Observable, Observer):
             "checkpoint_enable": False,
         }
         values.update(self._execution_overrides())
-        values["devices"] = _devices(self.devices.get_value())  # inference uses one anyway
+        values["devices"] = _devices(self.devices.get_value())  # training only: see _devices
         return values
 
     def inference_overrides(self) -> dict[str, Any]:
