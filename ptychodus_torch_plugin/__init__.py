@@ -1,7 +1,8 @@
 """PyTorch PtychoPINN reconstructor for Ptychodus.
 
-Layers (imports flow one way): ``engine`` (torch + numpy only) -> ``host`` (Ptychodus adapter)
--> ``gui`` (Qt). Importing this package is cheap: nothing heavy is imported here.
+Layers (imports flow one way): ``engine`` (torch, numpy, Lightning; no Ptychodus, no Qt)
+-> ``host`` (Ptychodus adapter) -> ``gui`` (Qt). Importing this package is cheap: nothing
+heavy is imported here.
 """
 
 __version__ = "0.1.0"

@@ -101,6 +101,15 @@ class TrainedModel:
         epochs = int(self.config.get("probe_refinement_epochs", 0) or 0)
         return epochs > 0 and self.config.get("mode", "pinn") != "supervised"
 
+    def kept_weights(self, epoch: int | None) -> str:
+        """Which epoch's weights training handed over, for messages ("the best epoch's (3)").
+
+        ``final_weights`` decides: the best epoch by the monitored metric, or the last one;
+        a message that always said "best" would be wrong for the quality settings ("last").
+        """
+        which = "last" if self.config.get("final_weights") == "last" else "best"
+        return f"the {which} epoch's weights (epoch {epoch})"
+
     @property
     def model_config(self) -> ModelConfig:
         return create_training_payload(self.config, check_environment=False).model

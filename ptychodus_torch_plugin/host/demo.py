@@ -5,8 +5,9 @@
 positions), ``IN/ground_truth.npz`` (the true object, for scoring) and, when given, a copy of
 the settings file as ``IN/settings.ini``; then ``ptychodus -b train -i IN -o OUT`` and
 ``ptychodus -b reconstruct -i IN -o OUT2`` run the plugin end to end.
-``python -m ptychodus_torch_plugin.host.demo score OUT2 IN [--image FILE.png]`` compares the
-last reconstruction with the truth and can write the object image.
+``python -m ptychodus_torch_plugin.host.demo score OUT2 IN [--images DIR]`` compares the
+last reconstruction with the truth and can write ``DIR/object_amplitude.png`` and
+``DIR/object_phase.png``.
 
 The diffraction patterns come from ``ptychodus.api.simulate.diffraction`` (the host's forward
 model, not ours), so the demo and the end-to-end tests also check that the plugin's units,

@@ -6,7 +6,8 @@ at their absolute positions) and differ in how they train. Inference streams one
 ``get_progress_goal()`` = number of chunks, so the progress bar moves, the image fills in, and
 Stop takes effect between chunks (the host's Stop flag is also polled before every chunk).
 Training runs the engine in a helper thread and yields one ``TrainOutput`` per epoch; closing
-the generator (Stop) cancels training within one batch, and the best model so far is kept.
+the generator (Stop) cancels training within one batch, and the weights ``FinalWeights``
+chooses among the finished epochs (the best, by default) are kept.
 
 Nothing here imports torch at module import: :func:`require_backend` runs first in every
 piece of work.
@@ -302,17 +303,16 @@ class TorchPINNReconstructor(TrainableReconstructor):
         self._library.on_model_trained(file)
         if result.cancelled:
             self._logger.warning(
-                "training stopped after %d of %d epochs: kept the best model so far (epoch %s), "
-                "saved to %s and loaded",
+                "training stopped after %d of %d epochs: kept %s, saved to %s and loaded",
                 len(result.history),
                 epochs,
-                result.best_epoch,
+                result.model.kept_weights(result.best_epoch),
                 file,
             )
         else:
             self._logger.info(
-                "training finished (%d epochs, best epoch %s): model saved to %s and loaded",
+                "training finished (%d epochs, %s): model saved to %s and loaded",
                 len(result.history),
-                result.best_epoch,
+                result.model.kept_weights(result.best_epoch),
                 file,
             )

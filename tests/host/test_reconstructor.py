@@ -212,7 +212,7 @@ def test_train_from_npz_yields_epochs_and_a_stop_keeps_the_best_model(
     assert not list(tmp_path.glob(".wts.h5.zip.*"))  # atomic: no temp file left behind
     assert reconstructor.is_model_loaded()
     messages = " ".join(r.getMessage() for r in caplog.records)
-    assert "training stopped after" in messages and "kept the best model" in messages
+    assert "training stopped after" in messages and "kept the best epoch's weights" in messages
     model = library.model_slot.get()
     assert model.epochs_trained >= 1
 
