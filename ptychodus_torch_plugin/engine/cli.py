@@ -32,9 +32,12 @@ import numpy as np
 
 from .config import (
     ACCELERATORS,
+    AMP_ACTIVATIONS,
     CHECKPOINT_MODES,
     FINAL_WEIGHTS,
     LOGGERS,
+    LOSSES,
+    NORMALIZATIONS,
     PATCH_WEIGHTINGS,
     PRECISIONS,
     SCHEDULERS,
@@ -44,6 +47,7 @@ from .config import (
     ExecutionConfig,
     GridConfig,
     InferenceConfig,
+    ModelConfig,
     TrainingConfig,
 )
 
@@ -54,6 +58,7 @@ DEFAULT_SIMULATE_OUTPUT = "simulated.npz"
 _PACKAGE_LOGGER = "ptychodus_torch_plugin"
 # Defaults shown in --help come from the configs themselves, so they cannot drift.
 _G, _D, _T, _E = GridConfig(), DataConfig(), TrainingConfig(), ExecutionConfig()
+_M = ModelConfig()
 _C, _I = CheckpointConfig(), InferenceConfig()
 
 
@@ -244,6 +249,38 @@ def _add_train(sub: Any) -> None:
         type=_nonnegative_int,
         help="incoherent probe modes (default: 0, as many as the file's probe has; more "
         "need --probe-refinement-epochs)",
+    )
+    p.add_argument(
+        "--n-filters-scale",
+        dest="n_filters_scale",
+        type=_positive_int,
+        help=f"network width factor, 1 to 8 (default: {_M.n_filters_scale}; the quality "
+        "settings use 1)",
+    )
+    p.add_argument(
+        "--amp-activation",
+        dest="amp_activation",
+        choices=AMP_ACTIVATIONS,
+        help=f"amplitude output activation (default: {_M.amp_activation})",
+    )
+    p.add_argument(
+        "--normalization",
+        choices=NORMALIZATIONS,
+        help=f"batch normalisation after each hidden convolution (default: {_M.normalization})",
+    )
+    p.add_argument(
+        "--probe-scale",
+        dest="probe_scale",
+        type=float,
+        help=f"probe normalisation constant, > 0 (default: {_D.probe_scale:g})",
+    )
+    p.add_argument("--loss", choices=LOSSES, help=f"PINN training loss (default: {_T.loss})")
+    p.add_argument(
+        "--validation-fraction",
+        dest="validation_fraction",
+        type=float,
+        help="share of the groups held out for validation when no --test_data_file is given, "
+        f"0 to 0.5 (default: {_D.validation_fraction:g})",
     )
     p.add_argument(
         "--early-stop-patience",
@@ -520,6 +557,12 @@ _TRAIN_FLAGS = {
     "checkpoint_mode": "checkpoint_mode",
     "early_stop_patience": "early_stop_patience",
     "final_weights": "final_weights",
+    "n_filters_scale": "n_filters_scale",
+    "amp_activation": "amp_activation",
+    "normalization": "normalization",
+    "probe_scale": "probe_scale",
+    "loss": "loss",
+    "validation_fraction": "validation_fraction",
     "probe_refinement_epochs": "probe_refinement_epochs",
     "probe_modes": "probe_modes",
     "logger": "logger",

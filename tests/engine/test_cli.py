@@ -20,17 +20,6 @@ def data_file(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def small_network(monkeypatch):
-    """CLI training with n_filters_scale 1 (the CLI has no flag for it): keeps CI fast."""
-    original = cli.training_overrides
-
-    def overrides(args, N):  # noqa: N803
-        return {**original(args, N), "n_filters_scale": 1}
-
-    monkeypatch.setattr(cli, "training_overrides", overrides)
-
-
 def test_smoke_command_from_the_issue(data_file, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "D.npz").write_bytes(data_file.read_bytes())
@@ -71,7 +60,7 @@ def test_smoke_command_from_the_issue(data_file, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("gridsize", [1, 2])
-def test_train_then_infer(data_file, tmp_path, small_network, gridsize, capsys):
+def test_train_then_infer(data_file, tmp_path, gridsize, capsys):
     out, inf = tmp_path / "train", tmp_path / "infer"
     status = cli.main(
         [
@@ -86,6 +75,8 @@ def test_train_then_infer(data_file, tmp_path, small_network, gridsize, capsys):
             "16",
             "--gridsize",
             str(gridsize),
+            "--n-filters-scale",
+            "1",  # keeps CI fast
             "--batch_size",
             "8",
             "--accelerator",
@@ -173,6 +164,21 @@ def test_unset_flags_are_not_overrides():
     )
     overrides = cli.training_overrides(args, 64)
     assert overrides["checkpoint_enable"] is False and overrides["deterministic"] is False
+
+
+def test_model_loss_and_validation_settings_have_flags():
+    """Multi-GPU training runs from the command line, not inside Ptychodus: the network
+    shape, loss and validation share the Ptychodus settings offer must be settable there."""
+    argv = (
+        "train --train_data_file x.npz --n-filters-scale 1 --amp-activation silu "
+        "--normalization batch --probe-scale 3 --loss mae --validation-fraction 0.1"
+    ).split()
+    overrides = cli.training_overrides(cli.build_parser().parse_args(argv), 64)
+    payload = create_training_payload(overrides)
+    assert (payload.model.n_filters_scale, payload.model.amp_activation) == (1, "silu")
+    assert payload.model.normalization == "batch" and payload.training.loss == "mae"
+    assert (payload.data.probe_scale, payload.data.validation_fraction) == (3.0, 0.1)
+    assert all(payload.sources[k] == "override" for k in ("loss", "probe_scale", "normalization"))
 
 
 @pytest.mark.parametrize(
@@ -319,11 +325,12 @@ def test_train_final_weights_flag():
         parser.parse_args([*base, "--final-weights", "middle"])
 
 
-def test_train_with_probe_refinement_reports_it(data_file, tmp_path, small_network, capsys):
+def test_train_with_probe_refinement_reports_it(data_file, tmp_path, capsys):
     out = tmp_path / "OUT"
     argv = (
         f"train --train_data_file {data_file} --output_dir {out} --max_epochs 1 --n_groups 16 "
-        "--accelerator cpu --logger none --probe-refinement-epochs 5 --probe-modes 2"
+        "--n-filters-scale 1 --accelerator cpu --logger none --probe-refinement-epochs 5 "
+        "--probe-modes 2"
     ).split()
     assert cli.main(argv) == 0
     assert "probe refinement (2 mode(s), 5 epochs)" in capsys.readouterr().out
