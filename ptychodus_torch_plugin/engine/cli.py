@@ -252,14 +252,12 @@ def _add_train(sub: Any) -> None:
     )
     p.add_argument(
         "--n-filters-scale",
-        dest="n_filters_scale",
         type=_positive_int,
         help=f"network width factor, 1 to 8 (default: {_M.n_filters_scale}; the quality "
         "settings use 1)",
     )
     p.add_argument(
         "--amp-activation",
-        dest="amp_activation",
         choices=AMP_ACTIVATIONS,
         help=f"amplitude output activation (default: {_M.amp_activation})",
     )
@@ -270,14 +268,12 @@ def _add_train(sub: Any) -> None:
     )
     p.add_argument(
         "--probe-scale",
-        dest="probe_scale",
         type=float,
         help=f"probe normalisation constant, > 0 (default: {_D.probe_scale:g})",
     )
     p.add_argument("--loss", choices=LOSSES, help=f"PINN training loss (default: {_T.loss})")
     p.add_argument(
         "--validation-fraction",
-        dest="validation_fraction",
         type=float,
         help="share of the groups held out for validation when no --test_data_file is given, "
         f"0 to 0.5 (default: {_D.validation_fraction:g})",
