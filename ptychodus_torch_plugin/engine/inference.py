@@ -39,6 +39,7 @@ scan). Switch it off to bound memory by the chunk alone.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -55,6 +56,8 @@ from .payload import InferencePayload
 from .phase_alignment import align_patch_phases
 from .prepare import prepare_scan
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "CanvasGeometry",
     "InferenceChunk",
@@ -66,6 +69,7 @@ __all__ = [
     "reconstruct_iter",
     "select_device",
     "stitch_patches",
+    "warn_if_flat",
 ]
 
 Weighting = Literal["probe", "uniform"]
@@ -514,6 +518,36 @@ def _run(
         yield stitcher, rows.stop, total, index, n_chunks
 
 
+#: Largest deviation from the mean value, relative to the mean amplitude, of a flat image.
+_FLAT_TOLERANCE = 1e-4
+
+
+def warn_if_flat(stitched: StitchedObject) -> bool:
+    """Log a warning (and return True) when the covered image is one constant value.
+
+    Why: a network whose outputs saturated (too few epochs, or a rate too high) predicts the
+    same patch everywhere, and the image is then exactly uniform; without a word the user
+    sees a blank object and cannot tell it from a display problem. Real objects, even weak
+    ones, are never constant to 1e-4.
+    """
+    values = stitched.object[stitched.covered].astype(np.complex128)
+    if values.size < 2:
+        return False
+    mean = values.mean()
+    scale = max(float(np.abs(values).mean()), 1e-12)
+    # Distance in the complex plane: a phase at +-pi is one value, not two (no wrap).
+    if float(np.abs(values - mean).max()) > _FLAT_TOLERANCE * scale:
+        return False
+    logger.warning(
+        "the reconstruction is flat (amplitude %.4g, phase %.4g rad at every pixel): the "
+        "network predicts the same patch everywhere, so it has not learnt this scan yet; "
+        "train more epochs (at least 12 for a tiny model) or with a lower learning rate",
+        abs(mean),
+        float(np.angle(mean)),
+    )
+    return True
+
+
 def reconstruct_iter(
     model: TrainedModel,
     data: PtychoData,
@@ -537,6 +571,8 @@ def reconstruct_iter(
     ):
         final = index == n_chunks - 1
         snapshot = stitcher.result(aligned=stitcher.align_phases and final)
+        if final:
+            warn_if_flat(snapshot)
         yield InferenceChunk(snapshot, done, total, index, n_chunks)
 
 
@@ -562,6 +598,7 @@ def reconstruct(
     # Phase alignment is reported on its own; "stitch" keeps the splatting and the division.
     timings["align"] = last.alignment_seconds
     timings["stitch"] += time.perf_counter() - tic - last.alignment_seconds
+    warn_if_flat(stitched)
     return InferenceResult(
         stitched=stitched, backend=model.backend, timings=timings, n_groups=total
     )

@@ -351,6 +351,25 @@ def test_streamed_final_image_is_the_aligned_one_shot_image(scan):
     np.testing.assert_array_equal(plain.stitched.weights, one_shot.weights)
 
 
+def test_a_flat_reconstruction_is_reported_and_a_real_one_is_not(scan, monkeypatch, caplog):
+    """Saturated outputs give one patch everywhere: the user is told, not left with a blank."""
+    model = _model(scan)
+    with caplog.at_level("WARNING", logger="ptychodus_torch_plugin.engine.inference"):
+        reconstruct(model, scan)  # an untrained network still varies with its input
+        assert "reconstruction is flat" not in caplog.text
+        saturated = np.full((1, 1, N, N), np.exp(1j * np.pi), np.complex64)
+        saturated[..., ::2, :] = np.exp(-1j * (np.pi - 1e-7))  # the phase wraps: still flat
+        monkeypatch.setattr(
+            model, "predict", lambda inputs, batch_size=16: np.repeat(saturated, len(inputs), 0)
+        )
+        stitched = reconstruct(model, scan).stitched
+        chunks = list(reconstruct_iter(model, scan, model.inference_payload({"chunk_size": 10})))
+    assert np.allclose(stitched.object[stitched.covered], -1.0, atol=1e-5)
+    flat = [r for r in caplog.records if "reconstruction is flat" in r.getMessage()]
+    assert len(flat) == 2 and "amplitude 1, phase" in flat[0].getMessage()
+    assert len(chunks) == 3  # warned once, on the final image only
+
+
 def test_select_device():
     assert select_device("cpu").type == "cpu"
     assert select_device("auto").type in ("cpu", "cuda", "mps")
