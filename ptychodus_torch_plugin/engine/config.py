@@ -238,6 +238,12 @@ class TrainingConfig:
         """Channels the differentiable forward model carries (= gridsize**2)."""
         return self.grid.channels
 
+    @property
+    def refines_probe(self) -> bool:
+        """Whether training fits the probe first: asked for, and a physics model to fit it in
+        (supervised training has none and ignores ``probe_refinement_epochs``)."""
+        return self.probe_refinement_epochs > 0 and self.mode != "supervised"
+
 
 @dataclass(frozen=True)
 class InferenceConfig:

@@ -216,8 +216,16 @@ class PtychoData:
         return np.square(self.amplitudes.astype(np.float64))
 
     def mean_photons(self) -> float:
-        """Mean total counts per pattern (the default nphotons)."""
-        return mean_pattern_power(self.amplitudes)
+        """Mean total counts per pattern on the kept pixels (the default nphotons).
+
+        Bad pixels do not count: the loss ignores them, and a hot or saturated pixel flagged
+        bad would otherwise inflate the dose the loss and the probe refinement assume.
+        """
+        total = mean_pattern_power(self.amplitudes)
+        if self.bad_pixels is not None and self.bad_pixels.any():
+            bad = self.amplitudes[:, self.bad_pixels].astype(np.float64)
+            total -= float(np.square(bad).sum(axis=-1).mean())
+        return total
 
     def subset(self, indices: np.ndarray) -> PtychoData:
         """The patterns at ``indices`` (positions and per-pattern fields follow)."""

@@ -95,11 +95,10 @@ class TrainedModel:
     def probe_refined(self) -> bool:
         """Whether :attr:`probe` was fitted to the training data (``probe_refinement_epochs``).
 
-        Supervised training ignores the setting (it has no physics model), so its probe is the
-        data's. Archives written before the setting existed have no key: not refined.
+        The rule is ``TrainingConfig.refines_probe``; archives written before the setting
+        existed have no key, which reads as the default 0: not refined.
         """
-        epochs = int(self.config.get("probe_refinement_epochs", 0) or 0)
-        return epochs > 0 and self.config.get("mode", "pinn") != "supervised"
+        return create_training_payload(self.config, check_environment=False).training.refines_probe
 
     def kept_weights(self, epoch: int | None) -> str:
         """Which epoch's weights training handed over, for messages ("the best epoch's (3)").

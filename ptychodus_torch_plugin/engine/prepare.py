@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .config import DataConfig, GridConfig
-from .data import PtychoData, mean_pattern_power
+from .data import PtychoData
 from .grouping import Groups, group_positions
 from .physics import input_normalization_factor, intensity_scale, normalize_probe
 
@@ -65,12 +65,8 @@ def prepare_scan(
     if input_scale is None or data_config.input_normalization == "recompute":
         input_scale = input_normalization_factor(amplitudes)
     inputs = (amplitudes * np.float32(input_scale)).astype(np.float32)
-    # Counted on the kept pixels only: the loss compares (s * X)^2 with the counts there, and
-    # a hot or saturated pixel flagged bad must not inflate the dose it assumes.
-    if data_config.nphotons is not None:
-        nphotons = data_config.nphotons
-    else:
-        nphotons = mean_pattern_power(amplitudes)
+    # On the kept pixels (mean_photons): the loss compares (s * X)^2 with the counts there.
+    nphotons = data_config.nphotons if data_config.nphotons is not None else data.mean_photons()
     if not nphotons > 0:
         raise ValueError("diff3d: the patterns hold no counts; nothing to reconstruct")
     probe = normalize_probe(torch.from_numpy(data.probe), data_config.probe_scale).numpy()

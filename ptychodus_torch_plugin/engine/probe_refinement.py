@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .cancel import CancelToken
 from .config import MAX_PROBE_MODES, _check_int, _check_real
-from .data import PtychoData, mean_pattern_power
+from .data import PtychoData
 from .physics import predicted_amplitude
 
 logger = logging.getLogger(__name__)
@@ -187,17 +187,14 @@ def refine_probe(
 
     measured = torch.from_numpy(data.amplitudes).to(device)
     keep = None
-    kept_power = mean_pattern_power(data.amplitudes)  # mean counts per pattern, kept pixels
     if data.bad_pixels is not None and data.bad_pixels.any():
         keep = torch.from_numpy(~data.bad_pixels).float().to(device)
-        bad = data.amplitudes[:, data.bad_pixels].astype(np.float64)
-        kept_power -= float(np.square(bad).sum(axis=-1).mean())
     start = _starting_modes(np.asarray(data.probe, np.complex64), modes, seed)
     # Scaled so that a unit object carries the data's mean pattern energy (orthonormal FFT).
     power = float(np.square(np.abs(start)).sum())
     if not power > 0:
         raise ValueError("probeGuess: the probe is zero everywhere; nothing to refine")
-    start = start * math.sqrt(kept_power / power)
+    start = start * math.sqrt(data.mean_photons() / power)
     probe = torch.from_numpy(start.astype(np.complex64)).to(device).requires_grad_(True)
     obj = torch.ones(height, width, dtype=torch.complex64, device=device, requires_grad=True)
     probe_rate = learning_rate * _PROBE_STEP * float(probe.detach().abs().max())

@@ -487,7 +487,7 @@ def _with_training_probe(
         if 0 < modes < present:
             return dataclasses.replace(data, probe=data.probe[:modes].copy()), None
         return data, None
-    if payload.training.mode == "supervised":
+    if not payload.training.refines_probe:  # supervised training: no physics model
         logger.warning(
             "probe_refinement_epochs = %d ignored: supervised training has no physics model "
             "that the probe would enter",

@@ -157,3 +157,10 @@ def test_mean_pattern_power_in_chunks_equals_the_whole_float64_sum():
     assert data.mean_photons() == pytest.approx(direct, rel=1e-12)
     with pytest.raises(ValueError, match="found shape"):
         mean_pattern_power(np.ones(5))
+    bad = np.zeros((16, 16), bool)
+    bad[2, 3] = True  # excluded from the loss, so from the dose too
+    masked = PtychoData.from_amplitudes(
+        amplitudes, np.zeros(37), np.zeros(37), np.ones((16, 16)), bad_pixels=bad
+    )
+    kept = np.square(np.where(bad, 0.0, amplitudes.astype(np.float64))).sum(axis=(1, 2)).mean()
+    assert masked.mean_photons() == pytest.approx(kept, rel=1e-12)
