@@ -20,18 +20,33 @@ from pathlib import Path
 def atomic_write_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it onto ``path`` only if the block succeeds."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:  # name the file the user asked for, not our hidden temp file
+        raise type(exc)(exc.errno, exc.strerror, str(target)) from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_current_umask())
+        _flush_to_disk(tmp)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def _flush_to_disk(path: Path) -> None:
+    """fsync ``path`` before it is renamed into place.
+
+    Why: without it a power cut soon after the rename can leave the new name pointing at an
+    empty file on some file systems (ext4 with delayed allocation), which is exactly the half
+    archive the rename exists to prevent.
+    """
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
 
 
 def _current_umask() -> int:

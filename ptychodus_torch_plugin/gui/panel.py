@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from PyQt5.QtWidgets import (
 )
 
 from ..host.names import LOGGER_NAME, MODEL_FILE_EXTENSION, MODEL_FILE_FILTER
+from ..host.saving import default_model_directory
 from ..host.settings import CHOICES
 from ..host.settings import GROUPS as SETTINGS_GROUPS
 from .model_info import ArchiveSummary, read_archive_summary
@@ -56,19 +56,8 @@ from .workers import (
 
 logger = logging.getLogger(f"{LOGGER_NAME}.gui")
 
-#: Environment variable naming the folder where models trained from the panel are written.
-MODEL_DIR_ENV = "PTYCHODUS_TORCH_MODEL_DIR"
 #: How long closing the window waits for a running worker to stop.
 SHUTDOWN_TIMEOUT_S = 30.0
-
-
-def default_model_directory() -> Path:
-    """``$PTYCHODUS_TORCH_MODEL_DIR``, else ``$XDG_DATA_HOME/ptychodus-torch-plugin/models``."""
-    override = os.environ.get(MODEL_DIR_ENV)
-    if override:
-        return Path(override).expanduser()
-    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data_home) / "ptychodus-torch-plugin" / "models"
 
 
 def _slug(text: str) -> str:
@@ -546,7 +535,10 @@ class TrainingSession(QObject):
                 f"{outcome.archive} and loaded: Infer uses it now."
             )
             logger.info(text)
-        self._report(text, error=False)
+        if outcome.save_problem is not None:
+            text = f"{text} Note: {outcome.save_problem}."
+            logger.error("%s", outcome.save_problem)
+        self._report(text, error=outcome.save_problem is not None)
 
     # ------------------------------------------------------------------ model files
     def load_model(self, path: Path) -> bool:
@@ -661,10 +653,11 @@ class TorchPINNPanel(QWidget):
         self._file_dialog_factory = file_dialog_factory
         self.setObjectName(f"torchpinn-panel-{reconstructor.name.casefold()}")
         self._run_started = 0.0
-        self._train_started: float | None = None
         self._epochs = 0
         self._batches = 0
         self._done_batches = 0
+        #: (time, batches done) at the first finished batch: the pace is measured from there
+        self._pace_origin: tuple[float, int] | None = None
         self._showing_live = False
         self._window_filtered: QWidget | None = None
 
@@ -844,8 +837,8 @@ class TorchPINNPanel(QWidget):
             return
         self._showing_live = True
         self._run_started = time.perf_counter()
-        self._train_started = None
         self._epochs = self._batches = self._done_batches = 0
+        self._pace_origin = None
         self.loss_plot.clear(f"{worker.job.reconstructor} training on {worker.job.product_name}")
         self.epoch_bar.setRange(0, max(1, int(worker.job.overrides.get("epochs", 1))))
         self.epoch_bar.setValue(0)
@@ -867,7 +860,6 @@ class TorchPINNPanel(QWidget):
         self.loss_plot.add_record(record)
 
     def _on_train_started(self, epochs: int, batches: int) -> None:
-        self._train_started = time.perf_counter()
         self._epochs, self._batches = epochs, batches
         self.epoch_bar.setRange(0, max(1, epochs))
         self.batch_bar.setRange(0, max(1, batches))
@@ -875,6 +867,8 @@ class TorchPINNPanel(QWidget):
     def _on_batch_progress(self, epoch: int, batch: int, batches: int, loss: float) -> None:
         self._batches = batches
         self._done_batches = (epoch - 1) * batches + batch
+        if self._pace_origin is None:
+            self._pace_origin = (time.perf_counter(), self._done_batches)
         self.epoch_bar.setValue(epoch - 1)
         self.batch_bar.setRange(0, max(1, batches))
         self.batch_bar.setValue(batch)
@@ -891,8 +885,11 @@ class TorchPINNPanel(QWidget):
         elapsed = now - self._run_started
         text = f"elapsed {_duration(elapsed)}"
         total = self._epochs * self._batches
-        if self._train_started is not None and self._done_batches > 0 and total > 0:
-            rate = (now - self._train_started) / self._done_batches
+        origin = self._pace_origin
+        if origin is not None and self._done_batches > origin[1] and total > 0:
+            # Paced from the first finished batch on: the first one also pays for start-up
+            # (threads, allocations), which made a 4-minute run announce over an hour.
+            rate = (now - origin[0]) / (self._done_batches - origin[1])
             left = max(0.0, (total - self._done_batches) * rate)
             text += f" · about {_duration(left)} left"
         elif self.session.is_running():

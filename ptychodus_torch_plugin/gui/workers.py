@@ -77,6 +77,7 @@ class TrainingOutcome:
     stopped: bool = False
     best_epoch: int | None = None
     seconds: float = 0.0
+    save_problem: str | None = None  # the archive is not where it was meant to be: why
 
 
 @dataclass(frozen=True)
@@ -195,10 +196,10 @@ class TrainingWorker(QObject):
             from ..host.backend import require_backend
 
             require_backend()
-            from ..engine.archive import save_archive
             from ..engine.payload import create_training_payload
             from ..engine.training import train
             from ..host.convert import reconstruct_input_to_data
+            from ..host.saving import save_trained_model
 
             data = reconstruct_input_to_data(
                 job.reconstruct_input, with_object=job.mode == "supervised"
@@ -214,10 +215,11 @@ class TrainingWorker(QObject):
             prompt_stop = make_prompt_stop(self.token)
             result = train(payload, data, observer=self, cancel=self.token, callbacks=[prompt_stop])
             stopped = bool(result.cancelled or self.token.cancelled)
-            archive = None
+            archive, save_problem = None, None
             if result.history:
                 self.phase.emit("Saving the model...")
-                archive = save_archive(result.model, job.archive_path)
+                saved = save_trained_model(result.model, job.archive_path)
+                archive, save_problem = saved.file, saved.problem
             outcome = TrainingOutcome(
                 job=job,
                 model=result.model if result.history else None,
@@ -226,11 +228,13 @@ class TrainingWorker(QObject):
                 stopped=stopped,
                 best_epoch=result.best_epoch,
                 seconds=time.perf_counter() - started,
+                save_problem=save_problem,
             )
         except BaseException as exc:  # noqa: BLE001 - a Qt slot must never raise: PyQt5 aborts
             # the whole process on an exception escaping a slot, so even SystemExit or
             # KeyboardInterrupt in the worker ends as a message in the panel, not a crash.
-            logger.error("training failed: %s", describe_error(exc), exc_info=True)
+            # The panel logs the message once (ERROR); the traceback is for developers only.
+            logger.debug("training failed: %s", describe_error(exc), exc_info=True)
             self.failed.emit(describe_error(exc))
             return
         self.finished.emit(outcome)
@@ -263,7 +267,7 @@ class LoadModelWorker(QObject):
 
             model = load_archive(file)
         except Exception as exc:
-            logger.error("cannot load %s: %s", self.path, describe_error(exc))
+            logger.debug("cannot load %s: %s", self.path, describe_error(exc), exc_info=True)
             self.failed.emit(describe_error(exc))
             return
         self.finished.emit(LoadedModel(model, file))

@@ -53,7 +53,14 @@ def check_archive(path: Path) -> Path:
                     f"{sorted(names)[:8]})"
                 )
             manifest = json.loads(archive.read("manifest.json").decode("utf-8"))
-    except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
+    except (
+        zipfile.BadZipFile,
+        OSError,
+        EOFError,
+        UnicodeDecodeError,
+        ValueError,
+        NotImplementedError,  # a compression method zipfile cannot read
+    ) as exc:
         if isinstance(exc, ValueError) and str(exc).startswith(str(file)):
             raise
         raise ValueError(
@@ -141,12 +148,7 @@ class ModelSlot:
         """The model, loading the remembered archive on first use."""
         path = self.path
         with self._lock:
-            if self._model is not None and (
-                path is None
-                or self._model_file is None
-                or path == self._superseded_path
-                or self._same(path, self._model_file)
-            ):
+            if self._holds_current(path):
                 return self._model
             if path is None:
                 raise RuntimeError(
@@ -171,6 +173,15 @@ class ModelSlot:
             )
             return model
 
+    def _holds_current(self, path: Path | None) -> bool:
+        """The model in memory is the one ``ModelPath`` (``path``) means (hold the lock)."""
+        return self._model is not None and (
+            path is None
+            or self._model_file is None
+            or path == self._superseded_path
+            or self._same(path, self._model_file)
+        )
+
     @staticmethod
     def _same(path: Path, file: Path) -> bool:
         candidate = path / ARCHIVE_NAME if path.is_dir() else path
@@ -187,10 +198,13 @@ class ModelSlot:
 
         path = self.path
         source: Path | None = None
-        if path is not None:
+        with self._lock:
+            # Right after training, ModelPath still names the previous archive until the host
+            # thread stores the new one: the adopted model's own file is the current one.
+            if self._holds_current(path) and self._model_file is not None:
+                source = self._model_file
+        if source is None and path is not None:
             source = resolve_archive(path)
-        elif self._model_file is not None:
-            source = self._model_file
         if source is None:
             raise RuntimeError("No TorchPINN model to save: train or load one first.")
         target = Path(destination)

@@ -48,6 +48,7 @@ from .names import (
     MODEL_FILE_FILTER,
     TRAINING_DATA_FILE_FILTER,
 )
+from .saving import save_trained_model
 
 if TYPE_CHECKING:
     from .library import TorchPINNLibrary
@@ -291,14 +292,15 @@ class TorchPINNReconstructor(TrainableReconstructor):
             )
             return
         try:
-            from ..engine.archive import save_archive
-
-            file = save_archive(result.model, output_path / ARCHIVE_NAME)
+            saved = save_trained_model(result.model, output_path / ARCHIVE_NAME)
         except Exception as exc:
             if raise_errors:
                 raise
-            self._logger.error("cannot save the model archive into %s: %s", output_path, exc)
+            self._logger.error("the trained model is lost: %s", exc)
             return
+        file = saved.file
+        if saved.problem is not None:  # a read-only or full output folder: not lost, moved
+            self._logger.error("%s; Load Model... or Save Model... from there", saved.problem)
         self._library.model_slot.adopt(result.model, file)
         self._library.on_model_trained(file)
         if result.cancelled:

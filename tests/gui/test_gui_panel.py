@@ -103,7 +103,10 @@ def test_invalid_setting_fails_with_a_readable_message_and_the_gui_stays_usable(
     end = time.perf_counter() + 3
     while "bogus" not in gui.log_text() and time.perf_counter() < end:
         gui.pump(0.1)
-    assert "Training failed" in gui.log_text() and "bogus" in gui.log_text()
+    log = gui.log_text()
+    assert "Training failed" in log and "bogus" in log
+    # said once, as a line: no second copy from the worker, no traceback for a setting error
+    assert log.count("Training failed") == 1 and "Traceback" not in log
     # still usable: buttons back, and a setting refused before the worker starts is reported
     assert panel.train_button.isEnabled() and not panel.stop_button.isEnabled()
     assert panel.load_button.isEnabled()
@@ -169,9 +172,37 @@ def test_every_spin_box_holds_its_setting_range(gui):
     settings = gui.library.settings
     integers = [p for p in vars(settings).values() if isinstance(p, IntegerParameter)]
     assert len(integers) >= 8
-    assert all((p.get_maximum() or 0) <= SPIN_BOX_MAX for p in integers)
+    assert all(p.get_maximum() is not None and p.get_maximum() <= SPIN_BOX_MAX for p in integers)
     spins = gui.panel(PINN_KEY).parameter_widget.findChildren(QSpinBox)
     assert spins and max(s.maximum() for s in spins) <= SPIN_BOX_MAX
+
+
+def test_a_settings_file_with_huge_counts_loads_into_the_built_panel(gui, tmp_path):
+    """Open Settings... with counts beyond a spin box: clamped, not an OverflowError.
+
+    A value over 2**31 - 1 reached the panel's QSpinBox.setValue inside a Qt slot, which
+    aborts Ptychodus (PyQt5); every integer setting now has a maximum Ptychodus clamps to.
+    """
+    from ptychodus_torch_plugin.host.settings import INFERENCE_GROUP, SPIN_BOX_MAX, TRAINING_GROUP
+
+    settings = gui.library.settings
+    path = tmp_path / "huge.ini"
+    path.write_text(
+        f"[{INFERENCE_GROUP}]\nChunkSize = 3000000000\nNGroups = 9999999999\n"
+        f"[{TRAINING_GROUP}]\nNGroups = 3000000000\n"
+    )
+    try:
+        gui.model.settings_registry.open_settings(path)
+        gui.pump(0.3)
+        assert settings.chunk_size.get_value() == SPIN_BOX_MAX
+        assert settings.inference_n_groups.get_value() == SPIN_BOX_MAX
+        assert settings.n_groups.get_value() == SPIN_BOX_MAX
+        spins = gui.panel(PINN_KEY).parameter_widget.findChildren(QSpinBox)
+        assert SPIN_BOX_MAX in {spin.value() for spin in spins}
+    finally:
+        settings.chunk_size.set_value(256)
+        settings.inference_n_groups.set_value(0)
+        settings.n_groups.set_value(0)
 
 
 def test_a_panel_that_cannot_be_built_becomes_a_label_not_a_crash(gui, monkeypatch, caplog):
@@ -202,3 +233,25 @@ def test_a_choice_spelt_in_another_case_shows_in_its_drop_down(gui):
         assert combos[0].currentText() == "cosine"
     finally:
         settings.scheduler.set_value(original)
+
+
+def test_time_left_is_paced_from_the_first_finished_batch(gui, monkeypatch):
+    """200 epochs of 10 batches at 1 s each after a slow 100 s first batch: ~33 min left.
+
+    Pacing from the run's start (first batch included) announced 1.4 hours.
+    """
+    from ptychodus_torch_plugin.gui import panel as panel_module
+
+    panel = gui.panel(PINN_KEY)
+    clock = {"now": 0.0}
+    monkeypatch.setattr(panel_module.time, "perf_counter", lambda: clock["now"])
+    panel._run_started, panel._pace_origin = 0.0, None
+    panel._on_train_started(200, 10)
+    clock["now"] = 100.0
+    panel._on_batch_progress(1, 1, 10, 1.0)
+    assert "about" not in panel.time_label.text()  # one batch: no pace yet
+    clock["now"] = 101.0
+    panel._on_batch_progress(1, 2, 10, 1.0)
+    assert "about 33:18 left" in panel.time_label.text(), panel.time_label.text()
+    panel._pace_origin = None
+    panel._on_busy_changed(False)

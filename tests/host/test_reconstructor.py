@@ -290,6 +290,9 @@ def test_model_path_set_back_to_an_older_archive_loads_that_archive(trained_arch
     b = save_archive(model_b, tmp_path / "B")
     slot.adopt(model_b, b)  # what training does on its worker thread...
     assert slot.get() is model_b  # (ModelPath still names A until the host thread stores B)
+    # Save Model... in that window copies B (the model in use), not A
+    copy = slot.save_copy(tmp_path / "copy")
+    assert copy.read_bytes() == b.read_bytes() != a.read_bytes()
     library.publish_model(b)  # ...and then on the host thread
     assert slot.get() is model_b and library.settings.get_model_path() == b.resolve()
 
@@ -315,3 +318,59 @@ def test_an_empty_object_is_refused_and_a_too_small_one_is_reported(
         outputs = list(reconstructor.reconstruct(_with_object(reconstruct_input, small)))
     assert outputs[-1].product.object_.get_array().shape[-2:] == (20, 20)
     assert "scan positions lie outside the product's object (20 x 20 pixels)" in caplog.text
+
+
+def test_a_trained_model_the_output_folder_refuses_is_saved_elsewhere_not_lost(
+    library, scan_dir, tmp_path, monkeypatch, caplog
+):
+    """Train into a folder that cannot be written (here: a path under a file) at the end.
+
+    The epochs used to be thrown away with an error naming our hidden temp file; now the
+    model goes to the model folder, is loaded, and the log says where and why.
+    """
+    models = tmp_path / "models"
+    monkeypatch.setenv("PTYCHODUS_TORCH_MODEL_DIR", str(models))
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the output folder should be")
+    reconstructor = library.reconstructor("PINN")
+    with settings_values(library, **TINY), caplog.at_level(logging.ERROR):
+        outputs = list(reconstructor.train(scan_dir, blocker / "out"))
+    assert [o.progress for o in outputs] == [1]
+    saved = list(models.glob(f"unsaved-*{MODEL_FILE_EXTENSION}"))
+    assert len(saved) == 1
+    assert library.model_slot.get().epochs_trained == 1
+    message = caplog.text
+    assert f"could not be saved to {blocker / 'out'}" in message and str(saved[0]) in message
+    assert ".tmp" not in message
+
+
+def test_when_no_folder_takes_the_model_the_error_names_them_all(
+    trained_archive, tmp_path, monkeypatch
+):
+    from ptychodus_torch_plugin.engine.archive import load_archive
+    from ptychodus_torch_plugin.host import saving
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setattr(saving, "fallback_directories", lambda: [blocker / "a", blocker / "b"])
+    model = load_archive(trained_archive)
+    with pytest.raises(OSError, match=r"could not be saved to .*no fallback folder took it"):
+        saving.save_trained_model(model, blocker / "out" / "wts.h5.zip")
+    good = saving.save_trained_model(model, tmp_path / "ok" / "wts.h5.zip")
+    assert good.problem is None and good.file.is_file()
+
+
+def test_an_object_on_another_pixel_grid_than_the_probe_is_refused(reconstruct_input):
+    """Patches are the probe's pixels: an object of other pixels would be cut at the wrong
+    scale and reconstruct wrong without a word."""
+    from ptychodus.api.geometry import PixelGeometry
+
+    from ptychodus_torch_plugin.host.convert import reconstruct_input_to_data
+
+    template = reconstruct_input.product.object_
+    pixel = template.get_pixel_geometry()
+    coarse = PixelGeometry(width_m=2 * pixel.width_m, height_m=2 * pixel.height_m)
+    other = Object(template.get_array(), coarse, template.get_center(), [])
+    with pytest.raises(ValueError, match=r"object's pixel width .* differs from the probe's"):
+        reconstruct_input_to_data(_with_object(reconstruct_input, other))
+    assert reconstruct_input_to_data(reconstruct_input).n_patterns > 0  # same grid: fine
