@@ -336,7 +336,11 @@ def _check_backend(path: Path, manifest: Mapping[str, Any]) -> None:
             f"{backend} PtychoPINN package"
         )
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if (
+        isinstance(version, bool)
+        or not isinstance(version, int)
+        or not 1 <= version <= FORMAT_VERSION
+    ):
         raise ValueError(
             f"{path}: archive format_version {version!r} is not supported by this loader "
             f"(reads up to {FORMAT_VERSION}); upgrade ptychodus-torch-plugin"

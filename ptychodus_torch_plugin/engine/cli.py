@@ -413,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="PyTorch PtychoPINN: simulate data, train, reconstruct, inspect archives.",
+        # handled before this parser (host/launcher.py: the engine never imports Ptychodus)
+        epilog=f"{PROG} launch [ptychodus arguments]: start Ptychodus (GUI, or -b batch) with "
+        "this plugin registered; needed where Ptychodus is an editable install.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

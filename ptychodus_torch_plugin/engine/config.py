@@ -122,7 +122,13 @@ class GridConfig:
     def __post_init__(self) -> None:
         if isinstance(self.N, bool) or not isinstance(self.N, int):
             _fail("GridConfig", "N", self.N, "one of " + ", ".join(map(str, PATCH_SIZES)))
-        _check_choice("GridConfig", "N", self.N, PATCH_SIZES)
+        if self.N not in PATCH_SIZES:  # N is the patterns' size: say what to do about it
+            raise ValueError(
+                f"GridConfig.N = {self.N} is invalid: allowed one of "
+                f"{', '.join(map(str, PATCH_SIZES))} (N is the diffraction patterns' size, "
+                f"{self.N} x {self.N} px: crop or bin the patterns to one of these, e.g. in "
+                "Ptychodus's diffraction settings)"
+            )
         _check_int("GridConfig", "gridsize", self.gridsize, 1, 4)
         _check_int("GridConfig", "neighbor_count", self.neighbor_count, 1, 64)
         if self.neighbor_count < self.channels:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,11 @@ class PtychoData:
             bad_pixels = np.asarray(bad_pixels, dtype=bool)
             if bad_pixels.shape != (n, n):
                 raise _bad("bad_pixels", f"shape {bad_pixels.shape}", f"({n}, {n})")
+            if bad_pixels.all():
+                raise ValueError(
+                    "bad_pixels: every detector pixel is marked bad, so nothing is measured; "
+                    "check the bad-pixel mask (Ptychodus's diffraction settings)"
+                )
 
         return cls(
             amplitudes=np.ascontiguousarray(amplitudes, dtype=np.float32),
@@ -246,9 +252,9 @@ class PtychoData:
 
 
 # --------------------------------------------------------------------- NPZ I/O
-def _detect_units(npz: Any, key: str, raw: np.ndarray) -> str:
-    if "diff3d_units" in npz.files:
-        units = str(np.asarray(npz["diff3d_units"]).item()).strip().lower()
+def _detect_units(arrays: dict[str, np.ndarray], key: str, raw: np.ndarray) -> str:
+    if "diff3d_units" in arrays:
+        units = str(np.asarray(arrays["diff3d_units"]).item()).strip().lower()
         if units in ("amplitude", "amplitudes"):
             return UNITS_AMPLITUDE
         if units in ("counts", "count", "intensity", "intensities"):
@@ -261,9 +267,10 @@ def _detect_units(npz: Any, key: str, raw: np.ndarray) -> str:
             raw.dtype,
         )
         return UNITS_COUNTS
-    if _whole_numbers(raw):
+    if _whole_numbers(raw, arrays.get("bad_pixels")):
         # Ptychodus's own training export keeps float counts and names no units; amplitudes
-        # (square roots of counts) are almost never all whole numbers.
+        # (square roots of counts) are almost never all whole numbers. Its inpainted bad
+        # pixels (listed in bad_pixels) are not whole numbers, so they are left out.
         logger.warning(
             "%s holds only whole numbers and no diff3d_units key: reading it as detector counts",
             key,
@@ -272,8 +279,12 @@ def _detect_units(npz: Any, key: str, raw: np.ndarray) -> str:
     return UNITS_AMPLITUDE
 
 
-def _whole_numbers(values: np.ndarray, sample_size: int = 1_000_000) -> bool:
-    """True for float patterns (sampled) that are all whole numbers, some above 1."""
+def _whole_numbers(
+    values: np.ndarray, bad_pixels: np.ndarray | None = None, sample_size: int = 1_000_000
+) -> bool:
+    """True for float patterns (sampled) whose good pixels are all whole numbers, some > 1."""
+    if bad_pixels is not None and np.shape(bad_pixels) == values.shape[-2:]:
+        values = values[:, ~np.asarray(bad_pixels, dtype=bool)]
     sample = values.reshape(-1)[:sample_size]
     return bool(sample.size and sample.max() > 1.0 and np.all(sample == np.round(sample)))
 
@@ -287,37 +298,60 @@ def load_npz(path: str | os.PathLike[str]) -> PtychoData:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
+    if not zipfile.is_zipfile(path):  # np.load would read it as a pickle, and say so
+        raise ValueError(
+            f"{path}: not an NPZ file (an NPZ is a zip archive of .npy arrays); export the "
+            "training data again, or write it with numpy.savez"
+        )
     try:
         npz = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise ValueError(f"{path}: not a readable NPZ file ({exc})") from exc
-    with npz:
-        key = next((k for k in DIFFRACTION_KEYS if k in npz.files), None)
-        if key is None:
-            raise ValueError(
-                f"{path}: missing key 'diff3d' (or legacy 'diffraction'); found keys "
-                f"{sorted(npz.files)}"
-            )
-        for required in ("xcoords", "ycoords", "probeGuess"):
-            if required not in npz.files:
-                raise ValueError(f"{path}: missing key '{required}'; found {sorted(npz.files)}")
-        raw = npz[key]
-        _check_finite_real(key, raw)
-        units = _detect_units(npz, key, raw)
-        optional = {
-            name: (npz[src] if src in npz.files else None)
-            for name, src in (
-                ("object_guess", "objectGuess"),
-                ("scan_index", "scan_index"),
-                ("xcoords_start", "xcoords_start"),
-                ("ycoords_start", "ycoords_start"),
-                ("bad_pixels", "bad_pixels"),
-            )
-        }
-        amplitudes = amplitudes_from_counts(raw) if units == UNITS_COUNTS else raw
-        return PtychoData.from_amplitudes(
-            amplitudes, npz["xcoords"], npz["ycoords"], npz["probeGuess"], key=key, **optional
+    try:
+        with npz:
+            key = next((k for k in DIFFRACTION_KEYS if k in npz.files), None)
+            if key is None:
+                raise ValueError(
+                    f"{path}: missing key 'diff3d' (or legacy 'diffraction'); found keys "
+                    f"{sorted(npz.files)}"
+                )
+            for required in ("xcoords", "ycoords", "probeGuess"):
+                if required not in npz.files:
+                    raise ValueError(f"{path}: missing key '{required}'; found {sorted(npz.files)}")
+            arrays = {name: _member(npz, name, path) for name in npz.files}  # CRC-checked
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        raise ValueError(
+            f"{path}: not a readable NPZ file ({type(exc).__name__}: {exc}); the file is "
+            "corrupt or truncated: export or copy it again"
+        ) from exc
+    raw = arrays[key]
+    _check_finite_real(key, raw)
+    units = _detect_units(arrays, key, raw)
+    optional = {
+        name: arrays.get(src)
+        for name, src in (
+            ("object_guess", "objectGuess"),
+            ("scan_index", "scan_index"),
+            ("xcoords_start", "xcoords_start"),
+            ("ycoords_start", "ycoords_start"),
+            ("bad_pixels", "bad_pixels"),
         )
+    }
+    amplitudes = amplitudes_from_counts(raw) if units == UNITS_COUNTS else raw
+    return PtychoData.from_amplitudes(
+        amplitudes, arrays["xcoords"], arrays["ycoords"], arrays["probeGuess"], key=key, **optional
+    )
+
+
+def _member(npz: Any, name: str, path: Path) -> np.ndarray:
+    """One array of the NPZ; an array numpy cannot read without pickle is named, not obscure."""
+    try:
+        return npz[name]
+    except ValueError as exc:  # object (pickled) arrays, malformed .npy headers
+        raise ValueError(
+            f"{path}: key '{name}' cannot be read as a plain array ({exc}); store numbers "
+            "only (no Python objects) in the NPZ"
+        ) from exc
 
 
 def save_npz(data: PtychoData, path: str | os.PathLike[str]) -> Path:

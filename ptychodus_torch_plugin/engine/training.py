@@ -277,7 +277,8 @@ def _logger(execution: ExecutionConfig, root: Path) -> Any:
         return TensorBoardLogger(root, name="tensorboard")
     from lightning.pytorch.loggers import MLFlowLogger
 
-    return MLFlowLogger(tracking_uri=(root / "mlruns").as_uri())
+    # absolute: a file URI cannot be relative (the CLI's default output folder is)
+    return MLFlowLogger(tracking_uri=(root.absolute() / "mlruns").as_uri())
 
 
 def _deterministic(execution: ExecutionConfig, accelerator: str) -> bool | str:
@@ -414,6 +415,15 @@ def train(
     with _run_directory(out) as root:
         checkpoint_cb = None
         if checkpointing.enable and out is not None:
+            earlier = sorted((root / "checkpoints").glob("*.ckpt"))
+            if earlier:
+                logger.warning(
+                    "%s already holds %d checkpoint(s) of an earlier run: this run's replace "
+                    "last.ckpt (and any of the same name), the others stay; history.json "
+                    "lists this run's",
+                    root / "checkpoints",
+                    len(earlier),
+                )
             checkpoint_cb = ModelCheckpoint(
                 dirpath=root / "checkpoints",
                 filename="epoch{epoch:03d}-{" + monitor + ":.4f}",
@@ -422,6 +432,8 @@ def train(
                 mode=checkpointing.mode,
                 save_top_k=checkpointing.save_top_k,
                 save_last=True,
+                # last.ckpt is this run's, not last-v1.ckpt beside an earlier run's last.ckpt
+                enable_version_counter=False,
             )
             all_callbacks.append(checkpoint_cb)
         all_callbacks.append(cancel_cb)  # last: sees a cancel raised by any hook before it
@@ -510,5 +522,6 @@ def _with_training_probe(
 def _checkpoint_files(checkpoint_cb: ModelCheckpoint | None) -> list[Path]:
     if checkpoint_cb is None or not checkpoint_cb.dirpath:
         return []
-    directory = Path(checkpoint_cb.dirpath)
-    return sorted(directory.glob("*.ckpt")) if directory.exists() else []
+    # This run's files only (the folder may also hold an earlier run's).
+    names = {*checkpoint_cb.best_k_models, checkpoint_cb.last_model_path}
+    return sorted(Path(name) for name in names if name and Path(name).is_file())

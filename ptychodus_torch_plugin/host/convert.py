@@ -109,6 +109,7 @@ def reconstruct_input_to_data(
         )
     mask = bad_pixel_mask(parameters)
     product = parameters.product
+    check_pixel_sizes(product)
     x, y = object_pixel_positions(product)
     obj = product.object_
     object_guess = None
@@ -122,6 +123,27 @@ def reconstruct_input_to_data(
         object_guess=object_guess,
         bad_pixels=mask,
     )
+
+
+def check_pixel_sizes(product: Product, tolerance: float = 1e-3) -> None:
+    """Refuse an object whose pixels differ in size from the probe's.
+
+    Why: a patch of the object is the probe's N x N pixels; positions are converted to object
+    pixels. With other object pixels every patch would be cut at the wrong scale and the
+    image would come out wrong without a word (e.g. an object opened from another scan).
+    """
+    obj = product.object_.get_pixel_geometry()
+    probe = product.probes.get_pixel_geometry()
+    for axis, a, b in (
+        ("width", obj.width_m, probe.width_m),
+        ("height", obj.height_m, probe.height_m),
+    ):
+        if not abs(a - b) <= tolerance * max(abs(a), abs(b)):
+            raise ValueError(
+                f"the object's pixel {axis} ({a:.6g} m) differs from the probe's ({b:.6g} m): "
+                "this reconstructor needs both on one grid; rebuild the object in Ptychodus's "
+                "Object view for this probe (or resample the probe), then try again"
+            )
 
 
 def canvas_for(obj: Object, data: PtychoData | None = None) -> CanvasGeometry:

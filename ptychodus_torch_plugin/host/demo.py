@@ -69,6 +69,8 @@ def simulate_batch_input(
     from ptychodus.api.simulate.probe import generate_disk_probe, rescale_probe_intensity
     from ptychodus.api.simulate.probe_positions import generate_cartesian_probe_positions
 
+    if settings is not None and not Path(settings).is_file():  # before writing anything
+        raise FileNotFoundError(f"settings file not found: {settings}")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -204,6 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("input_dir", type=Path)
     sc.add_argument("--images", type=Path, help="write object_{amplitude,phase}.png into DIR")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (OSError, ValueError) as exc:  # one line saying what is wrong, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "simulate":
         scan = simulate_batch_input(
             args.directory,

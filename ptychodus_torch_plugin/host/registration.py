@@ -214,8 +214,7 @@ def _wrap_processing_core(original: type) -> type:
                         attach(self, task_manager)
                     except Exception as exc:
                         logger.warning("%s: attach_host failed: %s", entry.name, exc)
-            if FAILED_LIBRARIES:
-                install_selection_guard()
+            install_selection_guard()
 
     PluginProcessingCore.__name__ = original.__name__
     PluginProcessingCore.__qualname__ = original.__qualname__
@@ -367,19 +366,38 @@ def install_controller_hook() -> None:
 
 
 # ----------------------------------------------------------------------------- selection guard
-def selected_library(settings_file: Path) -> str | None:
-    """The casefolded library part of ``[Processing] Algorithm`` in an INI file, if any."""
+def selected_algorithm(settings_file: Path) -> str | None:
+    """The casefolded ``[Processing] Algorithm`` of an INI file, if it sets one."""
     config = configparser.ConfigParser(interpolation=None)
     config.read(settings_file)
     if not config.has_option("Processing", "Algorithm"):
         return None
-    key = config.get("Processing", "Algorithm").strip().casefold()
-    return key.split("_", 1)[0] if "_" in key else None
+    return config.get("Processing", "Algorithm").strip().casefold()
+
+
+def selected_library(settings_file: Path) -> str | None:
+    """The casefolded library part of ``[Processing] Algorithm`` in an INI file, if any."""
+    key = selected_algorithm(settings_file)
+    return key.split("_", 1)[0] if key is not None and "_" in key else None
+
+
+def _plugin_algorithms() -> dict[str, list[str]]:
+    """Casefolded plugin library name -> its algorithm keys (``library_reconstructor``)."""
+    known: dict[str, list[str]] = {}
+    for entries in list(_REGISTERED.values()):
+        for entry in entries:
+            name = str(entry.library.name)
+            keys = [f"{name}_{reconstructor.name}" for reconstructor in entry.library]
+            known[name.casefold()] = keys
+    return known
 
 
 def _check_selection(settings_file: Any) -> None:
-    library = selected_library(Path(settings_file))
-    if library is not None and library in FAILED_LIBRARIES:
+    key = selected_algorithm(Path(settings_file))
+    if key is None:
+        return
+    library, _, _ = key.partition("_")
+    if library in FAILED_LIBRARIES:
         logger.error(
             "The settings file %s selects the %s library, which failed to load (%s). Nothing "
             "will be reconstructed or trained with it until that is fixed; see the warning "
@@ -388,10 +406,24 @@ def _check_selection(settings_file: Any) -> None:
             library,
             FAILED_LIBRARIES[library],
         )
+        return
+    keys = _plugin_algorithms().get(library)
+    if keys is not None and key not in {k.casefold() for k in keys}:
+        # Ptychodus selects a do-nothing reconstructor for an unknown key, and batch mode
+        # then exits 0 without output: say so where the user looks.
+        logger.error(
+            "The settings file %s sets [Processing] Algorithm = %s, which names no %s "
+            "reconstructor: Ptychodus will reconstruct and train nothing. Use one of: %s.",
+            settings_file,
+            key,
+            library,
+            ", ".join(keys),
+        )
 
 
 def install_selection_guard() -> None:
-    """ERROR whenever a settings file selects a library in :data:`FAILED_LIBRARIES`."""
+    """ERROR whenever a settings file selects a plugin library that failed to load, or a
+    reconstructor that a plugin library does not have (Ptychodus would silently run nothing)."""
     from ptychodus.api.settings import SettingsRegistry
 
     original = SettingsRegistry.open_settings

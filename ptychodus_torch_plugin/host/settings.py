@@ -13,10 +13,12 @@ Choice-valued settings are strings (case-insensitive); the allowed values come f
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 from ptychodus.api.observer import Observable, Observer
+from ptychodus.api.parameters import IntegerParameter, ParameterBase, RealParameter
 from ptychodus.api.settings import SettingsRegistry
 
 from ..engine import config as engine_config
@@ -24,7 +26,9 @@ from .names import LOGGER_NAME, SETTINGS_PREFIX
 
 logger = logging.getLogger(f"{LOGGER_NAME}.host.settings")
 
-#: Largest integer a Ptychodus (Qt) spin box can hold; every integer setting stays within it.
+#: Largest integer a Ptychodus (Qt) spin box can hold; every integer setting has a maximum
+#: within it (Ptychodus clamps on read), else a large value in a settings file overflows the
+#: panel's spin box, which aborts Ptychodus when Open Settings... loads it.
 SPIN_BOX_MAX = 2**31 - 1
 
 MODEL_GROUP = f"{SETTINGS_PREFIX}Model"
@@ -114,7 +118,9 @@ class TorchPINNSettings(Observable, Observer):
         # Not engine_config.MAX_SEED (2**32 - 1): Ptychodus edits integers in Qt spin boxes,
         # which hold signed 32-bit values, and a larger bound stops the panel from building.
         self.seed = training.create_integer_parameter("Seed", 0, minimum=0, maximum=SPIN_BOX_MAX)
-        self.n_groups = training.create_integer_parameter("NGroups", 0, minimum=0)
+        self.n_groups = training.create_integer_parameter(
+            "NGroups", 0, minimum=0, maximum=SPIN_BOX_MAX
+        )
         self.nphotons = training.create_real_parameter("NPhotons", 0.0, minimum=0.0)
         self.loss = training.create_string_parameter("Loss", "poisson")
         self.validation_fraction = training.create_real_parameter(
@@ -137,11 +143,15 @@ class TorchPINNSettings(Observable, Observer):
         self.inference_batch_size = inference.create_integer_parameter(
             "InferenceBatchSize", 16, minimum=1, maximum=65_536
         )
-        self.chunk_size = inference.create_integer_parameter("ChunkSize", 256, minimum=1)
+        self.chunk_size = inference.create_integer_parameter(
+            "ChunkSize", 256, minimum=1, maximum=SPIN_BOX_MAX
+        )
         self.crop_fraction = inference.create_real_parameter(
             "CropFraction", 0.5, minimum=0.01, maximum=1.0
         )
-        self.inference_n_groups = inference.create_integer_parameter("NGroups", 0, minimum=0)
+        self.inference_n_groups = inference.create_integer_parameter(
+            "NGroups", 0, minimum=0, maximum=SPIN_BOX_MAX
+        )
         self.input_normalization = inference.create_string_parameter(
             "InputNormalization", "recompute"
         )
@@ -208,8 +218,35 @@ class TorchPINNSettings(Observable, Observer):
             "logger": "none",
         }
 
+    def _check_numbers(self) -> None:
+        """Refuse a number setting outside its range (or NaN), naming it and the range.
+
+        Why: Ptychodus clamps on read, silently: ``NFiltersScale = 20`` trained with 8,
+        ``Epochs = 0`` with 1, and ``max(minimum, nan)`` turned ``LearningRate = nan`` into
+        1e-12. The value as written (before the clamp) is checked here, as the command line
+        checks its flags, so a settings file never trains something other than it says.
+        """
+        for group_name, group in zip(GROUPS, self._groups, strict=True):
+            for name, parameter in group.parameters().items():
+                if not isinstance(parameter, RealParameter | IntegerParameter):
+                    continue
+                raw = ParameterBase.get_value(parameter)  # as written, before the clamp
+                low, high = parameter.get_minimum(), parameter.get_maximum()
+                if (
+                    math.isnan(raw)
+                    or (low is not None and raw < low)
+                    or (high is not None and raw > high)
+                ):
+                    low_text = "-inf" if low is None else low
+                    raise ValueError(
+                        f"{group_name}.{name} = {raw} is invalid: allowed {low_text} .. "
+                        f"{'inf' if high is None else high}; set it in the panel or the "
+                        "settings file"
+                    )
+
     def training_overrides(self, mode: str, N: int) -> dict[str, Any]:  # noqa: N803
         """Flat overrides for ``create_training_payload`` (``N`` is the data's patch size)."""
+        self._check_numbers()
         nphotons = self.nphotons.get_value()
         values: dict[str, Any] = {
             "N": int(N),
@@ -245,6 +282,7 @@ class TorchPINNSettings(Observable, Observer):
         Model geometry (N, gridsize, network shape, probe scale) is left to the archive: a
         trained network only fits the shape it was trained with.
         """
+        self._check_numbers()
         values: dict[str, Any] = {
             "patch_weighting": _choice(self.patch_weighting.get_value()),
             "subpixel": _choice(self.subpixel.get_value()),

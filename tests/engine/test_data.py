@@ -90,7 +90,27 @@ def test_missing_file_names_the_path(tmp_path):
 def test_not_an_npz(tmp_path):
     path = tmp_path / "garbage.npz"
     path.write_bytes(b"not a zip at all")
-    with pytest.raises(ValueError, match="not a readable NPZ"):
+    with pytest.raises(ValueError, match="garbage.npz: not an NPZ file") as info:
+        load_npz(path)
+    assert "pickle" not in str(info.value)  # numpy's advice to load it unsafely is not ours
+
+
+def test_a_corrupt_npz_member_is_a_value_error_naming_the_file(tmp_path):
+    """A flipped bit inside diff3d.npy: zipfile's CRC error, now one ValueError with the path."""
+    path = _write(tmp_path, **_arrays())
+    raw = bytearray(path.read_bytes())
+    start = raw.index(b"diff3d.npy") + 400  # inside the stored (uncompressed) member data
+    raw[start] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"scan.npz: not a readable NPZ file \(BadZipFile"):
+        load_npz(path)
+
+
+def test_an_object_array_is_named_by_its_key(tmp_path):
+    arrays = _arrays()
+    arrays["objectGuess"] = np.array([None, "x"], dtype=object)
+    path = _write(tmp_path, **arrays)
+    with pytest.raises(ValueError, match=r"scan.npz: key 'objectGuess' cannot be read"):
         load_npz(path)
 
 
@@ -144,6 +164,19 @@ def test_float_whole_numbers_without_units_are_counts(tmp_path, caplog):
     np.testing.assert_allclose(data.amplitudes, np.sqrt(counts), rtol=1e-6)
     # Real amplitudes (square roots) are read as amplitudes, untouched.
     assert np.array_equal(load_npz(_write(tmp_path, **arrays)).amplitudes, arrays["diff3d"])
+
+
+def test_float_counts_with_inpainted_bad_pixels_are_still_counts(tmp_path):
+    """Ptychodus's export fills bad pixels with non-integer inpainted values (bad_pixels
+    lists them); they used to make the counts read as amplitudes (off by a square root)."""
+    arrays = _arrays()
+    counts = np.rint(np.square(arrays["diff3d"].astype(np.float64)))
+    bad = np.zeros(counts.shape[-2:], bool)
+    bad[3, 4] = bad[7, 1] = True
+    counts[:, bad] = 2.37  # inpainted
+    data = load_npz(_write(tmp_path, **{**arrays, "diff3d": counts, "bad_pixels": bad}))
+    good = ~bad
+    np.testing.assert_allclose(data.amplitudes[:, good], np.sqrt(counts[:, good]), rtol=1e-6)
 
 
 def test_mean_pattern_power_in_chunks_equals_the_whole_float64_sum():

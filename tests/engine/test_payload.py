@@ -122,6 +122,11 @@ def test_invalid_values_name_field_value_and_range(overrides, field, allowed):
     assert allowed in message
 
 
+def test_an_unsupported_patch_size_says_to_crop_or_bin():
+    with pytest.raises(ValueError, match=r"N = 48 is invalid.*48 x 48 px: crop or bin"):
+        create_training_payload({"N": 48})
+
+
 def test_unknown_setting_is_rejected_by_name():
     with pytest.raises(ValueError, match="unknown training setting.*'gridsise'"):
         create_training_payload({"gridsise": 2})

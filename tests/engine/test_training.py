@@ -198,6 +198,17 @@ def test_checkpoints_and_csv_logs_on_the_real_metric(small_scan, tmp_path):
     assert "val_loss" in header and "train_loss_epoch" in header
     assert result.best_epoch in (1, 2)
 
+    # A second run into the same folder: its own last.ckpt (not last-v1.ckpt beside the first
+    # run's), and only its own files listed.
+    first_last = (tmp_path / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    stale = tmp_path / "checkpoints" / "epoch099-1.0000.ckpt"
+    stale.write_bytes(b"an earlier run's")
+    again = train(payload, small_scan, output_dir=tmp_path)
+    assert not list(tmp_path.glob("checkpoints/*-v1.ckpt"))
+    assert (tmp_path / "checkpoints" / "last.ckpt").stat().st_mtime_ns > first_last
+    assert stale.is_file() and stale not in again.checkpoint_paths  # kept, not listed
+    assert tmp_path / "checkpoints" / "last.ckpt" in again.checkpoint_paths
+
 
 class _EpochWeights(Callback):
     """The generator's weights at the end of every epoch."""

@@ -289,3 +289,37 @@ def test_choices_in_any_case_are_stored_canonically_and_unknown_ones_are_logged(
         "TorchPINNModel.AmpActivation = 'relu' is not a choice: allowed sigmoid, silu; "
         "training and inference refuse it until it is changed (panel or settings file)"
     ]
+
+
+@pytest.mark.parametrize("algorithm", ["TorchPINN", "TorchPINN_PINNs", "torchpinn_"])
+def test_a_key_naming_our_library_but_no_reconstructor_is_an_error(
+    model_core, tmp_path, caplog, algorithm
+):
+    """Ptychodus would select a do-nothing reconstructor and batch mode would exit 0."""
+    parameter = model_core.processing_core.algorithm_parameter
+    before = parameter.get_value()
+    ini = tmp_path / "settings.ini"
+    ini.write_text(f"[Processing]\nAlgorithm = {algorithm}\n")
+    with caplog.at_level("ERROR"):
+        model_core.settings_registry.open_settings(ini)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(
+        f"Algorithm = {algorithm.casefold()}" in m and "TorchPINN_PINN, TorchPINN_Supervised" in m
+        for m in errors
+    ), errors
+    caplog.clear()
+    ini.write_text("[Processing]\nAlgorithm = TorchPINN_PINN\n")  # a right key: no error
+    with caplog.at_level("ERROR"):
+        model_core.settings_registry.open_settings(ini)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    parameter.set_value(before)
+
+
+def test_demo_simulate_with_a_missing_settings_file_writes_nothing(tmp_path, capsys):
+    """A typo in --settings used to leave a scan without settings.ini (which then ran nothing)."""
+    from ptychodus_torch_plugin.host.demo import main
+
+    target = tmp_path / "IN"
+    assert main(["simulate", str(target), "--settings", str(tmp_path / "typo.ini")]) == 1
+    assert "settings file not found" in capsys.readouterr().err
+    assert not target.exists()

@@ -101,3 +101,43 @@ def test_the_quality_file_sets_what_the_benchmark_scored():
         "final_weights": "last",
     }
     assert {key: values[key] for key in expected} == expected
+
+
+@pytest.mark.parametrize(
+    "section, line, message",
+    [
+        (
+            "TorchPINNModel",
+            "NFiltersScale = 20",
+            r"NFiltersScale = 20 is invalid: allowed 1 \.\. 8",
+        ),
+        ("TorchPINNModel", "Gridsize = 9", r"Gridsize = 9 is invalid: allowed 1 \.\. 4"),
+        ("TorchPINNTraining", "Epochs = 0", r"Epochs = 0 is invalid: allowed 1 \.\. 100000"),
+        ("TorchPINNTraining", "ValidationFraction = 0.9", r"ValidationFraction = 0.9 is invalid"),
+    ],
+)
+def test_a_number_outside_its_range_is_refused_not_clamped(tmp_path, section, line, message):
+    """Ptychodus clamps on read without a word: NFiltersScale = 20 trained with 8."""
+    path = tmp_path / "range.ini"
+    path.write_text(f"[{section}]\n{line}\n")
+    _, settings = _loaded(path)
+    with pytest.raises(ValueError, match=message):
+        settings.training_overrides("pinn", 32)
+
+
+def test_a_real_setting_that_is_not_a_number_is_refused_by_name(tmp_path):
+    """Ptychodus clamps NaN to the minimum on read (LearningRate = nan trained at 1e-12)."""
+    path = tmp_path / "nan.ini"
+    path.write_text("[TorchPINNTraining]\nLearningRate = nan\n")
+    _, settings = _loaded(path)
+    with pytest.raises(
+        ValueError, match=r"TorchPINNTraining\.LearningRate = nan is invalid: allowed"
+    ):
+        settings.training_overrides("pinn", 32)
+    inference_path = tmp_path / "nan-crop.ini"
+    inference_path.write_text("[TorchPINNInference]\nCropFraction = NaN\n")
+    _, settings = _loaded(inference_path)
+    with pytest.raises(ValueError, match=r"TorchPINNInference\.CropFraction = nan"):
+        settings.inference_overrides()
+    _, settings = _loaded(None)
+    assert settings.training_overrides("pinn", 32)["learning_rate"] > 0
