@@ -375,12 +375,6 @@ def selected_algorithm(settings_file: Path) -> str | None:
     return config.get("Processing", "Algorithm").strip().casefold()
 
 
-def selected_library(settings_file: Path) -> str | None:
-    """The casefolded library part of ``[Processing] Algorithm`` in an INI file, if any."""
-    key = selected_algorithm(settings_file)
-    return key.split("_", 1)[0] if key is not None and "_" in key else None
-
-
 def _plugin_algorithms() -> dict[str, list[str]]:
     """Casefolded plugin library name -> its algorithm keys (``library_reconstructor``)."""
     known: dict[str, list[str]] = {}
