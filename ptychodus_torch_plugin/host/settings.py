@@ -218,15 +218,18 @@ class TorchPINNSettings(Observable, Observer):
             "logger": "none",
         }
 
-    def _check_numbers(self) -> None:
-        """Refuse a number setting outside its range (or NaN), naming it and the range.
+    def _check_numbers(self, *group_names: str) -> None:
+        """Refuse a number setting of ``group_names`` outside its range (or NaN), naming it.
 
         Why: Ptychodus clamps on read, silently: ``NFiltersScale = 20`` trained with 8,
         ``Epochs = 0`` with 1, and ``max(minimum, nan)`` turned ``LearningRate = nan`` into
         1e-12. The value as written (before the clamp) is checked here, as the command line
         checks its flags, so a settings file never trains something other than it says.
         """
+        checked = set(group_names)
         for group_name, group in zip(GROUPS, self._groups, strict=True):
+            if group_name not in checked:  # e.g. a training typo must not block Infer
+                continue
             for name, parameter in group.parameters().items():
                 if not isinstance(parameter, RealParameter | IntegerParameter):
                     continue
@@ -246,7 +249,7 @@ class TorchPINNSettings(Observable, Observer):
 
     def training_overrides(self, mode: str, N: int) -> dict[str, Any]:  # noqa: N803
         """Flat overrides for ``create_training_payload`` (``N`` is the data's patch size)."""
-        self._check_numbers()
+        self._check_numbers(MODEL_GROUP, TRAINING_GROUP, INFERENCE_GROUP, EXECUTION_GROUP)
         nphotons = self.nphotons.get_value()
         values: dict[str, Any] = {
             "N": int(N),
@@ -282,7 +285,7 @@ class TorchPINNSettings(Observable, Observer):
         Model geometry (N, gridsize, network shape, probe scale) is left to the archive: a
         trained network only fits the shape it was trained with.
         """
-        self._check_numbers()
+        self._check_numbers(INFERENCE_GROUP, EXECUTION_GROUP)
         values: dict[str, Any] = {
             "patch_weighting": _choice(self.patch_weighting.get_value()),
             "subpixel": _choice(self.subpixel.get_value()),

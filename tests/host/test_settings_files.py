@@ -123,6 +123,7 @@ def test_a_number_outside_its_range_is_refused_not_clamped(tmp_path, section, li
     _, settings = _loaded(path)
     with pytest.raises(ValueError, match=message):
         settings.training_overrides("pinn", 32)
+    assert settings.inference_overrides()["chunk_size"] > 0  # a training value never blocks Infer
 
 
 def test_a_real_setting_that_is_not_a_number_is_refused_by_name(tmp_path):
