@@ -14,6 +14,9 @@ Architecture (design note section 5; the layout for N != 64 is our documented ch
   N/2 x N/2 box, zero-padded to N; when ``probe_big``, a border branch (3x3 conv + ReLU at N/2,
   x2 upsample, 3x3 conv to C at N) fills everything outside the central box. Without
   ``probe_big`` the object outside the central box is exactly zero (amplitude 0, phase 0).
+  Every 3x3 conv that reads a x2-upsampled map (both heads, the border's first conv) is
+  computed at the coarse resolution (``upsample_conv3x3``: the same sums, faster on the CPU);
+  the modules, and so the state_dict keys, are the ones listed here.
 * Amplitude activation sigmoid (default) or SiLU; phase ``pi * tanh``. Output
   ``A * exp(i Phi)`` as complex64.
 * ``normalization = "batch"`` (ours, not in the design note; default ``"none"``): a
@@ -39,11 +42,11 @@ from .physics import pad_to
 
 __all__ = [
     "Generator",
-    "conv3x3_as_matmul",
     "count_parameters",
     "decoder_widths",
     "encoder_widths",
     "flops_per_group",
+    "upsample_conv3x3",
 ]
 
 _BOTTLENECK_WIDTH = 128  # x f: width of the last encoder block for every N
@@ -67,56 +70,40 @@ def _conv(in_ch: int, out_ch: int) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1)
 
 
-def conv3x3_as_matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 kernel, as one GEMM and nine adds.
+# For output row phase a (0: even, 1: odd fine rows), which coarse row offset (-1, 0, +1) each
+# 3x3 kernel row (dy = -1, 0, +1) reads after a nearest x2 upsample: [a, coarse offset, dy].
+_UPSAMPLED_TAPS = torch.tensor(
+    [
+        [[1, 0, 0], [0, 1, 1], [0, 0, 0]],
+        [[0, 0, 0], [1, 1, 0], [0, 0, 1]],
+    ],
+    dtype=torch.float32,
+)
 
-    Each input pixel's contribution to the nine output pixels it reaches is one row of
-    ``x (B*H*W, C_in) @ W (C_in, 9*C_out)``; the output is the sum of the nine tap maps, each
-    shifted by its kernel offset (zero outside). Worth it only for few output channels, where
-    the GEMM is a single streaming pass over ``x``. For a channels-last ``x`` the reshape is free.
+
+def upsample_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``conv2d(upsample_nearest_x2(x), weight, bias, padding=1)``, computed at x's resolution.
+
+    A 3x3 kernel over a nearest-upsampled map reads, for each of the four output phases
+    (even/odd row, even/odd column), a 3x3 neighbourhood of the coarse map with some taps
+    summed and some zero. So the same sums are one coarse 3x3 convolution with 4x the output
+    channels (the phase kernels, derived from ``weight`` on every call so gradients reach it
+    as usual) followed by a pixel shuffle. Why: the heads convolve to C = gridsize**2 outputs,
+    and oneDNN's convolution with one to four output channels runs an order of magnitude
+    below its rate for the hidden layers, in the backward pass most of all; with 4C outputs
+    at a quarter of the pixels, and no upsampled map to build, a bf16 training step at N=64,
+    gridsize 2 is ~9% faster and a float32 predict 1.1-1.5x (docs/performance.md). The
+    multiply-adds are the same in number (the zero taps included).
     """
-    batch, channels, height, width = x.shape
-    out = weight.shape[0]
-    rows = x.permute(0, 2, 3, 1).reshape(-1, channels)
-    taps = rows @ weight.permute(1, 2, 3, 0).reshape(channels, 9 * out)
-    # (B, H, W, 3, 3, C_out) -> (B, 3, 3, C_out, H + 2, W + 2), zero-padded by one pixel.
-    taps = taps.view(batch, height, width, 3, 3, out).permute(0, 3, 4, 5, 1, 2)
-    taps = nn.functional.pad(taps, (1, 1, 1, 1))
-    # Output (h, w) gets tap (i, j) of input pixel (h + i - 1, w + j - 1): padded index h + i.
-    result = taps[:, 0, 0, :, :height, :width]
-    if bias is not None:
-        result = result + bias.view(1, out, 1, 1)
-    for i in range(3):
-        for j in range(3):
-            if i or j:
-                result = result + taps[:, i, j, :, i : i + height, j : j + width]
-    return result
-
-
-class _HeadConv2d(nn.Conv2d):
-    """The 3x3 convolution to the C = gridsize**2 output channels of a decoder head.
-
-    Why not a plain ``nn.Conv2d``: oneDNN's direct convolution with one to a few output
-    channels runs at ~15 GFLOP/s on the CPU against ~300 for the hidden layers, so at N=64
-    the four heads took ~10% of a float32 predict for ~1% of its FLOPs. Without gradients,
-    on the CPU and outside autocast, :func:`conv3x3_as_matmul` computes the same sums about
-    4x faster (equal up to float rounding). Training keeps ``F.conv2d``, whose bf16 backward
-    is the faster one. Same parameters and state_dict keys as ``nn.Conv2d``.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        if (
-            torch.is_grad_enabled()
-            or x.device.type != "cpu"
-            or x.dtype != torch.float32
-            or torch.is_autocast_enabled("cpu")
-        ):
-            return super().forward(x)
-        return conv3x3_as_matmul(x, self.weight, self.bias)
-
-
-def _head(in_ch: int, out_ch: int) -> nn.Conv2d:
-    return _HeadConv2d(in_ch, out_ch, kernel_size=3, padding=1)
+    out_ch, in_ch = weight.shape[:2]
+    taps = _UPSAMPLED_TAPS.to(device=weight.device, dtype=weight.dtype)
+    # In the weights' own precision, as the plain convolution sees them (autocast then rounds
+    # the kernel once, as it would round the weights).
+    with torch.autocast(device_type=weight.device.type, enabled=False):
+        kernel = torch.einsum("auy,bvx,oiyx->oabiuv", taps, taps, weight)
+    kernel = kernel.reshape(out_ch * 4, in_ch, 3, 3)
+    phase_bias = bias.repeat_interleave(4) if bias is not None else None
+    return nn.functional.pixel_shuffle(nn.functional.conv2d(x, kernel, phase_bias, padding=1), 2)
 
 
 def _conv_act(in_ch: int, out_ch: int, normalization: str) -> list[nn.Module]:
@@ -156,19 +143,32 @@ class _Decoder(nn.Module):
             layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
             width = w
         self.body = nn.Sequential(*layers)
-        self.central = _head(width, out_ch)
+        self.central = _conv(width, out_ch)
         self.border: nn.Sequential | None = None
         if probe_big:
             self.border = nn.Sequential(
                 *_conv_act(width, width, normalization),
                 nn.Upsample(scale_factor=2, mode="nearest"),
-                _head(width, out_ch),
+                _conv(width, out_ch),
             )
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor | None]:
-        hidden = self.body(features)
-        border = self.border(hidden) if self.border is not None else None
-        return self.central(hidden), border
+        """What ``self.body`` then the heads compute, each upsample + conv fused.
+
+        The modules stay as declared (so the state_dict keys are unchanged), but every 3x3
+        convolution that reads a x2-upsampled map (the central head, the border branch's
+        first convolution, the border head) runs at the coarse resolution through
+        :func:`upsample_conv3x3` instead of convolving the upsampled map.
+        """
+        coarse = self.body[:-1](features)  # the body's last layer is its x2 upsample
+        central = upsample_conv3x3(coarse, self.central.weight, self.central.bias)
+        if self.border is None:
+            return central, None
+        first, *middle, _upsample, head = self.border
+        hidden = upsample_conv3x3(coarse, first.weight, first.bias)
+        for layer in middle:  # normalisation (if any) and ReLU at N/2
+            hidden = layer(hidden)
+        return central, upsample_conv3x3(hidden, head.weight, head.bias)
 
 
 class Generator(nn.Module):

@@ -9,10 +9,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from ptychodus_torch_plugin.engine.config import GridConfig, ModelConfig
 from ptychodus_torch_plugin.engine.network import (
     Generator,
-    conv3x3_as_matmul,
     count_parameters,
     encoder_widths,
     flops_per_group,
+    upsample_conv3x3,
 )
 
 
@@ -153,37 +153,46 @@ def test_gradients_reach_every_parameter():
 @pytest.mark.parametrize("out_channels", [1, 4, 9])
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_head_convolution_as_matmul_equals_conv2d(out_channels, channels_last, with_bias):
-    """The GEMM + nine shifted adds form is the same 3x3 'same' convolution, borders included."""
+def test_upsample_conv_equals_conv_of_the_upsampled_map(out_channels, channels_last, with_bias):
+    """The coarse-resolution form is the same 'same' convolution, borders and gradients too."""
     torch.manual_seed(out_channels)
-    x = torch.randn(3, 16, 12, 20)
+    x = torch.randn(3, 16, 6, 10)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(out_channels, 16, 3, 3)
-    bias = torch.randn(out_channels) if with_bias else None
-    expected = torch.nn.functional.conv2d(x, weight, bias, padding=1)
-    got = conv3x3_as_matmul(x, weight, bias)
+    weight = torch.randn(out_channels, 16, 3, 3, requires_grad=True)
+    bias = torch.randn(out_channels, requires_grad=True) if with_bias else None
+    upsampled = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+    expected = torch.nn.functional.conv2d(upsampled, weight, bias, padding=1)
+    got = upsample_conv3x3(x, weight, bias)
     assert got.shape == expected.shape == (3, out_channels, 12, 20)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    # Not symmetric by accident: a one-pixel shift of the input is a different answer.
+    # Not equal by accident: a one-pixel shift of the output is a different answer.
     assert not torch.allclose(got, torch.roll(expected, 1, dims=-1), atol=1e-3)
+    probe = torch.randn_like(expected)
+    wanted = torch.autograd.grad((expected * probe).sum(), [weight])[0]
+    obtained = torch.autograd.grad((got * probe).sum(), [weight])[0]
+    torch.testing.assert_close(obtained, wanted, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("probe_big", [True, False])
 @pytest.mark.parametrize("gridsize", [1, 2])
-def test_inference_heads_give_the_training_heads_output(gridsize):
-    """Without gradients the heads take the GEMM path; the patches are those of conv2d."""
+def test_decoders_give_what_their_modules_compute_in_sequence(gridsize, probe_big):
+    """The fused decoder forward equals running the declared layers one after another."""
     torch.manual_seed(gridsize)
-    model = Generator(_config(32, gridsize, probe_big=True)).eval()
-    model.to(memory_format=torch.channels_last)
-    x = torch.rand(2, gridsize**2, 32, 32).contiguous(memory_format=torch.channels_last)
-    calls = []
-    for name, module in model.named_modules():
-        if name.endswith(("central", "border.3")):
-            module.register_forward_hook(lambda m, args, out: calls.append(out))
-    with_grad = model(x).detach()
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        without_grad = model(x)
-    assert len(calls) == 8  # two decoders x two heads, twice
-    ops = {str(op) for op in counter.get_flop_counts()["Global"]}
-    assert "aten.mm" in ops and "aten.convolution" in ops  # heads by GEMM, hidden layers by conv
-    torch.testing.assert_close(without_grad, with_grad, rtol=1e-5, atol=1e-5)
+    model = Generator(_config(32, gridsize, probe_big=probe_big, normalization="batch")).eval()
+    features = torch.randn(2, 128, 8, 8)
+    for decoder in (model.amplitude_decoder, model.phase_decoder):
+        for module in decoder.modules():  # non-trivial running statistics
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+        with torch.no_grad():
+            central, border = decoder(features)
+            hidden = decoder.body(features)
+            torch.testing.assert_close(central, decoder.central(hidden), rtol=1e-5, atol=1e-5)
+            if probe_big:
+                torch.testing.assert_close(border, decoder.border(hidden), rtol=1e-5, atol=1e-5)
+                assert border.shape == (2, gridsize**2, 32, 32)
+            else:
+                assert border is None
+        assert central.shape == (2, gridsize**2, 16, 16)
