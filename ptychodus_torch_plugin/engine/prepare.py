@@ -8,7 +8,7 @@ by the Poisson loss), and the probe normalisation (applied by ``physics.normaliz
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -126,3 +126,62 @@ def split_rows(n_groups: int, fraction: float, seed: int) -> tuple[np.ndarray, n
     order = rng.permutation(n_groups)
     n_val = max(1, int(round(fraction * n_groups))) if n_groups > 1 and fraction > 0 else 0
     return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def split_for_validation(
+    scan: PreparedScan, data: PtychoData, grid: GridConfig, data_config: DataConfig
+) -> tuple[PreparedScan, np.ndarray, np.ndarray]:
+    """Hold out ``validation_fraction`` of the scan for validation: (scan, train rows, val rows).
+
+    At gridsize 1 a group is one pattern, so a seeded random split of the groups is already
+    disjoint. At gridsize > 1 it is not: neighbouring groups share patterns, and a random 5%
+    of the groups has ~98% of its patterns in training groups (Run1084, gridsize 2), so its
+    loss tracks the training loss and early stopping or the best-validation weights learn
+    nothing about generalisation. There the held-out part is a compact patch of the scan
+    (the positions nearest to a seeded random one, ``validation_fraction`` of them but at
+    least ``neighbor_count``), and each part is grouped on its own, so no pattern is in both.
+    The returned scan carries the training groups first, then the validation groups.
+    When the scan is too small to leave ``neighbor_count`` positions on each side there is
+    no validation set (the caller warns and monitors the training loss).
+    """
+    fraction, seed = data_config.validation_fraction, data_config.seed
+    if grid.gridsize == 1 or fraction <= 0:
+        train_rows, val_rows = split_rows(scan.n_groups, fraction, seed)
+        return scan, train_rows, val_rows
+    x = np.asarray(data.xcoords, dtype=np.float64)
+    y = np.asarray(data.ycoords, dtype=np.float64)
+    m, k = x.shape[0], grid.neighbor_count
+    n_val = max(int(round(fraction * m)), k)
+    if m - n_val < k:
+        return scan, np.arange(scan.n_groups), np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    centre = int(rng.integers(m))
+    distance = np.hypot(x - x[centre], y - y[centre])
+    held_out = np.sort(np.argsort(distance, kind="stable")[:n_val])
+    kept = np.setdiff1d(np.arange(m), held_out)
+    requested = data_config.n_groups
+    val_groups = 0 if requested == 0 else max(1, int(round(requested * n_val / m)))
+    train_groups = 0 if requested == 0 else max(1, requested - val_groups)
+    parts = [
+        _group_subset(x, y, kept, grid, train_groups, seed),
+        _group_subset(x, y, held_out, grid, val_groups, seed),
+    ]
+    groups = Groups(
+        **{
+            name: np.concatenate([getattr(part, name) for part in parts])
+            for name in ("seeds", "indices", "positions", "centroids", "offsets")
+        }
+    )
+    n_train = parts[0].n_groups
+    rows = np.arange(groups.n_groups)
+    return replace(scan, groups=groups), rows[:n_train], rows[n_train:]
+
+
+def _group_subset(
+    x: np.ndarray, y: np.ndarray, subset: np.ndarray, grid: GridConfig, n_groups: int, seed: int
+) -> Groups:
+    """Groups formed among the positions ``subset`` only, indexed like the whole scan."""
+    groups = group_positions(
+        x[subset], y[subset], grid.gridsize, grid.neighbor_count, n_groups=n_groups, seed=seed
+    )
+    return replace(groups, seeds=subset[groups.seeds], indices=subset[groups.indices])

@@ -34,7 +34,7 @@ from .devices import resolve_accelerator, select_device
 from .model import EpochRecord, TrainedModel
 from .module import TRAIN_LOSS, VAL_LOSS, PINNModule, SupervisedModule
 from .payload import TrainingPayload
-from .prepare import GroupDataset, PreparedScan, prepare_scan, split_rows
+from .prepare import GroupDataset, PreparedScan, prepare_scan, split_for_validation
 from .probe_refinement import ProbeRefinement, refine_probe
 
 logger = logging.getLogger(__name__)
@@ -325,8 +325,8 @@ def train(
 ) -> TrainingResult:
     """Train a generator on ``data`` as configured by ``payload``.
 
-    Validation uses ``test_data`` when given, else a seeded ``validation_fraction`` split of
-    the groups. Returns the best weights by the monitored metric (the last ones when nothing
+    Validation uses ``test_data`` when given, else a seeded ``validation_fraction`` split
+    (``prepare.split_for_validation``). Returns the best weights by the monitored metric (the last ones when nothing
     was monitored), or the last finished epoch's with ``final_weights = "last"``, also when
     training was cancelled.
     """
@@ -345,9 +345,7 @@ def train(
         val_targets = _supervised_targets(test_data) if supervised else None
         val_set = GroupDataset(val_scan, targets=val_targets)
     else:
-        train_rows, val_rows = split_rows(
-            scan.n_groups, payload.data.validation_fraction, payload.data.seed
-        )
+        scan, train_rows, val_rows = split_for_validation(scan, data, grid, payload.data)
         val_set = GroupDataset(scan, val_rows, targets=targets) if len(val_rows) else None
     train_set = GroupDataset(scan, train_rows, targets=targets)
 
@@ -355,10 +353,11 @@ def train(
     monitor = checkpointing.monitor
     if val_set is None and monitor == VAL_LOSS:
         logger.warning(
-            "no validation data (validation_fraction = %g of %d group(s) leaves none): "
-            "monitoring %s",
+            "no validation data (validation_fraction = %g of %d pattern(s) leaves none; at "
+            "gridsize > 1 each side needs neighbor_count = %d patterns): monitoring %s",
             payload.data.validation_fraction,
-            scan.n_groups,
+            len(data.xcoords),
+            grid.neighbor_count,
             TRAIN_LOSS,
         )
         monitor = TRAIN_LOSS
