@@ -73,14 +73,36 @@ class TrainingResult:
 
 
 # ----------------------------------------------------------------------------- callbacks
-class _ObserverCallback(Callback):
+class _GuardedObserver:
+    """Calls a progress observer's methods; its first failure is logged and mutes it.
+
+    Why: observers only report progress (a console line, a Qt signal, Ptychodus's log); a
+    closed pipe (``ptychodus-torch train ... | head``) or a deleted widget must not throw away
+    the epochs already trained. Training goes on and returns its result as usual.
+    """
+
     def __init__(self, observer: Any) -> None:
         self._observer = observer
+        self._failed = False
 
-    def _call(self, name: str, *args: Any) -> None:
-        method = getattr(self._observer, name, None)
-        if method is not None:
+    def __call__(self, name: str, *args: Any) -> None:
+        method = None if self._failed else getattr(self._observer, name, None)
+        if method is None:
+            return
+        try:
             method(*args)
+        except Exception:
+            self._failed = True
+            logger.exception(
+                "the progress observer %s failed in %s; training goes on without its reports",
+                type(self._observer).__name__,
+                name,
+            )
+
+
+class _ObserverCallback(Callback):
+    def __init__(self, observer: _GuardedObserver) -> None:
+        self._call = observer
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._call("on_train_start", trainer.max_epochs, int(trainer.num_training_batches))
@@ -179,7 +201,7 @@ class _HistoryCallback(Callback):
         self,
         monitor: str,
         mode: str,
-        observer: Any,
+        observer: _GuardedObserver | None,
         keep_last: bool = False,
         cancel: _CancelCallback | None = None,
     ) -> None:
@@ -239,9 +261,8 @@ class _HistoryCallback(Callback):
         if better or self.keep_last:
             self.best_epoch = record.epoch
             self.best_state = copy.deepcopy(pl_module.autoencoder.state_dict())
-        method = getattr(self.observer, "on_epoch_end", None)
-        if method is not None:
-            method(record)
+        if self.observer is not None:
+            self.observer("on_epoch_end", record)
 
 
 def _stalled(previous: EpochRecord, current: EpochRecord, tolerance: float = 1e-6) -> bool:
@@ -326,9 +347,11 @@ def train(
     """Train a generator on ``data`` as configured by ``payload``.
 
     Validation uses ``test_data`` when given, else a seeded ``validation_fraction`` split
-    (``prepare.split_for_validation``). Returns the best weights by the monitored metric (the last ones when nothing
-    was monitored), or the last finished epoch's with ``final_weights = "last"``, also when
-    training was cancelled.
+    (``prepare.split_for_validation``). ``observer`` may define ``on_train_start``,
+    ``on_batch_end`` and ``on_epoch_end`` (progress only: if one raises, it is logged and no
+    longer called, and training goes on). Returns the best weights by the monitored metric
+    (the last ones when nothing was monitored), or the last finished epoch's with
+    ``final_weights = "last"``, also when training was cancelled.
     """
     grid, execution = payload.grid, payload.execution
     accelerator = resolve_accelerator(execution.accelerator)
@@ -399,12 +422,13 @@ def train(
 
     keep_last = payload.training.final_weights == "last"
     cancel_cb = _CancelCallback(cancel or CancelToken())
+    guarded = None if observer is None else _GuardedObserver(observer)
     history_cb = _HistoryCallback(
-        monitor, checkpointing.mode, observer, keep_last=keep_last, cancel=cancel_cb
+        monitor, checkpointing.mode, guarded, keep_last=keep_last, cancel=cancel_cb
     )
     all_callbacks: list[Callback] = [_ChannelsLastCallback(), history_cb, *callbacks]
-    if observer is not None:
-        all_callbacks.append(_ObserverCallback(observer))
+    if guarded is not None:
+        all_callbacks.append(_ObserverCallback(guarded))
     if execution.early_stop_patience is not None:
         all_callbacks.append(
             EarlyStopping(monitor, patience=execution.early_stop_patience, mode=checkpointing.mode)

@@ -345,3 +345,26 @@ def test_a_test_scan_at_another_dose_is_scored_against_its_own_counts(small_scan
     assert seen["intensity_scale"] ** 2 == pytest.approx(
         100 * seen["val_intensity_scale"] ** 2, rel=0.05
     )
+
+
+class _BrokenPipeObserver(Recorder):
+    """A console observer whose reader went away (``ptychodus-torch train ... | head``)."""
+
+    def on_batch_end(self, epoch, batch, batches, loss):
+        super().on_batch_end(epoch, batch, batches, loss)
+        if (epoch, batch) == (0, 1):
+            raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_failing_observer_is_muted_and_training_finishes(small_scan, caplog):
+    observer = _BrokenPipeObserver()
+    payload = create_training_payload(tiny_overrides(epochs=2))
+    with caplog.at_level("ERROR", logger="ptychodus_torch_plugin"):
+        result = train(payload, small_scan, observer=observer)
+    assert [r.epoch for r in result.history] == [1, 2] and not result.cancelled
+    assert result.model.epochs_trained == 2
+    # Called up to the failure, then never again; the failure is logged once, named.
+    assert [e[0] for e in observer.events] == ["start", "batch", "batch"]
+    failures = [r for r in caplog.records if "progress observer" in r.getMessage()]
+    assert len(failures) == 1 and "_BrokenPipeObserver" in failures[0].getMessage()
+    assert failures[0].exc_info[0] is BrokenPipeError
