@@ -275,8 +275,9 @@ def _add_train(sub: Any) -> None:
     p.add_argument(
         "--validation-fraction",
         type=float,
-        help="share of the groups held out for validation when no --test_data_file is given, "
-        f"0 to 0.5 (default: {_D.validation_fraction:g})",
+        help="share of the scan held out for validation when no --test_data_file is given, "
+        "0 to 0.5; at gridsize > 1 a compact patch of positions, grouped apart "
+        f"(default: {_D.validation_fraction:g})",
     )
     p.add_argument(
         "--early-stop-patience",

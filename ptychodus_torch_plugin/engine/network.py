@@ -97,11 +97,14 @@ def upsample_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """
     out_ch, in_ch = weight.shape[:2]
     taps = _UPSAMPLED_TAPS.to(device=weight.device, dtype=weight.dtype)
-    # In the weights' own precision, as the plain convolution sees them (autocast then rounds
-    # the kernel once, as it would round the weights).
-    with torch.autocast(device_type=weight.device.type, enabled=False):
-        kernel = torch.einsum("auy,bvx,oiyx->oabiuv", taps, taps, weight)
-    kernel = kernel.reshape(out_ch * 4, in_ch, 3, 3)
+    # Broadcast products and sums, not einsum: autocast leaves them alone, so the kernel is
+    # summed in the weights' own precision and rounded once by the convolution, as the
+    # weights of a plain convolution are (and no autocast context is needed on any device).
+    # rows[o, i, a, u, x] = sum_y taps[a, u, y] weight[o, i, y, x]
+    rows = (taps[:, :, :, None] * weight[:, :, None, None]).sum(dim=4)
+    # kernel[o, i, a, u, b, v] = sum_x taps[b, v, x] rows[o, i, a, u, x]
+    kernel = (taps * rows[:, :, :, :, None, None, :]).sum(dim=-1)
+    kernel = kernel.permute(0, 2, 4, 1, 3, 5).reshape(out_ch * 4, in_ch, 3, 3)
     phase_bias = bias.repeat_interleave(4) if bias is not None else None
     return nn.functional.pixel_shuffle(nn.functional.conv2d(x, kernel, phase_bias, padding=1), 2)
 

@@ -141,8 +141,9 @@ def split_for_validation(
     (the positions nearest to a seeded random one, ``validation_fraction`` of them but at
     least ``neighbor_count``), and each part is grouped on its own, so no pattern is in both.
     The returned scan carries the training groups first, then the validation groups.
-    When the scan is too small to leave ``neighbor_count`` positions on each side there is
-    no validation set (the caller warns and monitors the training loss).
+    When the scan is too small to leave ``neighbor_count`` positions on each side, or
+    ``n_groups`` is 1, there is no validation set (the caller warns and monitors the training
+    loss).
     """
     fraction, seed = data_config.validation_fraction, data_config.seed
     if grid.gridsize == 1 or fraction <= 0:
@@ -161,7 +162,9 @@ def split_for_validation(
     kept = np.setdiff1d(np.arange(m), held_out)
     requested = data_config.n_groups
     val_groups = 0 if requested == 0 else max(1, int(round(requested * n_val / m)))
-    train_groups = 0 if requested == 0 else max(1, requested - val_groups)
+    train_groups = 0 if requested == 0 else requested - val_groups
+    if requested and train_groups < 1:  # n_groups = 1: nothing to spare for validation
+        return scan, np.arange(scan.n_groups), np.zeros(0, dtype=np.int64)
     parts = [
         _group_subset(x, y, kept, grid, train_groups, seed),
         _group_subset(x, y, held_out, grid, val_groups, seed),

@@ -74,27 +74,29 @@ class TrainingResult:
 
 # ----------------------------------------------------------------------------- callbacks
 class _GuardedObserver:
-    """Calls a progress observer's methods; its first failure is logged and mutes it.
+    """Calls a progress observer's methods; a method that raises is logged and muted.
 
-    Why: observers only report progress (a console line, a Qt signal, Ptychodus's log); a
-    closed pipe (``ptychodus-torch train ... | head``) or a deleted widget must not throw away
-    the epochs already trained. Training goes on and returns its result as usual.
+    Why: observers report progress (a console line, a Qt signal, Ptychodus's log); a closed
+    pipe (``ptychodus-torch train ... | head``) or a deleted widget must not throw away the
+    epochs already trained. Training goes on and returns its result as usual. Only the
+    method that failed is muted: an observer may also keep time in another one (the quality
+    benchmark's budget cancels from ``on_batch_end`` and prints from ``on_epoch_end``).
     """
 
     def __init__(self, observer: Any) -> None:
         self._observer = observer
-        self._failed = False
+        self._failed: set[str] = set()
 
     def __call__(self, name: str, *args: Any) -> None:
-        method = None if self._failed else getattr(self._observer, name, None)
+        method = None if name in self._failed else getattr(self._observer, name, None)
         if method is None:
             return
         try:
             method(*args)
         except Exception:
-            self._failed = True
+            self._failed.add(name)
             logger.exception(
-                "the progress observer %s failed in %s; training goes on without its reports",
+                "the progress observer %s failed in %s; training goes on without it",
                 type(self._observer).__name__,
                 name,
             )
@@ -348,8 +350,8 @@ def train(
 
     Validation uses ``test_data`` when given, else a seeded ``validation_fraction`` split
     (``prepare.split_for_validation``). ``observer`` may define ``on_train_start``,
-    ``on_batch_end`` and ``on_epoch_end`` (progress only: if one raises, it is logged and no
-    longer called, and training goes on). Returns the best weights by the monitored metric
+    ``on_batch_end`` and ``on_epoch_end`` (progress only: a method that raises is logged and
+    no longer called, and training goes on). Returns the best weights by the monitored metric
     (the last ones when nothing was monitored), or the last finished epoch's with
     ``final_weights = "last"``, also when training was cancelled.
     """

@@ -120,7 +120,8 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         "validation_fraction",
         "Validation fraction:",
         "Data",
-        "Fraction of the groups held out to compute the validation loss (0 = none).",
+        "Fraction of the scan held out to compute the validation loss, not trained on (at "
+        "gridsize > 1 a compact patch of positions); 0 trains on every pattern.",
     ),
     # Model: the network
     ParameterSpec(

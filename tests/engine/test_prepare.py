@@ -83,6 +83,11 @@ def test_a_requested_group_count_is_shared_between_the_sets(small_scan, n_groups
     )
 
 
+def test_a_single_requested_group_is_not_split(small_scan):
+    _, scan, train_rows, val_rows = _split(small_scan, gridsize=2, n_groups=1)
+    assert scan.n_groups == 1 and len(train_rows) == 1 and len(val_rows) == 0
+
+
 def test_no_validation_fraction_means_no_validation_set(small_scan):
     _, _, train_rows, val_rows = _split(small_scan, gridsize=2, validation_fraction=0.0)
     assert len(val_rows) == 0 and len(train_rows) == len(small_scan.xcoords)

@@ -356,15 +356,31 @@ class _BrokenPipeObserver(Recorder):
             raise BrokenPipeError(32, "Broken pipe")
 
 
-def test_a_failing_observer_is_muted_and_training_finishes(small_scan, caplog):
+def test_a_failing_observer_method_is_muted_and_training_finishes(small_scan, caplog):
     observer = _BrokenPipeObserver()
     payload = create_training_payload(tiny_overrides(epochs=2))
     with caplog.at_level("ERROR", logger="ptychodus_torch_plugin"):
         result = train(payload, small_scan, observer=observer)
     assert [r.epoch for r in result.history] == [1, 2] and not result.cancelled
     assert result.model.epochs_trained == 2
-    # Called up to the failure, then never again; the failure is logged once, named.
-    assert [e[0] for e in observer.events] == ["start", "batch", "batch"]
+    # on_batch_end is called up to its failure, then never again; the others still are.
+    assert [e[0] for e in observer.events] == ["start", "batch", "batch", "epoch", "epoch"]
     failures = [r for r in caplog.records if "progress observer" in r.getMessage()]
     assert len(failures) == 1 and "_BrokenPipeObserver" in failures[0].getMessage()
     assert failures[0].exc_info[0] is BrokenPipeError
+
+
+class _BudgetWithBrokenPrint(Recorder):
+    """Like the quality benchmark's budget: cancels from on_batch_end, prints per epoch."""
+
+    def on_epoch_end(self, record):
+        super().on_epoch_end(record)
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_an_observer_that_keeps_time_still_cancels_after_its_print_failed(small_scan):
+    token = CancelToken()
+    observer = _BudgetWithBrokenPrint(cancel_at=(1, 2), token=token)
+    payload = create_training_payload(tiny_overrides(epochs=5))
+    result = train(payload, small_scan, observer=observer, cancel=token)
+    assert result.cancelled and [r.epoch for r in result.history] == [1]
