@@ -40,7 +40,7 @@ def batch_input(tmp_path_factory):
     from ptychodus_torch_plugin.host.demo import simulate_batch_input
 
     directory = tmp_path_factory.mktemp("IN")
-    simulate_batch_input(directory, N=32, scan_points=12, step_px=4.0, settings=TINY_SETTINGS)
+    simulate_batch_input(directory, N=32, scan_points=20, step_px=4.0, settings=TINY_SETTINGS)
     return directory
 
 
@@ -67,8 +67,8 @@ def test_train_then_reconstruct_with_the_ptychodus_command(batch_input, tmp_path
     log = reconstructed.stdout + reconstructed.stderr
     assert reconstructed.returncode == 0, log
     products = sorted(out2.glob("product.*.h5"))
-    # 144 patterns in chunks of 64 groups: 3 streamed outputs, one file each.
-    assert [p.name for p in products] == [f"product.{i:06d}.h5" for i in (1, 2, 3)], log
+    # 400 patterns in chunks of 64 groups: 7 streamed outputs, one file each.
+    assert [p.name for p in products] == [f"product.{i:06d}.h5" for i in range(1, 8)], log
 
     result = load_product(products[-1])
     truth = np.load(batch_input / "ground_truth.npz")["object"]
@@ -77,7 +77,8 @@ def test_train_then_reconstruct_with_the_ptychodus_command(batch_input, tmp_path
     assert all(loss.value > 0 for loss in result.losses)
     quality = score(out2, batch_input)
     print(f"train {train_seconds:.1f} s; quality {quality}")
-    # A flat object scores 0; 12 CPU epochs give about 0.94 (amplitude) and 0.4 (phase).
+    # A flat object scores 0; 12 CPU epochs give about 0.92 (amplitude) and 0.3-0.87 (phase,
+    # seeds 0-3; see the settings file for why not a smaller scan).
     assert abs(quality["flat_phase_correlation"]) < 1e-9
     assert quality["amplitude_correlation"] > 0.6, quality
     assert quality["phase_correlation"] > 0.15, quality
