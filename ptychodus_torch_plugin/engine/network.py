@@ -92,7 +92,7 @@ def upsample_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     and oneDNN's convolution with one to four output channels runs an order of magnitude
     below its rate for the hidden layers, in the backward pass most of all; with 4C outputs
     at a quarter of the pixels, and no upsampled map to build, a bf16 training step at N=64,
-    gridsize 2 is ~9% faster and a float32 predict 1.1-1.5x (docs/performance.md). The
+    gridsize 2 is ~7% faster and a float32 predict 1.1-1.5x (docs/performance.md). The
     multiply-adds are the same in number (the zero taps included).
     """
     out_ch, in_ch = weight.shape[:2]
