@@ -8,7 +8,7 @@ by the Poisson loss), and the probe normalisation (applied by ``physics.normaliz
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -149,12 +149,13 @@ def split_for_validation(
     if grid.gridsize == 1 or fraction <= 0:
         train_rows, val_rows = split_rows(scan.n_groups, fraction, seed)
         return scan, train_rows, val_rows
+    no_validation = scan, np.arange(scan.n_groups), np.zeros(0, dtype=np.int64)
     x = np.asarray(data.xcoords, dtype=np.float64)
     y = np.asarray(data.ycoords, dtype=np.float64)
     m, k = x.shape[0], grid.neighbor_count
     n_val = max(int(round(fraction * m)), k)
     if m - n_val < k:
-        return scan, np.arange(scan.n_groups), np.zeros(0, dtype=np.int64)
+        return no_validation
     rng = np.random.default_rng(seed)
     centre = int(rng.integers(m))
     distance = np.hypot(x - x[centre], y - y[centre])
@@ -164,15 +165,15 @@ def split_for_validation(
     val_groups = 0 if requested == 0 else max(1, int(round(requested * n_val / m)))
     train_groups = 0 if requested == 0 else requested - val_groups
     if requested and train_groups < 1:  # n_groups = 1: nothing to spare for validation
-        return scan, np.arange(scan.n_groups), np.zeros(0, dtype=np.int64)
+        return no_validation
     parts = [
         _group_subset(x, y, kept, grid, train_groups, seed),
         _group_subset(x, y, held_out, grid, val_groups, seed),
     ]
     groups = Groups(
         **{
-            name: np.concatenate([getattr(part, name) for part in parts])
-            for name in ("seeds", "indices", "positions", "centroids", "offsets")
+            field.name: np.concatenate([getattr(part, field.name) for part in parts])
+            for field in fields(Groups)
         }
     )
     n_train = parts[0].n_groups
