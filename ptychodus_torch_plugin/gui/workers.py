@@ -172,10 +172,23 @@ class TrainingWorker(QObject):
         super().__init__()
         self.job = job
         self.token = CancelToken()
+        self.stop_requested_at: float | None = None
 
     def request_stop(self) -> None:
         """Thread-safe: the run stops at the next layer or batch boundary."""
+        if self.stop_requested_at is None:
+            self.stop_requested_at = time.perf_counter()
         self.token.cancel()
+
+    def _log_stop_timing(self, step: str) -> None:
+        """Log how long after Stop ``step`` ended (INFO): where a slow stop spent its time.
+
+        Why: a Stop is meant to end training within a layer; when it takes seconds, the log
+        says whether training itself or saving the model held it up.
+        """
+        if self.stop_requested_at is not None:
+            elapsed = time.perf_counter() - self.stop_requested_at
+            logger.info("Stop: %s %.2f s after the request", step, elapsed)
 
     # -- engine observer (called on the worker thread; only emits signals)
     def on_train_start(self, total_epochs: int, batches_per_epoch: int) -> None:
@@ -215,11 +228,13 @@ class TrainingWorker(QObject):
             prompt_stop = make_prompt_stop(self.token)
             result = train(payload, data, observer=self, cancel=self.token, callbacks=[prompt_stop])
             stopped = bool(result.cancelled or self.token.cancelled)
+            self._log_stop_timing("training ended")
             archive, save_problem = None, None
             if result.history:
                 self.phase.emit("Saving the model...")
                 saved = save_trained_model(result.model, job.archive_path)
                 archive, save_problem = saved.file, saved.problem
+                self._log_stop_timing("model saved")
             outcome = TrainingOutcome(
                 job=job,
                 model=result.model if result.history else None,
