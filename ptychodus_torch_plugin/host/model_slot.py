@@ -47,12 +47,17 @@ def check_archive(path: Path) -> Path:
     try:
         with zipfile.ZipFile(file) as archive:
             names = set(archive.namelist())
-            if "manifest.json" not in names:
+            if "manifest.json" in names:
+                manifest = json.loads(archive.read("manifest.json").decode("utf-8"))
+            elif "manifest.dill" in names:
+                # The TensorFlow PtychoPINN layout: its manifest is a pickle, which the Qt
+                # thread does not unpickle; our archives always carry manifest.json too.
+                manifest = {"backend": "tensorflow"}
+            else:
                 raise ValueError(
                     f"{file} is not a PtychoPINN model archive (no manifest.json; found "
                     f"{sorted(names)[:8]})"
                 )
-            manifest = json.loads(archive.read("manifest.json").decode("utf-8"))
     except (
         zipfile.BadZipFile,
         OSError,

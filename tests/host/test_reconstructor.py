@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import pickle
+import zipfile
 
 import numpy as np
 import pytest
@@ -161,6 +164,23 @@ def test_corrupt_archive_gives_a_clear_error(library, tmp_path, caplog):
         with pytest.raises(ValueError, match="not a valid or complete model archive"):
             reconstructor.load_model_from_file(corrupt)
     assert any("cannot load model archive" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("manifest", ["manifest.json", "manifest.dill"])
+def test_tensorflow_archive_is_refused_naming_its_backend(library, tmp_path, manifest):
+    """Both layouts of the TensorFlow PtychoPINN archive: a JSON manifest without a backend,
+    and the older pickled manifest.dill only."""
+    archive = tmp_path / "wts.h5.zip"
+    content = {"models": ["autoencoder", "diffraction_to_obj"], "version": "1.0"}
+    with zipfile.ZipFile(archive, "w") as zf:
+        if manifest == "manifest.json":
+            zf.writestr(manifest, json.dumps(content))
+        else:
+            zf.writestr(manifest, pickle.dumps(content, protocol=2))
+        zf.writestr("autoencoder/model.keras", b"PK-keras-bytes")
+    reconstructor = library.reconstructor("PINN")
+    with pytest.raises(ValueError, match="written by the tensorflow backend; .* PyTorch archives"):
+        reconstructor.load_model_from_file(archive)
 
 
 def test_save_model_copies_the_archive(library, trained_archive, tmp_path):
