@@ -8,7 +8,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/scripts/ensure_env.sh"
 VENV=${PTT_VENV:-$ROOT/.venv}
 OUT=$(realpath -m "${1:-$ROOT/demo_output}")
-SETTINGS="$ROOT/resources/settings/torchpinn-demo.ini"
+# the ready-made file installed with the package (resources/settings/ in this checkout)
+SETTINGS=torchpinn-demo.ini
 rm -rf "$OUT/in" "$OUT/train" "$OUT/reconstruct"
 mkdir -p "$OUT"
 # Run from the output folder so Python imports the installed package, never the checkout.

@@ -112,7 +112,8 @@ def _add_train(sub: Any) -> None:
     p.add_argument(
         "--test_data_file",
         metavar="NPZ",
-        help="validation data (default: a seeded 5%% split of the training groups)",
+        help="validation data (default: the seeded --validation-fraction of the scan, a "
+        "compact patch of positions at gridsize > 1)",
     )
     p.add_argument(
         "--output_dir",

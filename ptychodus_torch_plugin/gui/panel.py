@@ -140,8 +140,8 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         "normalization",
         "Normalisation:",
         "Model",
-        "Batch normalisation after each hidden convolution (not the output heads): trains "
-        "faster per epoch (none = the plain network).",
+        "Batch normalisation after each hidden convolution (not the output heads): more "
+        "progress per epoch, each a little slower (none = the plain network).",
     ),
     # Training
     ParameterSpec("epochs", "Epochs:", "Training", "Passes over the training groups."),

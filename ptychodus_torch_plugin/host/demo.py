@@ -7,7 +7,8 @@ the settings file as ``IN/settings.ini``; then ``ptychodus -b train -i IN -o OUT
 ``ptychodus -b reconstruct -i IN -o OUT2`` run the plugin end to end.
 ``python -m ptychodus_torch_plugin.host.demo score OUT2 IN [--images DIR]`` compares the
 last reconstruction with the truth and can write ``DIR/object_amplitude.png`` and
-``DIR/object_phase.png``.
+``DIR/object_phase.png``. ``python -m ptychodus_torch_plugin.host.demo settings [--copy DIR]``
+lists the ready-made settings files installed with the package (or copies them into DIR).
 
 The diffraction patterns come from ``ptychodus.api.simulate.diffraction`` (the host's forward
 model, not ours), so the demo and the end-to-end tests also check that the plugin's units,
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .shipped_settings import copy_shipped_settings, settings_folder, shipped_settings_file
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
@@ -43,6 +46,22 @@ class SimulatedScan:
     n_patterns: int
     N: int  # noqa: N815 - the patch size
     object_shape: tuple[int, int]
+
+
+def resolve_settings(settings: str | Path) -> Path:
+    """A settings file: the path given, or else the ready-made file of that name.
+
+    A file at the path wins, so a local copy named like a ready-made file is the one used.
+    """
+    path = Path(settings)
+    if path.is_file():
+        return path
+    if path.name == str(settings):  # a bare name: perhaps a ready-made file's
+        try:
+            return shipped_settings_file(path.name)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"settings file not found: {settings}; {exc}") from None
+    raise FileNotFoundError(f"settings file not found: {settings}")
 
 
 def simulate_batch_input(
@@ -69,8 +88,8 @@ def simulate_batch_input(
     from ptychodus.api.simulate.probe import generate_disk_probe, rescale_probe_intensity
     from ptychodus.api.simulate.probe_positions import generate_cartesian_probe_positions
 
-    if settings is not None and not Path(settings).is_file():  # before writing anything
-        raise FileNotFoundError(f"settings file not found: {settings}")
+    if settings is not None:  # before writing anything
+        settings = resolve_settings(settings)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -197,7 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     sim = commands.add_parser("simulate", help="write diffraction.h5 + product.h5 into IN")
     sim.add_argument("directory", type=Path)
-    sim.add_argument("--settings", type=Path, help="copied to IN/settings.ini")
+    sim.add_argument(
+        "--settings",
+        help="a settings file, or a ready-made one's name (torchpinn-tiny.ini); "
+        "copied to IN/settings.ini",
+    )
     sim.add_argument("--N", type=int, default=32)
     sim.add_argument("--scan-points", type=int, default=12)
     sim.add_argument("--seed", type=int, default=0)
@@ -205,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("output_dir", type=Path)
     sc.add_argument("input_dir", type=Path)
     sc.add_argument("--images", type=Path, help="write object_{amplitude,phase}.png into DIR")
+    ready = commands.add_parser(
+        "settings", help="list the ready-made settings files (or copy them: --copy DIR)"
+    )
+    ready.add_argument("--copy", type=Path, metavar="DIR", help="copy them into DIR to edit")
     args = parser.parse_args(argv)
     try:
         return _run(args)
@@ -223,6 +250,18 @@ def _run(args: argparse.Namespace) -> int:
             settings=args.settings,
         )
         print(f"wrote {scan.n_patterns} patterns ({scan.N} px) into {scan.directory}")
+        return 0
+    if args.command == "settings":
+        if args.copy is None:
+            for file in sorted(settings_folder().glob("*.ini")):
+                print(file)
+            return 0
+        written = copy_shipped_settings(args.copy)
+        for file in written:
+            print(f"wrote {file}")
+        kept = sorted(settings_folder().glob("*.ini"))
+        if len(written) < len(kept):
+            print(f"kept {len(kept) - len(written)} file(s) already in {args.copy}")
         return 0
     result = score(args.output_dir, args.input_dir)
     print(json.dumps(result, indent=2))

@@ -18,7 +18,10 @@ from ptychodus_torch_plugin.engine.payload import (
     create_inference_payload,
     create_training_payload,
 )
+from ptychodus_torch_plugin.host.demo import main as demo_main
+from ptychodus_torch_plugin.host.demo import resolve_settings
 from ptychodus_torch_plugin.host.settings import GROUPS, TorchPINNSettings
+from ptychodus_torch_plugin.host.shipped_settings import settings_folder, shipped_settings_file
 
 SETTINGS_DIR = Path(__file__).resolve().parents[2] / "resources" / "settings"
 SETTINGS_FILES = sorted(SETTINGS_DIR.glob("*.ini"))
@@ -142,3 +145,51 @@ def test_a_real_setting_that_is_not_a_number_is_refused_by_name(tmp_path):
         settings.inference_overrides()
     _, settings = _loaded(None)
     assert settings.training_overrides("pinn", 32)["learning_rate"] > 0
+
+
+# ----------------------------------------------------------------------------- installed copies
+def test_the_ready_made_files_are_installed_with_the_package():
+    """pip users have no resources/ folder: the files ship as package data."""
+    import ptychodus_torch_plugin
+
+    package = Path(ptychodus_torch_plugin.__file__).resolve().parent
+    folder = settings_folder()
+    if package.parent != SETTINGS_DIR.parents[1]:  # the installed package (scripts/test.sh)
+        assert folder == package / "settings"
+    installed = {path.name: path.read_bytes() for path in folder.glob("*.ini")}
+    assert installed == {path.name: path.read_bytes() for path in SETTINGS_FILES}
+
+
+def test_a_ready_made_file_is_found_by_name_and_a_local_file_wins(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_settings("torchpinn-tiny.ini") == settings_folder() / "torchpinn-tiny.ini"
+    assert shipped_settings_file("torchpinn-tiny") == settings_folder() / "torchpinn-tiny.ini"
+    (tmp_path / "torchpinn-tiny.ini").write_text("[TorchPINNTraining]\nEpochs = 3\n")
+    assert resolve_settings("torchpinn-tiny.ini") == Path("torchpinn-tiny.ini")
+    with pytest.raises(FileNotFoundError, match="they are: torchpinn-demo.ini, torchpinn-pinn"):
+        resolve_settings("torchpinn-fast.ini")
+    with pytest.raises(FileNotFoundError, match="settings file not found: sub/x.ini$"):
+        resolve_settings("sub/x.ini")
+    with pytest.raises(FileNotFoundError, match="no ready-made settings file"):
+        shipped_settings_file("../settings/torchpinn-tiny.ini")
+
+
+def test_the_settings_command_lists_and_copies_without_overwriting(tmp_path, capsys):
+    assert demo_main(["settings"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert [Path(line).name for line in listed] == [path.name for path in SETTINGS_FILES]
+    target = tmp_path / "my-settings"
+    assert demo_main(["settings", "--copy", str(target)]) == 0
+    assert sorted(path.name for path in target.iterdir()) == [p.name for p in SETTINGS_FILES]
+    edited = target / "torchpinn-quality.ini"
+    edited.write_text("[TorchPINNTraining]\nEpochs = 90\n")
+    (target / "torchpinn-tiny.ini").unlink()
+    assert demo_main(["settings", "--copy", str(target)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "wrote" in out and "torchpinn-tiny.ini" in out and f"kept {len(SETTINGS_FILES) - 1}" in out
+    )
+    assert edited.read_text() == "[TorchPINNTraining]\nEpochs = 90\n"  # the edit survives
+    assert (target / "torchpinn-tiny.ini").read_bytes() == (
+        SETTINGS_DIR / "torchpinn-tiny.ini"
+    ).read_bytes()
