@@ -431,8 +431,10 @@ def main() -> int:
     parser.add_argument(
         "--validation-fraction",
         type=float,
-        default=0.05,
-        help="held-out share of the groups (the engine's default 0.05); 0 trains on all",
+        default=0.0,
+        help="held-out share of the scan (default 0: every pattern trained, as for the best "
+        "image of the scan itself; the engine's default is 0.05, a compact patch at "
+        "gridsize > 1, whose part of the image is then made from unseen patterns)",
     )
     parser.add_argument(
         "--final-weights",

@@ -377,14 +377,17 @@ def train(
     checkpointing = execution.checkpointing
     monitor = checkpointing.monitor
     if val_set is None and monitor == VAL_LOSS:
-        logger.warning(
-            "no validation data (validation_fraction = %g of %d pattern(s) leaves none; at "
-            "gridsize > 1 each side needs neighbor_count = %d patterns): monitoring %s",
-            payload.data.validation_fraction,
-            len(data.xcoords),
-            grid.neighbor_count,
-            TRAIN_LOSS,
-        )
+        if payload.data.validation_fraction == 0:  # asked for: every pattern is trained on
+            logger.info("validation_fraction = 0: no validation data; monitoring %s", TRAIN_LOSS)
+        else:
+            logger.warning(
+                "no validation data (validation_fraction = %g of %d pattern(s) leaves none; "
+                "at gridsize > 1 each side needs neighbor_count = %d patterns): monitoring %s",
+                payload.data.validation_fraction,
+                len(data.xcoords),
+                grid.neighbor_count,
+                TRAIN_LOSS,
+            )
         monitor = TRAIN_LOSS
 
     model = TrainedModel.build(

@@ -102,3 +102,15 @@ def test_a_scan_too_small_to_hold_out_trains_on_all_and_says_so(small_scan, capl
         result = train(payload, few)
     assert "no validation data" in caplog.text and "neighbor_count = 4" in caplog.text
     assert result.history[-1].val_loss is None
+
+
+def test_asking_for_no_validation_trains_without_a_warning(small_scan, caplog):
+    """validation_fraction = 0 is a choice (the quality settings make it), not a problem."""
+    payload = create_training_payload(tiny_overrides(gridsize=2, epochs=1, validation_fraction=0.0))
+    with caplog.at_level(logging.INFO):
+        result = train(payload, small_scan)
+    assert "validation_fraction = 0: no validation data" in caplog.text
+    assert not [
+        r for r in caplog.records if r.levelno >= logging.WARNING and "valid" in r.getMessage()
+    ]
+    assert result.history[-1].val_loss is None

@@ -102,6 +102,7 @@ def test_the_quality_file_sets_what_the_benchmark_scored():
         "learning_rate": 5e-3,
         "scheduler": "cosine",
         "final_weights": "last",
+        "validation_fraction": 0.0,
     }
     assert {key: values[key] for key in expected} == expected
 
