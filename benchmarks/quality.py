@@ -441,7 +441,9 @@ def main() -> int:
         default="last",
         choices=("best", "last"),
         help="network scored: the last epoch's (default; the schedule ends at its lowest "
-        "rate) or the best by validation NLL (then the last epoch's is not scored)",
+        "rate) or the best by validation NLL (needs --validation-fraction > 0; then the last "
+        "epoch's is not scored). With a validation fraction > 0 the best-validation network "
+        "is also scored beside the last epoch's",
     )
     parser.add_argument(
         "--ema",
@@ -472,6 +474,11 @@ def main() -> int:
         "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)"
     )
     args = parser.parse_args()
+    if args.final_weights == "best" and args.validation_fraction == 0:
+        parser.error(
+            "--final-weights best needs a validation loss: give --validation-fraction > 0 "
+            "(e.g. 0.05, the engine's default)"
+        )
     if args.precision == "auto":
         args.precision = _native_bf16_precision()
     if args.threads:

@@ -8,7 +8,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/scripts/ensure_env.sh"
 VENV=${PTT_VENV:-$ROOT/.venv}
 OUT=$(realpath -m "${1:-$ROOT/demo_output}")
-# the ready-made file installed with the package (resources/settings/ in this checkout)
+# the ready-made file as installed with the package (ensure_env.sh reinstalls it after an
+# edit of resources/settings/); a torchpinn-demo.ini in OUTPUT_DIR would be used instead
 SETTINGS=torchpinn-demo.ini
 rm -rf "$OUT/in" "$OUT/train" "$OUT/reconstruct"
 mkdir -p "$OUT"

@@ -37,7 +37,8 @@ if [ "$(cat "$VENV/.deps-stamp" 2>/dev/null || true)" != "$deps_hash" ]; then
   rm -f "$VENV/.pkg-stamp"
 fi
 
-pkg_hash=$(tree_hash ptychodus_torch_plugin entry_points.txt pyproject.toml README.md)
+# resources/settings: the ready-made .ini files are installed as package data
+pkg_hash=$(tree_hash ptychodus_torch_plugin resources/settings entry_points.txt pyproject.toml README.md)
 if [ "$(cat "$VENV/.pkg-stamp" 2>/dev/null || true)" != "$pkg_hash" ]; then
   echo "[env] installing ptychodus-torch-plugin (non-editable)"
   rm -rf "$ROOT/build"

@@ -51,12 +51,16 @@ class SimulatedScan:
 def resolve_settings(settings: str | Path) -> Path:
     """A settings file: the path given, or else the ready-made file of that name.
 
-    A file at the path wins, so a local copy named like a ready-made file is the one used.
+    A local file wins, also over a name given without ``.ini`` (``torchpinn-tiny`` finds an
+    edited ``./torchpinn-tiny.ini`` first), so copies made with ``settings --copy .`` are used.
     """
     path = Path(settings)
     if path.is_file():
         return path
-    if path.name == str(settings):  # a bare name: perhaps a ready-made file's
+    if path.name == str(settings):  # a bare name: a local copy, else a ready-made file
+        local = path.with_name(f"{path.name}.ini")
+        if path.suffix != ".ini" and local.is_file():
+            return local
         try:
             return shipped_settings_file(path.name)
         except FileNotFoundError as exc:

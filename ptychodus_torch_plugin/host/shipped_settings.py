@@ -9,7 +9,6 @@ without installing (``PYTHONPATH`` pointing at it) uses ``resources/settings/`` 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 __all__ = ["copy_shipped_settings", "settings_folder", "shipped_settings_file"]
@@ -53,8 +52,10 @@ def copy_shipped_settings(directory: str | Path) -> list[Path]:
     written = []
     for source in sorted(settings_folder().glob("*.ini")):
         destination = target / source.name
-        if destination.exists():
+        try:  # "x": never write into an existing file, nor through a link left there
+            with open(destination, "xb") as out:
+                out.write(source.read_bytes())
+        except FileExistsError:
             continue
-        shutil.copyfile(source, destination)
         written.append(destination)
     return written

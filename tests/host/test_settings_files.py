@@ -150,7 +150,11 @@ def test_a_real_setting_that_is_not_a_number_is_refused_by_name(tmp_path):
 
 # ----------------------------------------------------------------------------- installed copies
 def test_the_ready_made_files_are_installed_with_the_package():
-    """pip users have no resources/ folder: the files ship as package data."""
+    """pip users have no resources/ folder: the files ship as package data.
+
+    Meaningful against the installed package (scripts/test.sh); run from a checkout on
+    PYTHONPATH it compares resources/settings with itself.
+    """
     import ptychodus_torch_plugin
 
     package = Path(ptychodus_torch_plugin.__file__).resolve().parent
@@ -167,6 +171,7 @@ def test_a_ready_made_file_is_found_by_name_and_a_local_file_wins(tmp_path, monk
     assert shipped_settings_file("torchpinn-tiny") == settings_folder() / "torchpinn-tiny.ini"
     (tmp_path / "torchpinn-tiny.ini").write_text("[TorchPINNTraining]\nEpochs = 3\n")
     assert resolve_settings("torchpinn-tiny.ini") == Path("torchpinn-tiny.ini")
+    assert resolve_settings("torchpinn-tiny") == Path("torchpinn-tiny.ini")  # the local copy
     with pytest.raises(FileNotFoundError, match="they are: torchpinn-demo.ini, torchpinn-pinn"):
         resolve_settings("torchpinn-fast.ini")
     with pytest.raises(FileNotFoundError, match="settings file not found: sub/x.ini$"):
@@ -177,19 +182,21 @@ def test_a_ready_made_file_is_found_by_name_and_a_local_file_wins(tmp_path, monk
 
 def test_the_settings_command_lists_and_copies_without_overwriting(tmp_path, capsys):
     assert demo_main(["settings"]) == 0
-    listed = capsys.readouterr().out.split()
+    listed = capsys.readouterr().out.splitlines()
     assert [Path(line).name for line in listed] == [path.name for path in SETTINGS_FILES]
     target = tmp_path / "my-settings"
     assert demo_main(["settings", "--copy", str(target)]) == 0
     assert sorted(path.name for path in target.iterdir()) == [p.name for p in SETTINGS_FILES]
+    capsys.readouterr()
     edited = target / "torchpinn-quality.ini"
     edited.write_text("[TorchPINNTraining]\nEpochs = 90\n")
     (target / "torchpinn-tiny.ini").unlink()
     assert demo_main(["settings", "--copy", str(target)]) == 0
     out = capsys.readouterr().out
-    assert (
-        "wrote" in out and "torchpinn-tiny.ini" in out and f"kept {len(SETTINGS_FILES) - 1}" in out
-    )
+    assert out.splitlines() == [
+        f"wrote {target / 'torchpinn-tiny.ini'}",
+        f"kept {len(SETTINGS_FILES) - 1} file(s) already in {target}",
+    ]
     assert edited.read_text() == "[TorchPINNTraining]\nEpochs = 90\n"  # the edit survives
     assert (target / "torchpinn-tiny.ini").read_bytes() == (
         SETTINGS_DIR / "torchpinn-tiny.ini"
