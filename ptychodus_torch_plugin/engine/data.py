@@ -66,12 +66,26 @@ def mean_pattern_power(amplitudes: np.ndarray, chunk: int = 1024) -> float:
     return total / patterns.shape[0]
 
 
-def amplitudes_from_counts(counts: np.ndarray) -> np.ndarray:
-    """Detector counts (any real dtype, e.g. uint16) -> float32 amplitudes, via float64."""
-    counts64 = np.asarray(counts, dtype=np.float64)
-    if np.any(counts64 < 0):
-        raise _bad("counts", f"minimum {counts64.min():g}", "non-negative detector counts")
-    return np.sqrt(counts64).astype(np.float32)
+def amplitudes_from_counts(counts: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """Detector counts (any real dtype, e.g. uint16) -> float32 amplitudes, via float64.
+
+    Converted ``chunk`` patterns at a time: a whole-scan float64 temporary would be 4x a
+    uint16 scan (50,000 x 128^2 patterns: 6.5 GB) on top of the result.
+    """
+    values = np.asarray(counts)
+    if values.ndim == 0:
+        values = values.reshape(1)
+    out = np.empty(values.shape, dtype=np.float32)
+    for start in range(0, values.shape[0], chunk):
+        block = values[start : start + chunk].astype(np.float64)
+        if np.any(block < 0):
+            minimum = min(
+                float(np.min(values[i : i + chunk])) for i in range(0, len(values), chunk)
+            )
+            raise _bad("counts", f"minimum {minimum:g}", "non-negative detector counts")
+        np.sqrt(block, out=block)
+        out[start : start + chunk] = block
+    return out.reshape(np.shape(counts))
 
 
 @dataclass(frozen=True, eq=False)

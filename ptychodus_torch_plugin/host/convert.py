@@ -1,9 +1,11 @@
 """Ptychodus data <-> engine arrays: units, geometry, masks, probe modes, losses.
 
 * Patterns: Ptychodus hands over **intensities** (counts, possibly uint16). They become
-  amplitudes via ``PtychoData.from_counts`` (float64 before the square root). Bad pixels are
-  zeroed here, whatever the host did (batch mode does not zero them), and the mask goes to the
-  engine so the loss ignores them. Negative counts (background-subtracted data) are clipped.
+  float32 amplitudes chunk by chunk (:func:`counts_to_amplitudes`, float64 before the square
+  root). Bad pixels are zeroed here, whatever the host did (batch mode does not zero them), and
+  the mask goes to the engine so the loss ignores them; pixels at the integer dtype's largest
+  value (detector gap/dead marks) join the mask with a warning. Negative counts
+  (background-subtracted data) are clipped.
 * Positions: metres -> object pixels with the input object's geometry (pixel ``i`` centred at
   ``i``). Ptychodus anchors an N-pixel patch at ``x - (N-1)/2``, the engine at ``x - N/2``, so
   engine coordinates are Ptychodus pixel coordinates + 0.5; with that, both share one object
@@ -63,20 +65,69 @@ def object_pixel_positions(product: Product) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def masked_counts(patterns: np.ndarray, bad_pixels: np.ndarray | None) -> np.ndarray:
-    """float64 counts with bad pixels zeroed and negative counts clipped to 0."""
-    counts = np.array(patterns, dtype=np.float64, copy=True)
-    if bad_pixels is not None and bad_pixels.any():
-        counts[:, bad_pixels] = 0.0
-    negative = counts < 0
-    if negative.any():
+def flagged_pixels(
+    patterns: np.ndarray, bad_pixels: np.ndarray | None, chunk: int = 1024
+) -> np.ndarray | None:
+    """Detector pixels at the integer dtype's largest value in any pattern, not yet masked.
+
+    Why: detectors write their gap, dead or overflowed pixels as that value (0xFFFFFFFF on a
+    32-bit Eiger, 65535 on 16 bits), and Ptychodus's Value Upper Bound filter is off by
+    default. Unmasked, one such column held 99.999% of a scan's normalised input power and
+    set the photon count 10^5 too high, which wrecks training without an error. Returns
+    None when there are none (or the patterns are floating point).
+    """
+    if not np.issubdtype(patterns.dtype, np.integer):
+        return None
+    top = np.iinfo(patterns.dtype).max
+    flagged = np.zeros(patterns.shape[1:], dtype=bool)
+    for start in range(0, patterns.shape[0], chunk):
+        flagged |= (patterns[start : start + chunk] == top).any(axis=0)
+    if bad_pixels is not None:
+        flagged &= ~bad_pixels
+    return flagged if flagged.any() else None
+
+
+def counts_to_amplitudes(
+    patterns: np.ndarray, bad_pixels: np.ndarray | None, chunk: int = 1024
+) -> np.ndarray:
+    """float32 amplitudes of ``patterns`` (counts) with bad pixels zeroed, negatives clipped.
+
+    Converted ``chunk`` patterns at a time through float64: the peak is the float32 result
+    plus one chunk, not a whole-scan float64 copy (50,000 x 128^2 uint16 patterns would
+    need ~16 GB the old way, in the Ptychodus process). NaN or inf in a good pixel is refused;
+    in a masked pixel it is zeroed like any masked value.
+    """
+    out = np.empty(patterns.shape, dtype=np.float32)
+    floating = np.issubdtype(patterns.dtype, np.floating)
+    negatives, minimum, not_finite = 0, 0.0, 0
+    for start in range(0, patterns.shape[0], chunk):
+        block = np.array(patterns[start : start + chunk], dtype=np.float64)
+        if bad_pixels is not None and bad_pixels.any():
+            block[:, bad_pixels] = 0.0
+        if floating:
+            finite = np.isfinite(block)
+            if not finite.all():
+                not_finite += int(block.size - np.count_nonzero(finite))
+                block[~finite] = 0.0
+        negative = block < 0
+        if negative.any():
+            negatives += int(negative.sum())
+            minimum = min(minimum, float(block.min()))
+            block[negative] = 0.0
+        np.sqrt(block, out=block)
+        out[start : start + chunk] = block
+    if not_finite:
+        raise ValueError(
+            f"counts: found {not_finite} NaN/inf value(s) in good detector pixels, expected "
+            "finite values: mark those pixels bad in Ptychodus's diffraction settings"
+        )
+    if negatives:
         logger.warning(
             "%d negative intensities (min %.3g) clipped to 0 before the square root",
-            int(negative.sum()),
-            float(counts.min()),
+            negatives,
+            minimum,
         )
-        counts[negative] = 0.0
-    return counts
+    return out
 
 
 def bad_pixel_mask(parameters: ReconstructInput) -> np.ndarray | None:
@@ -107,21 +158,49 @@ def reconstruct_input_to_data(
             f"diffraction patterns: found {patterns.shape[1]} x {patterns.shape[2]} pixels, "
             "expected square patterns: crop the detector to a square region in Ptychodus"
         )
+    if np.iscomplexobj(patterns) or not (
+        np.issubdtype(patterns.dtype, np.integer) or np.issubdtype(patterns.dtype, np.floating)
+    ):
+        raise ValueError(
+            f"diffraction patterns: found dtype {patterns.dtype}, expected real counts "
+            "(integers or floating point)"
+        )
+    n = patterns.shape[1]
     mask = bad_pixel_mask(parameters)
+    flagged = flagged_pixels(patterns, mask)
+    if flagged is not None:
+        logger.warning(
+            "%d detector pixel(s) hold %d, the largest %s value (a detector's mark for gap, "
+            "dead or overflowed pixels), and are not in the bad-pixel mask: treating them as "
+            "bad; mark them in Ptychodus's bad-pixel mask or set its Value Upper Bound",
+            int(flagged.sum()),
+            np.iinfo(patterns.dtype).max,
+            patterns.dtype,
+        )
+        mask = flagged if mask is None else (mask | flagged)
     product = parameters.product
     check_pixel_sizes(product)
+    probe = probe_modes(product)
+    if probe.ndim != 3 or probe.shape[0] == 0 or probe.shape[1:] != (n, n):
+        raise ValueError(
+            f"the product's probe is {' x '.join(map(str, probe.shape[-2:]))} px "
+            f"({probe.shape[0] if probe.ndim == 3 else 0} mode(s)) but the diffraction patterns "
+            f"are {n} x {n}: the probe must match the patterns; build or resample it in "
+            "Ptychodus's Probe view, or crop the patterns to the probe's size"
+        )
     x, y = object_pixel_positions(product)
     obj = product.object_
     object_guess = None
     if with_object and obj.height_px > 0 and obj.width_px > 0:
         object_guess = np.asarray(obj.get_layers_flattened())
-    return PtychoData.from_counts(
-        masked_counts(patterns, mask),
+    return PtychoData.from_amplitudes(
+        counts_to_amplitudes(patterns, mask),
         x,
         y,
-        probe_modes(product),
+        probe,
         object_guess=object_guess,
         bad_pixels=mask,
+        key="counts",
     )
 
 

@@ -58,6 +58,25 @@ def test_counts_are_converted_in_float64_without_overflow():
     np.testing.assert_allclose(data.counts()[0, 0, 0], 65535.0, rtol=1e-6)
 
 
+def test_counts_are_converted_chunk_by_chunk_in_bounded_memory():
+    """A whole-scan float64 temporary would be 4x a uint16 scan on top of the result."""
+    import tracemalloc
+
+    counts = np.random.default_rng(0).integers(0, 60000, (2000, 64, 64), dtype=np.uint16)
+    tracemalloc.start()
+    try:
+        amplitudes = amplitudes_from_counts(counts, chunk=100)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(amplitudes, np.sqrt(counts.astype(np.float64)).astype(np.float32))
+    assert peak < amplitudes.nbytes + 3 * 100 * 64 * 64 * 8, (peak, amplitudes.nbytes)
+    negative = counts.astype(np.int32)
+    negative[1500, 3, 3] = -7  # in a later chunk: the message still names the minimum
+    with pytest.raises(ValueError, match="counts: found minimum -7"):
+        amplitudes_from_counts(negative, chunk=100)
+
+
 def test_units_from_explicit_key_and_from_integer_dtype(tmp_path, caplog):
     arrays = _arrays()
     counts = np.rint(np.square(arrays["diff3d"].astype(np.float64)))

@@ -18,6 +18,7 @@ from ptychodus.api.reconstruct import ReconstructInput
 from ptychodus_torch_plugin.engine.data import load_npz
 from ptychodus_torch_plugin.host.convert import (
     ENGINE_MINUS_HOST_PX,
+    counts_to_amplitudes,
     reconstruct_input_to_data,
 )
 from ptychodus_torch_plugin.host.names import MODEL_FILE_EXTENSION, MODEL_FILE_FILTER
@@ -38,19 +39,77 @@ def test_model_file_names(library):
 def test_counts_become_amplitudes_in_float64_and_bad_pixels_are_masked(reconstruct_input):
     patterns = np.asarray(reconstruct_input.diffraction_patterns)
     counts = np.clip(patterns, 0, 65535).astype(np.uint16)
-    counts[:, 0, 0] = 65535  # squaring/rooting uint16 naively would overflow or truncate
+    counts = np.minimum(counts, 65534)  # 65535 is a detector's flag (next test)
+    counts[:, 0, 0] = 65534  # squaring/rooting uint16 naively would overflow or truncate
     bad = np.zeros(counts.shape[1:], bool)
     bad[3, 4] = True  # not zeroed by the host (batch mode never zeroes)
     given = ReconstructInput(counts, bad, reconstruct_input.product)
     data = reconstruct_input_to_data(given)
     assert data.amplitudes.dtype == np.float32
-    assert np.allclose(data.amplitudes[:, 0, 0], math.sqrt(65535.0), rtol=1e-6)
+    assert np.allclose(data.amplitudes[:, 0, 0], math.sqrt(65534.0), rtol=1e-6)
     assert np.all(data.amplitudes[:, 3, 4] == 0) and data.bad_pixels[3, 4]
     expected = np.sqrt(counts[:, 10, 10].astype(np.float64))
     assert np.allclose(data.amplitudes[:, 10, 10], expected, rtol=1e-6)
     geometry = reconstruct_input.product.object_.get_geometry()
     x = geometry.map_probe_positions_to_object_x_px(reconstruct_input.product.probe_positions)
     assert np.allclose(data.xcoords, x + ENGINE_MINUS_HOST_PX)
+
+
+def test_detector_flag_values_join_the_mask_with_a_warning(reconstruct_input, caplog):
+    """An Eiger writes gap and dead pixels as 0xFFFFFFFF: unmasked, they swamp the scan."""
+    counts = np.rint(np.asarray(reconstruct_input.diffraction_patterns)).astype(np.uint32)
+    clean = reconstruct_input_to_data(ReconstructInput(counts, None, reconstruct_input.product))
+    flagged = counts.copy()
+    flagged[:, :, 5] = np.iinfo(np.uint32).max  # a dead column
+    flagged[2, 7, 9] = np.iinfo(np.uint32).max  # one overflow in one pattern
+    with caplog.at_level(logging.WARNING):
+        data = reconstruct_input_to_data(ReconstructInput(flagged, None, reconstruct_input.product))
+    n = counts.shape[1]
+    assert f"{n + 1} detector pixel(s) hold 4294967295" in caplog.text
+    assert "Value Upper Bound" in caplog.text
+    assert data.bad_pixels[:, 5].all() and data.bad_pixels[7, 9]
+    assert int(data.bad_pixels.sum()) == n + 1
+    assert np.all(data.amplitudes[:, :, 5] == 0) and np.all(data.amplitudes[:, 7, 9] == 0)
+    keep = ~data.bad_pixels
+    assert np.array_equal(data.amplitudes[:, keep], clean.amplitudes[:, keep])
+
+
+def test_nan_counts_are_refused_in_good_pixels_and_zeroed_in_bad_ones(reconstruct_input):
+    patterns = np.asarray(reconstruct_input.diffraction_patterns, dtype=np.float32).copy()
+    patterns[1, 2, 3] = np.nan
+    product = reconstruct_input.product
+    with pytest.raises(ValueError, match=r"counts: found 1 NaN/inf value\(s\) in good detector"):
+        reconstruct_input_to_data(ReconstructInput(patterns, None, product))
+    bad = np.zeros(patterns.shape[1:], bool)
+    bad[2, 3] = True
+    data = reconstruct_input_to_data(ReconstructInput(patterns, bad, product))
+    assert np.all(data.amplitudes[:, 2, 3] == 0) and np.isfinite(data.amplitudes).all()
+
+
+def test_patterns_and_probe_of_different_sizes_are_refused_naming_both(reconstruct_input):
+    patterns = np.asarray(reconstruct_input.diffraction_patterns)
+    n = patterns.shape[1]
+    cropped = ReconstructInput(patterns[:, : n // 2, : n // 2], None, reconstruct_input.product)
+    with pytest.raises(
+        ValueError, match=rf"probe is {n} x {n} px \(1 mode\(s\)\) but the diffraction patterns"
+    ):
+        reconstruct_input_to_data(cropped)
+
+
+def test_counts_are_converted_chunk_by_chunk_in_bounded_memory():
+    """The peak is the float32 result plus a chunk, not whole-scan float64 copies."""
+    import tracemalloc
+
+    counts = np.random.default_rng(0).integers(0, 60000, (2000, 64, 64), dtype=np.uint16)
+    tracemalloc.start()
+    try:
+        amplitudes = counts_to_amplitudes(counts, None, chunk=100)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(amplitudes, np.sqrt(counts.astype(np.float64)).astype(np.float32))
+    chunk_bytes = 100 * 64 * 64 * 8
+    assert peak < amplitudes.nbytes + 3 * chunk_bytes, (peak, amplitudes.nbytes)
 
 
 def test_reconstruct_without_a_model_says_how_to_get_one(library, reconstruct_input):
