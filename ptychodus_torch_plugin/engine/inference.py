@@ -472,6 +472,7 @@ def _run(
     payload = model.inference_payload() if payload is None else payload
     for key in ("group", "predict", "stitch"):
         timings.setdefault(key, 0.0)
+    warn_if_other_probe(model, data)
     device = select_device(payload.execution.accelerator)
     model.autoencoder.to(device)
 
@@ -520,6 +521,55 @@ def _run(
 
 #: Largest deviation from the mean value, relative to the mean amplitude, of a flat image.
 _FLAT_TOLERANCE = 1e-4
+
+
+#: Below this normalised overlap of the scan's probe with the model's, inference warns.
+PROBE_OVERLAP_WARNING = 0.5
+
+
+def probe_overlap(a: np.ndarray, b: np.ndarray) -> float | None:
+    """``|<a, b>| / (|a| |b|)`` of two probes' first modes: 1 for the same illumination.
+
+    Independent of each probe's power and global phase (which the model's normalisation and
+    the physics ignore). None when the sizes differ or a probe has no power.
+    """
+    first_a = np.asarray(a).reshape(-1, *np.shape(a)[-2:])[0].astype(np.complex128)
+    first_b = np.asarray(b).reshape(-1, *np.shape(b)[-2:])[0].astype(np.complex128)
+    if first_a.shape != first_b.shape:
+        return None
+    norm = float(np.linalg.norm(first_a) * np.linalg.norm(first_b))
+    if not math.isfinite(norm) or norm == 0.0:
+        return None
+    return float(abs(np.vdot(first_a, first_b)) / norm)
+
+
+def warn_if_other_probe(model: TrainedModel, data: PtychoData) -> float | None:
+    """Warn when the scan's probe is not the illumination the model was trained with.
+
+    Why: the network learnt to predict objects that explain its training patterns through its
+    own probe; on a scan taken with other illumination (another energy, defocus or aperture)
+    its images can be wrong without any error. Inference itself never uses the scan's probe,
+    so this comparison is the only place the mismatch can show. Returns the overlap.
+    """
+    overlap = probe_overlap(data.probe, model.probe)
+    if overlap is None or overlap >= PROBE_OVERLAP_WARNING:
+        return overlap
+    if model.probe_refined:  # the model's probe was fitted: far from the given one by design
+        logger.warning(
+            "this scan's probe differs from the model's (normalised overlap %.2f of 1), which "
+            "probe refinement fitted to its training scan: expected if this is that scan; on "
+            "another scan this image may be wrong: train a model on it",
+            overlap,
+        )
+    else:
+        logger.warning(
+            "this scan's probe differs from the one the model was trained with (normalised "
+            "overlap %.2f of 1): the network predicts objects for its training illumination, "
+            "so this image may be wrong; train a model on this scan, or on one taken with the "
+            "same illumination",
+            overlap,
+        )
+    return overlap
 
 
 def warn_if_flat(stitched: StitchedObject) -> bool:

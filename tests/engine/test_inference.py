@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -11,14 +12,17 @@ import torch
 from ptychodus_torch_plugin.engine import simulate as sim
 from ptychodus_torch_plugin.engine.grouping import group_positions
 from ptychodus_torch_plugin.engine.inference import (
+    PROBE_OVERLAP_WARNING,
     CanvasGeometry,
     InferenceResult,
     Stitcher,
     crop_size,
+    probe_overlap,
     reconstruct,
     reconstruct_iter,
     select_device,
     stitch_patches,
+    warn_if_other_probe,
 )
 from ptychodus_torch_plugin.engine.model import TrainedModel
 from ptychodus_torch_plugin.engine.payload import create_training_payload
@@ -376,3 +380,23 @@ def test_select_device():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA GPU is available"):
             select_device("gpu")
+
+
+def test_a_scan_taken_with_other_illumination_is_reported(scan, caplog):
+    """Inference never uses the scan's probe: comparing it with the model's is the only check."""
+    model = _model(scan)
+    assert warn_if_other_probe(model, scan) == pytest.approx(1.0, abs=1e-5)
+    rng = np.random.default_rng(1)
+    defocused = scan.probe * np.exp(1j * rng.uniform(-np.pi, np.pi, scan.probe.shape[-2:]))
+    other = dataclasses.replace(scan, probe=defocused.astype(np.complex64))
+    with caplog.at_level("WARNING", logger="ptychodus_torch_plugin.engine.inference"):
+        reconstruct(model, scan)
+        assert "differs from the one the model was trained with" not in caplog.text
+        stitched = reconstruct(model, other).stitched  # still reconstructs
+    message = [r.getMessage() for r in caplog.records if "trained with" in r.getMessage()]
+    assert len(message) == 1 and "train a model on this scan" in message[0]
+    overlap = float(message[0].split("overlap ")[1].split(" ")[0])
+    assert overlap < PROBE_OVERLAP_WARNING
+    assert np.all(np.isfinite(stitched.object))
+    assert probe_overlap(scan.probe, 3.0j * scan.probe) == pytest.approx(1.0)  # power, phase
+    assert probe_overlap(scan.probe, scan.probe[..., :8, :8]) is None  # another size
