@@ -49,8 +49,19 @@ PRODUCT_FILE = "product.h5"
 
 
 def probe_modes(product: Product) -> np.ndarray:
-    """(modes, H, W) complex probe stack at OPR index 0."""
+    """(modes, H, W) complex probe stack at OPR index 0.
+
+    The engine has one probe for the whole scan; a probe with orthogonal probe relaxation
+    (several OPR modes, weighted per position) is used through its first OPR mode, and the
+    log says so, since the per-position variation is then ignored.
+    """
     array = np.asarray(product.probes.get_array())
+    if array.ndim == 4 and array.shape[0] > 1:
+        logger.warning(
+            "the probe has %d orthogonal probe relaxation (OPR) modes; TorchPINN uses one "
+            "probe for every position: the first OPR mode",
+            array.shape[0],
+        )
     return array[0] if array.ndim == 4 else array
 
 
@@ -263,7 +274,11 @@ def canvas_for(obj: Object, data: PtychoData | None = None) -> CanvasGeometry:
 
 def stitched_to_object(stitched: StitchedObject, template: Object) -> Object:
     """The stitched canvas (in ``template``'s pixel frame) as a Ptychodus ``Object``."""
-    array = np.array(template.get_array(), dtype=np.complex128, copy=True)  # (L, H, W)
+    given = np.asarray(template.get_array())  # (L, H, W)
+    # The input's own complex type: a complex64 object stays complex64 (half the memory of
+    # complex128, per streamed chunk), a real-valued one becomes complex128.
+    dtype = given.dtype if np.iscomplexobj(given) else np.complex128
+    array = np.array(given, dtype=dtype, copy=True)
     if array.shape[-2:] != stitched.object.shape:
         raise ValueError(
             f"stitched object has shape {stitched.object.shape}, expected the input object's "

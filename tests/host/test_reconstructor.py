@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from host_helpers import TINY, settings_values
 from ptychodus.api.object import Object
+from ptychodus.api.probe import ProbeSequence
 from ptychodus.api.product import Product
 from ptychodus.api.reconstruct import ReconstructInput
 
@@ -84,6 +85,23 @@ def test_nan_counts_are_refused_in_good_pixels_and_zeroed_in_bad_ones(reconstruc
     bad[2, 3] = True
     data = reconstruct_input_to_data(ReconstructInput(patterns, bad, product))
     assert np.all(data.amplitudes[:, 2, 3] == 0) and np.isfinite(data.amplitudes).all()
+
+
+def test_a_probe_with_opr_modes_is_used_through_its_first_and_the_log_says_so(
+    reconstruct_input, caplog
+):
+    p = reconstruct_input.product
+    given = np.asarray(p.probes.get_array())  # (1, modes, N, N)
+    opr = np.concatenate([given, 0.5 * given], axis=0)
+    weights = np.ones((len(p.probe_positions), 2))
+    probes = ProbeSequence(opr, weights, p.probes.get_pixel_geometry())
+    product = Product(p.metadata, p.probe_positions, probes, p.object_, p.losses)
+    with caplog.at_level(logging.WARNING):
+        data = reconstruct_input_to_data(
+            ReconstructInput(reconstruct_input.diffraction_patterns, None, product)
+        )
+    assert "2 orthogonal probe relaxation (OPR) modes" in caplog.text
+    np.testing.assert_allclose(data.probe, given[0].astype(np.complex64))
 
 
 def test_patterns_and_probe_of_different_sizes_are_refused_naming_both(reconstruct_input):
@@ -203,13 +221,14 @@ def test_host_stop_request_ends_the_stream_after_the_current_chunk(
 
 def test_multilayer_input_object_keeps_its_layers(library, reconstruct_input, trained_archive):
     template = reconstruct_input.product.object_
-    layers = np.stack([template.get_array()[0]] * 3)
+    layers = np.stack([template.get_array()[0]] * 3).astype(np.complex64)
     obj = Object(layers, template.get_pixel_geometry(), template.get_center(), [1e-6, 2e-6])
     reconstructor = library.reconstructor("PINN")
     reconstructor.load_model_from_file(trained_archive)
     outputs = list(reconstructor.reconstruct(_with_object(reconstruct_input, obj)))
     result = outputs[-1].product.object_
     assert result.get_array().shape == layers.shape
+    assert result.get_array().dtype == np.complex64  # the input's type, not twice its memory
     assert list(result.layer_spacing_m) == [1e-6, 2e-6]
     flattened = result.get_layers_flattened()
     assert np.allclose(flattened, result.get_array()[0])  # other layers are 1 where covered
