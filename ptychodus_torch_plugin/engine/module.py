@@ -62,12 +62,23 @@ class _ReconstructionModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
         size = batch["inputs"].shape[0]
-        self.log(TRAIN_LOSS, loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
+        # sync_dist: with several devices each sees its own share of the batches; the epoch
+        # values the scheduler, checkpoints and history use must be the same on all of them.
+        self.log(
+            TRAIN_LOSS,
+            loss,
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=size,
+            sync_dist=True,
+        )
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss = self._loss(batch, validation=True)
-        self.log(VAL_LOSS, loss, on_epoch=True, prog_bar=True, batch_size=batch["inputs"].shape[0])
+        size = batch["inputs"].shape[0]
+        self.log(VAL_LOSS, loss, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.Adam(self.parameters(), lr=self.learning_rate)
@@ -113,7 +124,10 @@ class PINNModule(_ReconstructionModule):
     ``val_intensity_scale``: the physics scale ``s`` of a separate test scan. Each scan's
     inputs are normalised on their own (``input_normalization = "recompute"``), so only its
     own ``s`` turns them back into its counts; with the training scan's, a test scan at
-    another dose would be scored against counts off by the dose ratio.
+    another dose would be scored against counts off by the dose ratio. ``val_bad_pixels``:
+    that scan's own detector mask (its bad pixels are zeroed in its inputs; scored with the
+    training mask they would count as measured zeros; all False for a scan without one).
+    Both default (None) to the training scan's.
     """
 
     def __init__(
@@ -124,6 +138,7 @@ class PINNModule(_ReconstructionModule):
         loss: str = "poisson",
         bad_pixels: torch.Tensor | None = None,
         val_intensity_scale: float | None = None,
+        val_bad_pixels: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(autoencoder, **kwargs)
@@ -133,15 +148,18 @@ class PINNModule(_ReconstructionModule):
         )
         self.loss_name = loss
         self.register_buffer("bad_pixels", bad_pixels, persistent=False)
+        same = val_bad_pixels is None
+        self.register_buffer("val_bad_pixels", bad_pixels if same else val_bad_pixels, False)
 
     def _loss(self, batch: dict[str, torch.Tensor], validation: bool = False) -> torch.Tensor:
         inputs = batch["inputs"]
         _, predicted = self.autoencoder(inputs, batch["offsets"])
         scale = self.val_intensity_scale if validation else self.intensity_scale
+        mask = self.val_bad_pixels if validation else self.bad_pixels
         with torch.autocast(device_type=predicted.device.type, enabled=False):  # fp32 loss
             if self.loss_name == "poisson":
-                return poisson_nll(predicted, inputs.float(), scale, self.bad_pixels, full=True)
-            return mae_loss(predicted, inputs.float(), self.bad_pixels)
+                return poisson_nll(predicted, inputs.float(), scale, mask, full=True)
+            return mae_loss(predicted, inputs.float(), mask)
 
 
 class SupervisedModule(_ReconstructionModule):

@@ -114,6 +114,9 @@ class _ObserverCallback(Callback):
     ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float("nan")
+        # Lightning hands back the loss divided by accumulate_grad_batches (what it
+        # back-propagates); observers are shown the batch's own loss, as the logs are.
+        value *= int(trainer.accumulate_grad_batches)
         self._call(
             "on_batch_end", trainer.current_epoch, idx, int(trainer.num_training_batches), value
         )
@@ -221,9 +224,15 @@ class _HistoryCallback(Callback):
         self.best_epoch: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self._started = time.perf_counter()
+        self._learning_rate = 0.0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started = time.perf_counter()
+        # The rate this epoch trains with: Lightning steps epoch-interval schedulers
+        # (exponential, cosine) after the last batch, before on_train_epoch_end, so reading
+        # it there would record the next epoch's rate.
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        self._learning_rate = float(optimizer.param_groups[0]["lr"]) if optimizer else 0.0
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = trainer.callback_metrics
@@ -231,12 +240,11 @@ class _HistoryCallback(Callback):
         if train_loss is None or (self.cancel is not None and self.cancel.cancelled):
             return  # stopped inside this epoch: it did not finish
         val_loss = metrics.get(VAL_LOSS)
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
         record = EpochRecord(
             epoch=len(self.history) + 1,
             train_loss=float(train_loss),
             val_loss=None if val_loss is None else float(val_loss),
-            learning_rate=float(optimizer.param_groups[0]["lr"]) if optimizer else 0.0,
+            learning_rate=self._learning_rate,
             seconds=time.perf_counter() - self._started,
         )
         if self.history and _stalled(self.history[-1], record):
@@ -407,12 +415,19 @@ def train(
         module: L.LightningModule = SupervisedModule(model.autoencoder, **module_kwargs)
     else:
         mask = None if scan.bad_pixels is None else torch.from_numpy(scan.bad_pixels)
+        val_mask = None  # a separate test scan brings its own detector mask (or none)
+        if val_scan is not None:
+            val_bad = val_scan.bad_pixels
+            if val_bad is None:
+                val_bad = np.zeros(val_scan.inputs.shape[-2:], dtype=bool)
+            val_mask = torch.from_numpy(val_bad)
         module = PINNModule(
             model.autoencoder,
             intensity_scale=scan.intensity_scale,
             val_intensity_scale=None if val_scan is None else val_scan.intensity_scale,
             loss=payload.training.loss,
             bad_pixels=mask,
+            val_bad_pixels=val_mask,
             **module_kwargs,
         )
 

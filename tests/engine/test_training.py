@@ -1,5 +1,7 @@
 """Lightning training: gridsize channels, observers, cancellation, schedulers, checkpoints."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ from engine_helpers import tiny_overrides
 from lightning.pytorch.callbacks import Callback
 
 from ptychodus_torch_plugin.engine.archive import load_archive, save_archive
+from ptychodus_torch_plugin.engine.model import TrainedModel
 from ptychodus_torch_plugin.engine.payload import create_training_payload
 from ptychodus_torch_plugin.engine.training import CancelToken, train
 
@@ -175,9 +178,24 @@ def test_bf16_mixed_training_keeps_the_physics_and_the_loss_in_float32(small_sca
 
 @pytest.mark.parametrize("scheduler", ["exponential", "cosine"])
 def test_schedulers_really_step(small_scan, scheduler):
-    payload = create_training_payload(tiny_overrides(epochs=3, scheduler=scheduler, n_groups=48))
+    payload = create_training_payload(tiny_overrides(epochs=4, scheduler=scheduler, n_groups=48))
     rates = [r.learning_rate for r in train(payload, small_scan).history]
-    assert len(set(rates)) == 3, rates
+    # each epoch records the rate it trained with: the first one the configured rate (the
+    # cosine's one-epoch warm-up ends at it), not the rate the scheduler set after it
+    assert rates[0] == pytest.approx(payload.execution.learning_rate), rates
+    assert len(set(rates)) >= 3 and rates[-1] < rates[-2] < rates[1], rates
+
+
+def test_observers_see_each_batch_loss_unscaled_by_accumulation(small_scan):
+    recorder = Recorder()
+    payload = create_training_payload(
+        tiny_overrides(epochs=1, n_groups=48, accumulate_grad_batches=2, validation_fraction=0)
+    )
+    result = train(payload, small_scan, observer=recorder)
+    losses = [event[3] for event in recorder.events if event[0] == "batch"]
+    assert len(losses) == 3  # 48 groups in batches of 16
+    # the epoch's logged loss is the mean of its batches' (equal batch sizes)
+    assert np.mean(losses) == pytest.approx(result.history[0].train_loss, rel=1e-5)
 
 
 def test_plateau_scheduler_monitors_the_validation_loss(small_scan):
@@ -345,6 +363,42 @@ def test_a_test_scan_at_another_dose_is_scored_against_its_own_counts(small_scan
     assert seen["intensity_scale"] ** 2 == pytest.approx(
         100 * seen["val_intensity_scale"] ** 2, rel=0.05
     )
+
+
+def test_a_test_scan_is_scored_with_its_own_bad_pixel_mask(small_scan, monkeypatch):
+    from ptychodus_torch_plugin.engine import training
+
+    seen = []
+
+    class Spy(training.PINNModule):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(training, "PINNModule", Spy)
+    mask = np.zeros((32, 32), bool)
+    mask[3, 4] = True
+    masked = dataclasses.replace(small_scan, bad_pixels=mask)
+    payload = create_training_payload(tiny_overrides(epochs=1, n_groups=32))
+    train(payload, small_scan.subset(np.arange(64)), test_data=masked.subset(np.arange(64, 96)))
+    train(payload, masked.subset(np.arange(64)), test_data=small_scan.subset(np.arange(64, 96)))
+    train(payload, masked)  # a split of the training scan: its mask for both
+    first, second, split = seen
+    assert first["bad_pixels"] is None and torch.equal(first["val_bad_pixels"], torch.tensor(mask))
+    assert second["bad_pixels"][3, 4] and not second["val_bad_pixels"].any()
+    assert split["val_bad_pixels"] is None  # the module then uses the training mask
+    model = TrainedModel.build(
+        payload.to_flat(), masked.probe, input_scale=1.0, intensity_scale=1.0, nphotons=1e5
+    )
+    module = Spy(
+        model.autoencoder,
+        intensity_scale=1.0,
+        bad_pixels=torch.tensor(mask),
+        learning_rate=1e-3,
+        scheduler="constant",
+        max_epochs=1,
+    )
+    assert torch.equal(module.val_bad_pixels, module.bad_pixels)
 
 
 class _BrokenPipeObserver(Recorder):
