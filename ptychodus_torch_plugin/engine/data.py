@@ -66,25 +66,58 @@ def mean_pattern_power(amplitudes: np.ndarray, chunk: int = 1024) -> float:
     return total / patterns.shape[0]
 
 
-def amplitudes_from_counts(counts: np.ndarray, chunk: int = 1024) -> np.ndarray:
+def amplitudes_from_counts(
+    counts: np.ndarray,
+    chunk: int = 1024,
+    *,
+    bad_pixels: np.ndarray | None = None,
+    clip_negative: bool = False,
+) -> np.ndarray:
     """Detector counts (any real dtype, e.g. uint16) -> float32 amplitudes, via float64.
 
     Converted ``chunk`` patterns at a time: a whole-scan float64 temporary would be 4x a
-    uint16 scan (50,000 x 128^2 patterns: 6.5 GB) on top of the result.
+    uint16 scan (50,000 x 128^2 patterns: 6.5 GB) on top of the result. ``bad_pixels``
+    ((N, N), True = bad) are zeroed first, whatever they hold (NaN included); NaN or inf in a
+    good pixel is refused. Negative counts are refused, or with ``clip_negative`` (background-
+    subtracted data, as Ptychodus may hand over) clipped to 0 with a warning.
     """
     values = np.asarray(counts)
     if values.ndim == 0:
         values = values.reshape(1)
     out = np.empty(values.shape, dtype=np.float32)
+    mask = bad_pixels if bad_pixels is not None and np.any(bad_pixels) else None
+    floating = np.issubdtype(values.dtype, np.floating)
+    negatives, minimum, not_finite = 0, 0.0, 0
     for start in range(0, values.shape[0], chunk):
-        block = values[start : start + chunk].astype(np.float64)
-        if np.any(block < 0):
-            minimum = min(
-                float(np.min(values[i : i + chunk])) for i in range(0, len(values), chunk)
-            )
-            raise _bad("counts", f"minimum {minimum:g}", "non-negative detector counts")
+        block = np.array(values[start : start + chunk], dtype=np.float64)
+        if mask is not None:
+            block[:, mask] = 0.0
+        if floating:
+            finite = np.isfinite(block)
+            if not finite.all():
+                not_finite += int(block.size - np.count_nonzero(finite))
+                block[~finite] = 0.0
+        negative = block < 0
+        if negative.any():
+            negatives += int(negative.sum())
+            minimum = min(minimum, float(block.min()))
+            block[negative] = 0.0
         np.sqrt(block, out=block)
         out[start : start + chunk] = block
+    if not_finite:
+        raise _bad(
+            "counts",
+            f"{not_finite} NaN/inf value(s) in good detector pixels",
+            "finite values: mark those pixels bad (the bad-pixel mask)",
+        )
+    if negatives and not clip_negative:
+        raise _bad("counts", f"minimum {minimum:g}", "non-negative detector counts")
+    if negatives:
+        logger.warning(
+            "%d negative intensities (min %.3g) clipped to 0 before the square root",
+            negatives,
+            minimum,
+        )
     return out.reshape(np.shape(counts))
 
 

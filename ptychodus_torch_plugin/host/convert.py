@@ -1,11 +1,11 @@
 """Ptychodus data <-> engine arrays: units, geometry, masks, probe modes, losses.
 
 * Patterns: Ptychodus hands over **intensities** (counts, possibly uint16). They become
-  float32 amplitudes chunk by chunk (:func:`counts_to_amplitudes`, float64 before the square
-  root). Bad pixels are zeroed here, whatever the host did (batch mode does not zero them), and
-  the mask goes to the engine so the loss ignores them; pixels at the integer dtype's largest
-  value (detector gap/dead marks) join the mask with a warning. Negative counts
-  (background-subtracted data) are clipped.
+  float32 amplitudes chunk by chunk (the engine's ``amplitudes_from_counts``, float64 before
+  the square root). Bad pixels are zeroed there, whatever the host did (batch mode does not
+  zero them), and the mask goes to the engine so the loss ignores them; pixels at the integer
+  dtype's largest value (detector gap/dead marks) join the mask with a warning. Negative
+  counts (background-subtracted data) are clipped.
 * Positions: metres -> object pixels with the input object's geometry (pixel ``i`` centred at
   ``i``). Ptychodus anchors an N-pixel patch at ``x - (N-1)/2``, the engine at ``x - N/2``, so
   engine coordinates are Ptychodus pixel coordinates + 0.5; with that, both share one object
@@ -98,49 +98,6 @@ def flagged_pixels(
     return flagged if flagged.any() else None
 
 
-def counts_to_amplitudes(
-    patterns: np.ndarray, bad_pixels: np.ndarray | None, chunk: int = 1024
-) -> np.ndarray:
-    """float32 amplitudes of ``patterns`` (counts) with bad pixels zeroed, negatives clipped.
-
-    Converted ``chunk`` patterns at a time through float64: the peak is the float32 result
-    plus one chunk, not a whole-scan float64 copy (50,000 x 128^2 uint16 patterns would
-    need ~16 GB the old way, in the Ptychodus process). NaN or inf in a good pixel is refused;
-    in a masked pixel it is zeroed like any masked value.
-    """
-    out = np.empty(patterns.shape, dtype=np.float32)
-    floating = np.issubdtype(patterns.dtype, np.floating)
-    negatives, minimum, not_finite = 0, 0.0, 0
-    for start in range(0, patterns.shape[0], chunk):
-        block = np.array(patterns[start : start + chunk], dtype=np.float64)
-        if bad_pixels is not None and bad_pixels.any():
-            block[:, bad_pixels] = 0.0
-        if floating:
-            finite = np.isfinite(block)
-            if not finite.all():
-                not_finite += int(block.size - np.count_nonzero(finite))
-                block[~finite] = 0.0
-        negative = block < 0
-        if negative.any():
-            negatives += int(negative.sum())
-            minimum = min(minimum, float(block.min()))
-            block[negative] = 0.0
-        np.sqrt(block, out=block)
-        out[start : start + chunk] = block
-    if not_finite:
-        raise ValueError(
-            f"counts: found {not_finite} NaN/inf value(s) in good detector pixels, expected "
-            "finite values: mark those pixels bad in Ptychodus's diffraction settings"
-        )
-    if negatives:
-        logger.warning(
-            "%d negative intensities (min %.3g) clipped to 0 before the square root",
-            negatives,
-            minimum,
-        )
-    return out
-
-
 def bad_pixel_mask(parameters: ReconstructInput) -> np.ndarray | None:
     mask = parameters.bad_pixels
     if mask is None:
@@ -157,7 +114,7 @@ def reconstruct_input_to_data(
     parameters: ReconstructInput, *, with_object: bool = True
 ) -> PtychoData:
     """A Ptychodus ``ReconstructInput`` as the engine's validated ``PtychoData``."""
-    from ..engine.data import PtychoData
+    from ..engine.data import PtychoData, amplitudes_from_counts
 
     patterns = np.asarray(parameters.diffraction_patterns)
     if patterns.ndim != 3 or patterns.shape[0] == 0:
@@ -204,8 +161,9 @@ def reconstruct_input_to_data(
     object_guess = None
     if with_object and obj.height_px > 0 and obj.width_px > 0:
         object_guess = np.asarray(obj.get_layers_flattened())
+    amplitudes = amplitudes_from_counts(patterns, bad_pixels=mask, clip_negative=True)
     return PtychoData.from_amplitudes(
-        counts_to_amplitudes(patterns, mask),
+        amplitudes,
         x,
         y,
         probe,

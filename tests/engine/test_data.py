@@ -77,6 +77,23 @@ def test_counts_are_converted_chunk_by_chunk_in_bounded_memory():
         amplitudes_from_counts(negative, chunk=100)
 
 
+def test_counts_conversion_masks_then_checks_and_clips_on_request(caplog):
+    counts = np.full((3, 4, 4), 9.0)
+    counts[0, 1, 1] = np.nan  # in a bad pixel: zeroed like any bad value
+    counts[2, 0, 3] = -4.0  # background-subtracted
+    bad = np.zeros((4, 4), bool)
+    bad[1, 1] = True
+    with pytest.raises(ValueError, match="counts: found minimum -4"):
+        amplitudes_from_counts(counts, chunk=2, bad_pixels=bad)
+    with caplog.at_level("WARNING"):
+        amplitudes = amplitudes_from_counts(counts, chunk=2, bad_pixels=bad, clip_negative=True)
+    assert "1 negative intensities (min -4) clipped to 0" in caplog.text
+    assert np.all(amplitudes[:, 1, 1] == 0) and amplitudes[2, 0, 3] == 0
+    assert amplitudes[1, 2, 2] == 3.0
+    with pytest.raises(ValueError, match=r"counts: found 1 NaN/inf value\(s\) in good detector"):
+        amplitudes_from_counts(counts, clip_negative=True)  # the NaN in a good pixel
+
+
 def test_units_from_explicit_key_and_from_integer_dtype(tmp_path, caplog):
     arrays = _arrays()
     counts = np.rint(np.square(arrays["diff3d"].astype(np.float64)))

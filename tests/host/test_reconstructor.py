@@ -19,7 +19,6 @@ from ptychodus.api.reconstruct import ReconstructInput
 from ptychodus_torch_plugin.engine.data import load_npz
 from ptychodus_torch_plugin.host.convert import (
     ENGINE_MINUS_HOST_PX,
-    counts_to_amplitudes,
     reconstruct_input_to_data,
 )
 from ptychodus_torch_plugin.host.names import MODEL_FILE_EXTENSION, MODEL_FILE_FILTER
@@ -112,22 +111,6 @@ def test_patterns_and_probe_of_different_sizes_are_refused_naming_both(reconstru
         ValueError, match=rf"probe is {n} x {n} px \(1 mode\(s\)\) but the diffraction patterns"
     ):
         reconstruct_input_to_data(cropped)
-
-
-def test_counts_are_converted_chunk_by_chunk_in_bounded_memory():
-    """The peak is the float32 result plus a chunk, not whole-scan float64 copies."""
-    import tracemalloc
-
-    counts = np.random.default_rng(0).integers(0, 60000, (2000, 64, 64), dtype=np.uint16)
-    tracemalloc.start()
-    try:
-        amplitudes = counts_to_amplitudes(counts, None, chunk=100)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert np.array_equal(amplitudes, np.sqrt(counts.astype(np.float64)).astype(np.float32))
-    chunk_bytes = 100 * 64 * 64 * 8
-    assert peak < amplitudes.nbytes + 3 * chunk_bytes, (peak, amplitudes.nbytes)
 
 
 def test_reconstruct_without_a_model_says_how_to_get_one(library, reconstruct_input):
