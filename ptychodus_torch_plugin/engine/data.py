@@ -121,6 +121,54 @@ def amplitudes_from_counts(
     return out.reshape(np.shape(counts))
 
 
+def flagged_pixels(
+    counts: np.ndarray, bad_pixels: np.ndarray | None = None, chunk: int = 1024
+) -> np.ndarray | None:
+    """Detector pixels at the integer dtype's largest value in any pattern, not yet masked.
+
+    Why: detectors write their gap, dead or overflowed pixels as that value (0xFFFFFFFF on a
+    32-bit Eiger, 65535 on 16 bits). Unmasked, one such column held 99.999% of a scan's
+    normalised input power and set the photon count 10^5 too high, which wrecks training
+    without an error. ``counts`` is (M, N, N); returns an (N, N) mask, or None when there are
+    none (or the counts are floating point).
+    """
+    if not np.issubdtype(counts.dtype, np.integer):
+        return None
+    top = np.iinfo(counts.dtype).max
+    flagged = np.zeros(counts.shape[1:], dtype=bool)
+    for start in range(0, counts.shape[0], chunk):
+        flagged |= (counts[start : start + chunk] == top).any(axis=0)
+    if bad_pixels is not None:
+        flagged &= ~np.asarray(bad_pixels, dtype=bool)
+    return flagged if flagged.any() else None
+
+
+def _with_flagged_pixels(
+    counts: np.ndarray, bad_pixels: np.ndarray | None, key: str
+) -> np.ndarray | None:
+    """``bad_pixels`` joined by the detector's flag values in ``counts``, with a warning.
+
+    Left as given when the shapes do not fit (``from_amplitudes`` then names the problem).
+    """
+    if counts.ndim != 3 or counts.shape[1] != counts.shape[2]:
+        return bad_pixels
+    if bad_pixels is not None and np.shape(bad_pixels) != counts.shape[1:]:
+        return bad_pixels
+    flagged = flagged_pixels(counts, bad_pixels)
+    if flagged is None:
+        return bad_pixels
+    logger.warning(
+        "%s: %d detector pixel(s) hold %d, the largest %s value (a detector's mark for gap, "
+        "dead or overflowed pixels), and are not in bad_pixels: treating them as bad; list "
+        "them in bad_pixels to silence this",
+        key,
+        int(flagged.sum()),
+        np.iinfo(counts.dtype).max,
+        counts.dtype,
+    )
+    return flagged if bad_pixels is None else (np.asarray(bad_pixels, dtype=bool) | flagged)
+
+
 @dataclass(frozen=True, eq=False)
 class PtychoData:
     """One validated scan in amplitude units. Build with ``from_amplitudes``/``from_counts``."""
@@ -244,6 +292,7 @@ class PtychoData:
         """Validate arrays whose patterns are detector counts (intensities, e.g. uint16)."""
         counts = np.asarray(counts)
         _check_finite_real("counts", counts)
+        kwargs["bad_pixels"] = _with_flagged_pixels(counts, kwargs.get("bad_pixels"), "counts")
         return cls.from_amplitudes(amplitudes_from_counts(counts), *args, key="counts", **kwargs)
 
     # ----------------------------------------------------------------- views
@@ -384,7 +433,11 @@ def load_npz(path: str | os.PathLike[str]) -> PtychoData:
             ("bad_pixels", "bad_pixels"),
         )
     }
-    amplitudes = amplitudes_from_counts(raw) if units == UNITS_COUNTS else raw
+    if units == UNITS_COUNTS:
+        optional["bad_pixels"] = _with_flagged_pixels(raw, optional["bad_pixels"], key)
+        amplitudes = amplitudes_from_counts(raw)
+    else:
+        amplitudes = raw
     return PtychoData.from_amplitudes(
         amplitudes, arrays["xcoords"], arrays["ycoords"], arrays["probeGuess"], key=key, **optional
     )

@@ -76,28 +76,6 @@ def object_pixel_positions(product: Product) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def flagged_pixels(
-    patterns: np.ndarray, bad_pixels: np.ndarray | None, chunk: int = 1024
-) -> np.ndarray | None:
-    """Detector pixels at the integer dtype's largest value in any pattern, not yet masked.
-
-    Why: detectors write their gap, dead or overflowed pixels as that value (0xFFFFFFFF on a
-    32-bit Eiger, 65535 on 16 bits), and Ptychodus's Value Upper Bound filter is off by
-    default. Unmasked, one such column held 99.999% of a scan's normalised input power and
-    set the photon count 10^5 too high, which wrecks training without an error. Returns
-    None when there are none (or the patterns are floating point).
-    """
-    if not np.issubdtype(patterns.dtype, np.integer):
-        return None
-    top = np.iinfo(patterns.dtype).max
-    flagged = np.zeros(patterns.shape[1:], dtype=bool)
-    for start in range(0, patterns.shape[0], chunk):
-        flagged |= (patterns[start : start + chunk] == top).any(axis=0)
-    if bad_pixels is not None:
-        flagged &= ~bad_pixels
-    return flagged if flagged.any() else None
-
-
 def bad_pixel_mask(parameters: ReconstructInput) -> np.ndarray | None:
     mask = parameters.bad_pixels
     if mask is None:
@@ -114,7 +92,7 @@ def reconstruct_input_to_data(
     parameters: ReconstructInput, *, with_object: bool = True
 ) -> PtychoData:
     """A Ptychodus ``ReconstructInput`` as the engine's validated ``PtychoData``."""
-    from ..engine.data import PtychoData, amplitudes_from_counts
+    from ..engine.data import PtychoData, amplitudes_from_counts, flagged_pixels
 
     patterns = np.asarray(parameters.diffraction_patterns)
     if patterns.ndim != 3 or patterns.shape[0] == 0:

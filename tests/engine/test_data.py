@@ -8,6 +8,7 @@ import pytest
 from ptychodus_torch_plugin.engine.data import (
     PtychoData,
     amplitudes_from_counts,
+    flagged_pixels,
     load_npz,
     save_npz,
 )
@@ -54,8 +55,10 @@ def test_counts_are_converted_in_float64_without_overflow():
     amplitudes = amplitudes_from_counts(counts)
     assert amplitudes.dtype == np.float32
     np.testing.assert_allclose(amplitudes[0], [[np.sqrt(65535.0), 0], [2, 3]], rtol=1e-7)
+    counts[0, 0, 0] = 65534  # 65535 is a detector's flag value (the tests below)
     data = PtychoData.from_counts(counts, [0.0], [0.0], np.ones((2, 2), np.complex64))
-    np.testing.assert_allclose(data.counts()[0, 0, 0], 65535.0, rtol=1e-6)
+    assert data.bad_pixels is None
+    np.testing.assert_allclose(data.counts()[0, 0, 0], 65534.0, rtol=1e-6)
 
 
 def test_counts_are_converted_chunk_by_chunk_in_bounded_memory():
@@ -233,3 +236,38 @@ def test_mean_pattern_power_in_chunks_equals_the_whole_float64_sum():
     )
     kept = np.square(np.where(bad, 0.0, amplitudes.astype(np.float64))).sum(axis=(1, 2)).mean()
     assert masked.mean_photons() == pytest.approx(kept, rel=1e-12)
+
+
+def test_detector_flag_values_in_npz_counts_join_the_bad_pixel_mask(tmp_path, caplog):
+    """An Eiger writes gap and dead pixels as 0xFFFFFFFF; a 16-bit detector as 65535."""
+    arrays = _arrays()
+    counts = np.rint(np.square(arrays.pop("diff3d"))).astype(np.uint16)
+    given = np.zeros((N, N), bool)
+    given[0, 0] = True
+    flagged = counts.copy()
+    flagged[:, :, 5] = 65535  # a dead column
+    flagged[2, 7, 9] = 65535  # one overflow in one pattern
+    flagged[:, 0, 0] = 65535  # already in the mask: not counted again
+    with caplog.at_level(logging.WARNING):
+        data = load_npz(_write(tmp_path, diff3d=flagged, bad_pixels=given, **arrays))
+    assert f"{N + 1} detector pixel(s) hold 65535, the largest uint16 value" in caplog.text
+    expected = given.copy()
+    expected[:, 5] = expected[7, 9] = True
+    np.testing.assert_array_equal(data.bad_pixels, expected)
+    # The photon count (the loss's dose) ignores them, as if the mask had listed them.
+    listed = load_npz(_write(tmp_path, diff3d=counts, bad_pixels=expected, **arrays))
+    assert data.mean_photons() == pytest.approx(listed.mean_photons(), rel=1e-12)
+    assert data.mean_photons() < 10 * N * N  # 65535 in a column would be ~1e6 per pattern
+
+    clean = load_npz(_write(tmp_path, diff3d=counts, **arrays))
+    assert clean.bad_pixels is None  # no flag values: nothing added
+    wide = flagged.astype(np.uint32)  # 65535 is an ordinary count in 32 bits
+    assert load_npz(_write(tmp_path, diff3d=wide, bad_pixels=given, **arrays)).bad_pixels.sum() == 1
+
+
+def test_detector_flag_values_in_memory_counts_join_the_mask():
+    counts = np.full((3, 4, 4), 7, dtype=np.uint32)
+    counts[1, 2, 3] = np.iinfo(np.uint32).max
+    data = PtychoData.from_counts(counts, np.zeros(3), np.zeros(3), np.ones((4, 4), np.complex64))
+    assert data.bad_pixels[2, 3] and int(data.bad_pixels.sum()) == 1
+    assert flagged_pixels(counts.astype(np.float64)) is None  # floats carry no flag value
