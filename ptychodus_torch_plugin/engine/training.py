@@ -507,7 +507,13 @@ def train(
     model.autoencoder.cpu()
     model.history = list(history_cb.history)
     model.training_device = str(trainer.strategy.root_device)
-    if cancel_cb.cancelled:
+    if cancel_cb.cancelled and not model.history:
+        logger.warning(
+            "training stopped by request before its first epoch ended: the model holds the "
+            "weights after the last batch it trained, part of one pass over the scan; train "
+            "for at least a few epochs before relying on its images"
+        )
+    elif cancel_cb.cancelled:
         logger.warning(
             "training stopped by request after %d epoch(s); keeping the %s model so far (epoch %s)",
             len(model.history),

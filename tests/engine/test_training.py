@@ -1,6 +1,7 @@
 """Lightning training: gridsize channels, observers, cancellation, schedulers, checkpoints."""
 
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -49,11 +50,15 @@ def test_training_runs_and_reports_in_order(small_scan, gridsize):
     assert result.model.epochs_trained == 2
 
 
-def test_cancel_stops_within_one_batch(small_scan):
+def test_cancel_stops_within_one_batch(small_scan, caplog):
     token = CancelToken()
     recorder = Recorder(cancel_at=(0, 2), token=token)
     payload = create_training_payload(tiny_overrides(epochs=20, batch_size=8))
-    result = train(payload, small_scan, observer=recorder, cancel=token)
+    with caplog.at_level(logging.WARNING):
+        result = train(payload, small_scan, observer=recorder, cancel=token)
+    # The log says what the model is, not "epoch None".
+    assert "stopped by request before its first epoch ended" in caplog.text
+    assert "epoch None" not in caplog.text
     batches = [e for e in recorder.events if e[0] == "batch"]
     assert result.cancelled
     assert [(e[1], e[2]) for e in batches] == [(0, 0), (0, 1), (0, 2)]
