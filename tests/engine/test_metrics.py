@@ -101,6 +101,18 @@ def test_scanned_region_and_erosion():
     assert not scanned_region(np.zeros((5, 5))).any()
 
 
+def test_erosion_is_by_distance_in_every_direction():
+    """A round scan eroded by 8 px is the disc 8 px smaller, not a diamond-cornered one."""
+    yy, xx = np.mgrid[0:80, 0:80]
+    radius = np.hypot(yy - 40, xx - 40)
+    eroded = scanned_region((radius <= 30).astype(float), erode=8)
+    assert radius[eroded].max() <= 22.5  # on the diagonals too
+    assert not ((radius <= 21) & ~eroded).any()
+    assert eroded.sum() == pytest.approx(np.pi * 22**2, rel=0.05)
+    # The array's edge counts as outside: a region touching it is eroded there too.
+    assert scanned_region(np.ones((20, 20)), erode=3).sum() == 14 * 14
+
+
 def test_frc_curve_and_threshold():
     ref = _reference((64, 64))
     freqs, curve = frc(ref, ref)
@@ -127,3 +139,31 @@ def test_mask_excludes_outside_pixels():
     metrics = evaluate(rec, ref, mask, register=False)
     assert metrics.amplitude_ssim == pytest.approx(1.0, abs=1e-6)
     assert metrics.frc50 == 0.5
+
+
+def test_amplitude_scores_do_not_count_a_phase_error():
+    """An exact amplitude with a smooth phase error: the amplitude is still perfect."""
+    ref = _reference()
+    yy, xx = np.mgrid[0 : ref.shape[0], 0 : ref.shape[1]]
+    error = 0.7 * np.sin(xx / 9.0) * np.cos(yy / 13.0)  # up to 0.7 rad, rms 0.35
+    rec = ref * np.exp(1j * error)
+    metrics = evaluate(rec, ref, np.ones(ref.shape, bool), register=False)
+    assert metrics.amplitude_ssim == pytest.approx(1.0, abs=1e-6)
+    assert metrics.amplitude_psnr > 100
+    assert metrics.phase_ssim < 0.95  # the error is scored where it is: in the phase
+    scaled = evaluate(0.3 * rec, ref, np.ones(ref.shape, bool), register=False)
+    assert scaled.amplitude_ssim == pytest.approx(1.0, abs=1e-6)  # scale still aligned
+
+
+def test_the_region_edge_is_scored_with_the_reconstruction_around_it():
+    """SSIM windows at the region's edge see the reconstruction, not the reference pasted in."""
+    ref = _reference((64, 64))
+    mask = np.zeros(ref.shape, bool)
+    mask[12:56, 10:54] = True
+    rec = ref.copy()
+    rec[9:12] = 0  # just outside the region, inside the 7 x 7 windows of its first rows
+    metrics = evaluate(rec, ref, mask, register=False)
+    assert metrics.amplitude_ssim < 0.99
+    rec = ref.copy()
+    rec[:6] = 0  # beyond every window: not scored
+    assert evaluate(rec, ref, mask, register=False).amplitude_ssim == pytest.approx(1, abs=1e-6)
