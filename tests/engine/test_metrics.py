@@ -167,3 +167,29 @@ def test_the_region_edge_is_scored_with_the_reconstruction_around_it():
     rec = ref.copy()
     rec[:6] = 0  # beyond every window: not scored
     assert evaluate(rec, ref, mask, register=False).amplitude_ssim == pytest.approx(1, abs=1e-6)
+
+
+def test_frc_of_an_exact_round_reconstruction_is_perfect():
+    """The corners of a round scan's bounding square were never scanned: FRC leaves them out."""
+    ref = _reference((128, 128))
+    yy, xx = np.mgrid[0:128, 0:128]
+    scanned = np.hypot(yy - 64, xx - 64) <= 60
+    rec = np.where(scanned, ref, 0)  # what a stitcher returns: zero where nothing was placed
+    metrics = evaluate(rec, ref, scanned_region(scanned.astype(float), erode=8), register=False)
+    assert metrics.frc50 == 0.5
+    assert metrics.amplitude_ssim == pytest.approx(1.0, abs=1e-6)
+    noisy = rec + 0.5 * np.where(scanned, np.random.default_rng(1).standard_normal(rec.shape), 0)
+    worse = evaluate(noisy, ref, scanned_region(scanned.astype(float), erode=8), register=False)
+    assert worse.frc50 < 0.5
+
+
+def test_erosion_in_bands_equals_the_whole_array_transform():
+    """Large canvases are eroded a band of rows at a time (bounded memory), exactly."""
+    from ptychodus_torch_plugin.engine.metrics import _eroded
+
+    rng = np.random.default_rng(4)
+    region = ndimage.gaussian_filter(rng.standard_normal((90, 70)), 4) > -0.05
+    whole = _eroded(region, 5.5, band_pixels=10**9)
+    for band_pixels in (72, 72 * 7, 72 * 40):  # 1, 7 and 40 rows per band
+        np.testing.assert_array_equal(_eroded(region, 5.5, band_pixels=band_pixels), whole)
+    assert 0 < whole.sum() < region.sum()
