@@ -143,13 +143,22 @@ def flagged_pixels(
     return flagged if flagged.any() else None
 
 
+def _is_nnm_stack(array: np.ndarray, m: int) -> bool:
+    """True for an (N, N, M) stack of M patterns (M != N), which the loaders transpose."""
+    return array.ndim == 3 and array.shape[0] == array.shape[1] != array.shape[2] == m
+
+
 def _with_flagged_pixels(
-    counts: np.ndarray, bad_pixels: np.ndarray | None, key: str
+    counts: np.ndarray, bad_pixels: np.ndarray | None, key: str, m: int
 ) -> np.ndarray | None:
     """``bad_pixels`` joined by the detector's flag values in ``counts``, with a warning.
 
-    Left as given when the shapes do not fit (``from_amplitudes`` then names the problem).
+    ``counts`` is (M, N, N), or (N, N, M) with ``m`` = M (read as ``from_amplitudes`` reads
+    it). Left as given when the shapes fit neither way (``from_amplitudes`` then names the
+    problem).
     """
+    if _is_nnm_stack(counts, m):
+        counts = np.moveaxis(counts, 2, 0)
     if counts.ndim != 3 or counts.shape[1] != counts.shape[2]:
         return bad_pixels
     if bad_pixels is not None and np.shape(bad_pixels) != counts.shape[1:]:
@@ -213,10 +222,7 @@ class PtychoData:
         m = len(xcoords)
         if len(ycoords) != m:
             raise _bad("ycoords", f"shape {ycoords.shape}", f"({m},) to match xcoords")
-        if (
-            amplitudes.shape[0] == amplitudes.shape[1] != amplitudes.shape[2]
-            and amplitudes.shape[2] == m
-        ):
+        if _is_nnm_stack(amplitudes, m):
             logger.warning(
                 "%s has shape %s, an (N, N, M) stack: transposing to (M, N, N)",
                 key,
@@ -292,7 +298,9 @@ class PtychoData:
         """Validate arrays whose patterns are detector counts (intensities, e.g. uint16)."""
         counts = np.asarray(counts)
         _check_finite_real("counts", counts)
-        kwargs["bad_pixels"] = _with_flagged_pixels(counts, kwargs.get("bad_pixels"), "counts")
+        xcoords = args[0] if args else kwargs.get("xcoords")
+        m = int(np.size(xcoords)) if xcoords is not None else -1
+        kwargs["bad_pixels"] = _with_flagged_pixels(counts, kwargs.get("bad_pixels"), "counts", m)
         return cls.from_amplitudes(amplitudes_from_counts(counts), *args, key="counts", **kwargs)
 
     # ----------------------------------------------------------------- views
@@ -434,7 +442,8 @@ def load_npz(path: str | os.PathLike[str]) -> PtychoData:
         )
     }
     if units == UNITS_COUNTS:
-        optional["bad_pixels"] = _with_flagged_pixels(raw, optional["bad_pixels"], key)
+        m = int(np.size(arrays["xcoords"]))
+        optional["bad_pixels"] = _with_flagged_pixels(raw, optional["bad_pixels"], key, m)
         amplitudes = amplitudes_from_counts(raw)
     else:
         amplitudes = raw

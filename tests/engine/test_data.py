@@ -271,3 +271,8 @@ def test_detector_flag_values_in_memory_counts_join_the_mask():
     data = PtychoData.from_counts(counts, np.zeros(3), np.zeros(3), np.ones((4, 4), np.complex64))
     assert data.bad_pixels[2, 3] and int(data.bad_pixels.sum()) == 1
     assert flagged_pixels(counts.astype(np.float64)) is None  # floats carry no flag value
+    # An (N, N, M) stack, which the loaders transpose, is checked in that layout too.
+    stack = np.full((4, 4, 5), 7, dtype=np.uint16)
+    stack[1, 2, 3] = 65535  # pixel (1, 2) of pattern 3
+    data = PtychoData.from_counts(stack, np.zeros(5), np.zeros(5), np.ones((4, 4), np.complex64))
+    assert data.bad_pixels[1, 2] and int(data.bad_pixels.sum()) == 1
