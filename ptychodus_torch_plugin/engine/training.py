@@ -513,6 +513,13 @@ def train(
             "weights after the last batch it trained, part of one pass over the scan; train "
             "for at least a few epochs before relying on its images"
         )
+    elif cancel_cb.cancelled and history_cb.best_epoch is None:
+        logger.warning(
+            "training stopped by request after %d epoch(s), none with a finite %s: the model "
+            "holds the weights after the last batch it trained",
+            len(model.history),
+            history_cb.monitor,
+        )
     elif cancel_cb.cancelled:
         logger.warning(
             "training stopped by request after %d epoch(s); keeping the %s model so far (epoch %s)",
