@@ -148,14 +148,20 @@ def _is_nnm_stack(array: np.ndarray, m: int) -> bool:
     return array.ndim == 3 and array.shape[0] == array.shape[1] != array.shape[2] == m
 
 
-def _with_flagged_pixels(
-    counts: np.ndarray, bad_pixels: np.ndarray | None, key: str, m: int
+def with_flagged_pixels(
+    counts: np.ndarray,
+    bad_pixels: np.ndarray | None,
+    *,
+    source: str,
+    advice: str = "list them in bad_pixels to silence this",
+    m: int = -1,
 ) -> np.ndarray | None:
-    """``bad_pixels`` joined by the detector's flag values in ``counts``, with a warning.
+    """``bad_pixels`` joined by the detector's flag values in ``counts`` (:func:`flagged_pixels`).
 
-    ``counts`` is (M, N, N), or (N, N, M) with ``m`` = M (read as ``from_amplitudes`` reads
-    it). Left as given when the shapes fit neither way (``from_amplitudes`` then names the
-    problem).
+    Logs a warning naming ``source``, the count and ``advice`` (what the user can do, in the
+    caller's words) when there are any. ``counts`` is (M, N, N), or (N, N, M) with ``m`` = M
+    (read as ``from_amplitudes`` reads it). Left as given when the shapes fit neither way
+    (``from_amplitudes`` then names the problem).
     """
     if _is_nnm_stack(counts, m):
         counts = np.moveaxis(counts, 2, 0)
@@ -168,12 +174,12 @@ def _with_flagged_pixels(
         return bad_pixels
     logger.warning(
         "%s: %d detector pixel(s) hold %d, the largest %s value (a detector's mark for gap, "
-        "dead or overflowed pixels), and are not in bad_pixels: treating them as bad; list "
-        "them in bad_pixels to silence this",
-        key,
+        "dead or overflowed pixels), and are not in the bad-pixel mask: treating them as bad; %s",
+        source,
         int(flagged.sum()),
         np.iinfo(counts.dtype).max,
         counts.dtype,
+        advice,
     )
     return flagged if bad_pixels is None else (np.asarray(bad_pixels, dtype=bool) | flagged)
 
@@ -300,7 +306,9 @@ class PtychoData:
         _check_finite_real("counts", counts)
         xcoords = args[0] if args else kwargs.get("xcoords")
         m = int(np.size(xcoords)) if xcoords is not None else -1
-        kwargs["bad_pixels"] = _with_flagged_pixels(counts, kwargs.get("bad_pixels"), "counts", m)
+        kwargs["bad_pixels"] = with_flagged_pixels(
+            counts, kwargs.get("bad_pixels"), source="counts", m=m
+        )
         return cls.from_amplitudes(amplitudes_from_counts(counts), *args, key="counts", **kwargs)
 
     # ----------------------------------------------------------------- views
@@ -443,7 +451,7 @@ def load_npz(path: str | os.PathLike[str]) -> PtychoData:
     }
     if units == UNITS_COUNTS:
         m = int(np.size(arrays["xcoords"]))
-        optional["bad_pixels"] = _with_flagged_pixels(raw, optional["bad_pixels"], key, m)
+        optional["bad_pixels"] = with_flagged_pixels(raw, optional["bad_pixels"], source=key, m=m)
         amplitudes = amplitudes_from_counts(raw)
     else:
         amplitudes = raw

@@ -92,7 +92,7 @@ def reconstruct_input_to_data(
     parameters: ReconstructInput, *, with_object: bool = True
 ) -> PtychoData:
     """A Ptychodus ``ReconstructInput`` as the engine's validated ``PtychoData``."""
-    from ..engine.data import PtychoData, amplitudes_from_counts, flagged_pixels
+    from ..engine.data import PtychoData, amplitudes_from_counts, with_flagged_pixels
 
     patterns = np.asarray(parameters.diffraction_patterns)
     if patterns.ndim != 3 or patterns.shape[0] == 0:
@@ -112,18 +112,12 @@ def reconstruct_input_to_data(
             "(integers or floating point)"
         )
     n = patterns.shape[1]
-    mask = bad_pixel_mask(parameters)
-    flagged = flagged_pixels(patterns, mask)
-    if flagged is not None:
-        logger.warning(
-            "%d detector pixel(s) hold %d, the largest %s value (a detector's mark for gap, "
-            "dead or overflowed pixels), and are not in the bad-pixel mask: treating them as "
-            "bad; mark them in Ptychodus's bad-pixel mask or set its Value Upper Bound",
-            int(flagged.sum()),
-            np.iinfo(patterns.dtype).max,
-            patterns.dtype,
-        )
-        mask = flagged if mask is None else (mask | flagged)
+    mask = with_flagged_pixels(
+        patterns,
+        bad_pixel_mask(parameters),
+        source="diffraction patterns",
+        advice="mark them in Ptychodus's bad-pixel mask or set its Value Upper Bound",
+    )
     product = parameters.product
     check_pixel_sizes(product)
     probe = probe_modes(product)
