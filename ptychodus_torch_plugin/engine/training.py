@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -39,7 +40,14 @@ from .probe_refinement import ProbeRefinement, refine_probe
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CancelToken", "TrainingObserver", "TrainingResult", "train"]
+__all__ = [
+    "CancelToken",
+    "Divergence",
+    "TrainingDivergedError",
+    "TrainingObserver",
+    "TrainingResult",
+    "train",
+]
 
 
 class TrainingObserver(Protocol):
@@ -50,6 +58,32 @@ class TrainingObserver(Protocol):
     def on_batch_end(self, epoch: int, batch: int, batches: int, loss: float) -> None: ...
 
     def on_epoch_end(self, record: EpochRecord) -> None: ...
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Where training diverged: the first batch whose loss was not finite (NaN or infinite)."""
+
+    epoch: int  # 1-based, as in the history
+    batch: int  # 1-based, within the epoch
+    loss: float
+    learning_rate: float  # the rate of that batch (schedules move it)
+    configured_learning_rate: float  # the rate the user set (the schedule's peak)
+
+    def __str__(self) -> str:
+        return (
+            f"the training loss became {self.loss} in epoch {self.epoch}, batch {self.batch}, "
+            f"at learning rate {self.learning_rate:.3g}"
+        )
+
+    @property
+    def advice(self) -> str:
+        rate = self.configured_learning_rate
+        return f"lower the learning rate (set to {rate:.3g}; try {rate / 4:.2g}) and train again"
+
+
+class TrainingDivergedError(RuntimeError):
+    """Training diverged before any epoch finished with finite weights: there is no model."""
 
 
 @dataclass
@@ -70,6 +104,9 @@ class TrainingResult:
     checkpoint_paths: list[Path] = field(default_factory=list)
     #: The probe refinement that ran before training (``probe_refinement_epochs > 0``).
     probe_refinement: ProbeRefinement | None = None
+    #: Set when training stopped early because its loss stopped being finite; the model then
+    #: holds weights from before that (an epoch that finished).
+    divergence: Divergence | None = None
 
 
 # ----------------------------------------------------------------------------- callbacks
@@ -136,7 +173,26 @@ def early_exit_exception() -> type[BaseException] | None:
     return _TunerExitException
 
 
-class _CancelCallback(Callback):
+class _BatchStop(Callback):
+    """Ends ``fit`` right after a batch, for a reason; the epoch cut short is not recorded.
+
+    Shared by the Stop button (:class:`_CancelCallback`) and the divergence guard
+    (:class:`_DivergenceCallback`): both end ``fit`` at once (:func:`early_exit_exception`),
+    and :class:`_HistoryCallback` asks them whether an epoch that still ends was cut short.
+    """
+
+    def __init__(self) -> None:
+        self.fired = False
+        self._exit = early_exit_exception()
+
+    def _stop(self, trainer: L.Trainer, why: str) -> None:
+        self.fired = True
+        trainer.should_stop = True
+        if self._exit is not None:
+            raise self._exit(why)
+
+
+class _CancelCallback(_BatchStop):
     """Ends training within one batch of ``token.cancel()``: checked around every batch.
 
     Checked before and after every training batch and before every validation batch, and it
@@ -149,17 +205,16 @@ class _CancelCallback(Callback):
     """
 
     def __init__(self, token: CancelToken) -> None:
+        super().__init__()
         self.token = token
-        self.cancelled = False
-        self._exit = early_exit_exception()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.fired
 
     def _check(self, trainer: L.Trainer) -> None:
-        if not self.token.cancelled:
-            return
-        self.cancelled = True
-        trainer.should_stop = True
-        if self._exit is not None:
-            raise self._exit("training stopped by request")
+        if self.token.cancelled:
+            self._stop(trainer, "training stopped by request")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._check(trainer)
@@ -174,6 +229,44 @@ class _CancelCallback(Callback):
 
     def on_validation_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         self._check(trainer)
+
+
+class _DivergenceCallback(_BatchStop):
+    """Stops training at the first batch whose loss is not finite and whose weights are broken.
+
+    Why: after a NaN or infinite loss the optimiser step writes NaN into the weights, so every
+    later batch is wasted time and the last epoch's weights would make an image of NaN.
+    Stopping there keeps the weights chosen among the epochs that finished (``final_weights``),
+    and ``train`` says what happened and what to change, instead of a run that ends normally
+    with a useless model. A non-finite loss that left every weight and buffer finite (a
+    float16 gradient scaler skips such a step) is no divergence and training goes on. The
+    check reads the loss Lightning hands back, a scalar already computed, and looks at the
+    weights only when that is not finite, so it costs nothing measurable.
+    """
+
+    def __init__(self, configured_learning_rate: float) -> None:
+        super().__init__()
+        self.configured_learning_rate = configured_learning_rate
+        self.divergence: Divergence | None = None
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor) or bool(torch.isfinite(loss.detach()).all()):
+            return
+        tensors = itertools.chain(pl_module.parameters(), pl_module.buffers())
+        if all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
+            return  # the step was skipped: nothing is broken
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        self.divergence = Divergence(
+            epoch=trainer.current_epoch + 1,
+            batch=idx + 1,
+            loss=float(loss.detach()) * int(trainer.accumulate_grad_batches),
+            learning_rate=float(optimizer.param_groups[0]["lr"]) if optimizer else math.nan,
+            configured_learning_rate=self.configured_learning_rate,
+        )
+        self._stop(trainer, "training diverged")
 
 
 class _ChannelsLastCallback(Callback):
@@ -208,23 +301,24 @@ class _HistoryCallback(Callback):
         mode: str,
         observer: _GuardedObserver | None,
         keep_last: bool = False,
-        cancel: _CancelCallback | None = None,
+        stops: Sequence[_BatchStop] = (),
     ) -> None:
         self.monitor = monitor
         self.mode = mode
         self.observer = observer
         self.keep_last = keep_last
-        #: Once it has stopped training at a batch boundary, an epoch that still ends was cut
-        #: short (Lightning without the early exit): not recorded, its weights not kept. Its
-        #: flag, not the token: a cancel arriving after the last check of a finished epoch
-        #: leaves that epoch whole.
-        self.cancel = cancel
+        #: Once one of them has stopped training at a batch boundary, an epoch that still ends
+        #: was cut short (Lightning without the early exit): not recorded, its weights not
+        #: kept. Their flags, not the cancel token: a cancel arriving after the last check of
+        #: a finished epoch leaves that epoch whole.
+        self.stops = tuple(stops)
         self.history: list[EpochRecord] = []
         self.best_value: float | None = None
         self.best_epoch: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self._started = time.perf_counter()
         self._learning_rate = 0.0
+        self._stall_reported = False  # once is enough: a dead network repeats every epoch
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started = time.perf_counter()
@@ -237,7 +331,7 @@ class _HistoryCallback(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = trainer.callback_metrics
         train_loss = metrics.get(f"{TRAIN_LOSS}_epoch", metrics.get(TRAIN_LOSS))
-        if train_loss is None or (self.cancel is not None and self.cancel.cancelled):
+        if train_loss is None or any(stop.fired for stop in self.stops):
             return  # stopped inside this epoch: it did not finish
         val_loss = metrics.get(VAL_LOSS)
         record = EpochRecord(
@@ -247,16 +341,17 @@ class _HistoryCallback(Callback):
             learning_rate=self._learning_rate,
             seconds=time.perf_counter() - self._started,
         )
-        if self.history and _stalled(self.history[-1], record):
+        self.history.append(record)
+        if not self._stall_reported and _stalled(self.history[-3:]):
+            self._stall_reported = True
             logger.warning(
-                "training has stalled: epoch %d repeated the loss of epoch %d, so the "
+                "training has stalled: epochs %d to %d ended with the same loss, so the "
                 "network's outputs no longer change (saturated or dead units). Restart with a "
                 "lower learning rate (e.g. half of %.2g).",
+                record.epoch - 2,
                 record.epoch,
-                record.epoch - 1,
                 record.learning_rate,
             )
-        self.history.append(record)
         value = metrics.get(self.monitor)
         better = False
         if value is not None and math.isfinite(float(value)):  # a NaN would never be beaten
@@ -275,11 +370,14 @@ class _HistoryCallback(Callback):
             self.observer("on_epoch_end", record)
 
 
-def _stalled(previous: EpochRecord, current: EpochRecord, tolerance: float = 1e-6) -> bool:
-    """Losses equal to rounding in consecutive epochs: the outputs stopped changing.
+def _stalled(records: Sequence[EpochRecord], tolerance: float = 1e-6) -> bool:
+    """Three consecutive epochs with losses equal to rounding: the outputs stopped changing.
 
-    A network that still learns moves its epoch loss by far more than 1e-6 (relative); a dead
-    or saturated one only reorders the same per-sample losses (shuffling), i.e. rounding.
+    A dead or saturated network only reorders the same per-sample losses (shuffling), so its
+    epoch loss repeats to rounding every epoch. One repeat is not enough: late in a long run
+    a learning network's epoch loss moves by only a few 1e-4 (relative), and the Run1084
+    gridsize-1 benchmark once ended epochs 127 and 128 (of 133) within 1e-6 of each other
+    while still learning. Two repeats in a row are not a coincidence.
     """
 
     def same(a: float | None, b: float | None) -> bool:
@@ -287,8 +385,9 @@ def _stalled(previous: EpochRecord, current: EpochRecord, tolerance: float = 1e-
             return a is b
         return abs(a - b) <= tolerance * max(abs(a), abs(b), 1e-30)
 
-    return same(previous.train_loss, current.train_loss) and same(
-        previous.val_loss, current.val_loss
+    return len(records) >= 3 and all(
+        same(a.train_loss, b.train_loss) and same(a.val_loss, b.val_loss)
+        for a, b in zip(records, records[1:], strict=False)
     )
 
 
@@ -442,13 +541,15 @@ def train(
 
     keep_last = payload.training.final_weights == "last"
     cancel_cb = _CancelCallback(cancel or CancelToken())
+    divergence_cb = _DivergenceCallback(execution.learning_rate)
     guarded = None if observer is None else _GuardedObserver(observer)
     history_cb = _HistoryCallback(
-        monitor, checkpointing.mode, guarded, keep_last=keep_last, cancel=cancel_cb
+        monitor, checkpointing.mode, guarded, keep_last=keep_last, stops=(cancel_cb, divergence_cb)
     )
     all_callbacks: list[Callback] = [_ChannelsLastCallback(), history_cb, *callbacks]
     if guarded is not None:
-        all_callbacks.append(_ObserverCallback(guarded))
+        all_callbacks.append(_ObserverCallback(guarded))  # observers hear the diverged batch
+    all_callbacks.append(divergence_cb)
     if execution.early_stop_patience is not None:
         all_callbacks.append(
             EarlyStopping(monitor, patience=execution.early_stop_patience, mode=checkpointing.mode)
@@ -507,7 +608,23 @@ def train(
     model.autoencoder.cpu()
     model.history = list(history_cb.history)
     model.training_device = str(trainer.strategy.root_device)
-    if cancel_cb.cancelled and not model.history:
+    divergence = divergence_cb.divergence
+    if divergence is not None:
+        if history_cb.best_state is None:  # the weights are the diverged ones
+            raise TrainingDivergedError(
+                f"training diverged: {divergence} before any epoch finished with finite "
+                f"losses, so there is no model; {divergence.advice}"
+            )
+        logger.warning(
+            "training diverged and stopped: %s; keeping the %s model of the %d finished "
+            "epoch(s) (epoch %s); %s",
+            divergence,
+            payload.training.final_weights,
+            len(model.history),
+            history_cb.best_epoch,
+            divergence.advice,
+        )
+    elif cancel_cb.cancelled and not model.history:
         logger.warning(
             "training stopped by request before its first epoch ended: the model holds the "
             "weights after the last batch it trained, part of one pass over the scan; train "
@@ -532,6 +649,7 @@ def train(
         history=model.history,
         cancelled=cancel_cb.cancelled,
         best_epoch=history_cb.best_epoch,
+        divergence=divergence,
         output_dir=out,
         backend=model.backend,
         checkpoint_paths=checkpoint_paths,

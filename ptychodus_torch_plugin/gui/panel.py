@@ -522,7 +522,15 @@ class TrainingSession(QObject):
             return
         self._adopt(outcome.model, outcome.archive)
         epochs = len(outcome.history)
-        if outcome.stopped:
+        if outcome.divergence is not None:
+            text = (
+                f"Training diverged: {outcome.divergence}. Kept "
+                f"{outcome.model.kept_weights(outcome.best_epoch)} of {epochs} finished "
+                f"epoch{'s' if epochs != 1 else ''}, saved to {outcome.archive} and loaded. "
+                f"To improve it, {outcome.divergence.advice}."
+            )
+            logger.warning(text)
+        elif outcome.stopped:
             text = (
                 f"Stopped after {epochs} epoch{'s' if epochs != 1 else ''}: kept "
                 f"{outcome.model.kept_weights(outcome.best_epoch)}, saved to {outcome.archive} "
@@ -539,7 +547,8 @@ class TrainingSession(QObject):
         if outcome.save_problem is not None:
             text = f"{text} Note: {outcome.save_problem}."
             logger.error("%s", outcome.save_problem)
-        self._report(text, error=outcome.save_problem is not None)
+        problem = outcome.save_problem is not None or outcome.divergence is not None
+        self._report(text, error=problem)
 
     # ------------------------------------------------------------------ model files
     def load_model(self, path: Path) -> bool:

@@ -78,6 +78,7 @@ class TrainingOutcome:
     best_epoch: int | None = None
     seconds: float = 0.0
     save_problem: str | None = None  # the archive is not where it was meant to be: why
+    divergence: Any | None = None  # engine Divergence: the loss stopped being finite
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,7 @@ class TrainingWorker(QObject):
                 best_epoch=result.best_epoch,
                 seconds=time.perf_counter() - started,
                 save_problem=save_problem,
+                divergence=result.divergence,
             )
         except BaseException as exc:  # noqa: BLE001 - a Qt slot must never raise: PyQt5 aborts
             # the whole process on an exception escaping a slot, so even SystemExit or

@@ -303,7 +303,17 @@ class TorchPINNReconstructor(TrainableReconstructor):
             self._logger.error("%s; Load Model... or Save Model... from there", saved.problem)
         self._library.model_slot.adopt(result.model, file)
         self._library.on_model_trained(file)
-        if result.cancelled:
+        if result.divergence is not None:
+            self._logger.warning(
+                "training diverged after %d of %d epochs (%s): kept %s, saved to %s and loaded; %s",
+                len(result.history),
+                epochs,
+                result.divergence,
+                result.model.kept_weights(result.best_epoch),
+                file,
+                result.divergence.advice,
+            )
+        elif result.cancelled:
             self._logger.warning(
                 "training stopped after %d of %d epochs: kept %s, saved to %s and loaded",
                 len(result.history),

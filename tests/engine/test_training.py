@@ -8,11 +8,12 @@ import pytest
 import torch
 from engine_helpers import tiny_overrides
 from lightning.pytorch.callbacks import Callback
+from training_helpers import PoisonWeights
 
 from ptychodus_torch_plugin.engine.archive import load_archive, save_archive
-from ptychodus_torch_plugin.engine.model import TrainedModel
+from ptychodus_torch_plugin.engine.model import EpochRecord, TrainedModel
 from ptychodus_torch_plugin.engine.payload import create_training_payload
-from ptychodus_torch_plugin.engine.training import CancelToken, train
+from ptychodus_torch_plugin.engine.training import CancelToken, TrainingDivergedError, train
 
 
 class Recorder:
@@ -40,7 +41,7 @@ def test_training_runs_and_reports_in_order(small_scan, gridsize):
     result = train(payload, small_scan, observer=recorder)
     first_conv = next(m for m in result.model.generator.modules() if hasattr(m, "in_channels"))
     assert first_conv.in_channels == gridsize * gridsize
-    assert result.backend == "pytorch" and not result.cancelled
+    assert result.backend == "pytorch" and not result.cancelled and result.divergence is None
     assert [r.epoch for r in result.history] == [1, 2]
     assert all(r.train_loss > 0 and r.val_loss > 0 for r in result.history)  # full NLL >= 0
     kinds = [e[0] for e in recorder.events]
@@ -313,6 +314,50 @@ def test_a_stalled_run_is_reported(small_scan, caplog):
     with caplog.at_level("WARNING"):
         train(create_training_payload(tiny_overrides(epochs=2, n_groups=32)), small_scan)
     assert "stalled" not in caplog.text  # a run that learns is not reported
+
+
+@pytest.mark.parametrize("final_weights", ["best", "last"])
+def test_a_diverged_run_stops_and_keeps_the_last_finite_weights(small_scan, caplog, final_weights):
+    recorder = Recorder()
+    payload = create_training_payload(
+        tiny_overrides(epochs=4, n_groups=64, learning_rate=2e-3, final_weights=final_weights)
+    )
+    with caplog.at_level("WARNING"):
+        result = train(
+            payload, small_scan, observer=recorder, callbacks=[PoisonWeights(epoch=2, batch=2)]
+        )
+    divergence = result.divergence
+    assert (divergence.epoch, divergence.batch) == (2, 2) and np.isnan(divergence.loss)
+    assert divergence.configured_learning_rate == 2e-3
+    # stopped right after the bad batch: no third batch, no more epochs, epoch 2 not recorded
+    batches = [event[1:3] for event in recorder.events if event[0] == "batch"]
+    assert batches[-1] == (1, 1) and len(result.history) == 1 and result.best_epoch == 1
+    assert not result.cancelled
+    weights = result.model.generator.state_dict().values()
+    assert all(torch.isfinite(w).all() for w in weights if w.is_floating_point())
+    patches = result.model.predict(np.ones((2, 1, 32, 32), np.float32))
+    assert np.isfinite(patches).all()
+    assert "training diverged and stopped" in caplog.text
+    assert "epoch 2, batch 2" in caplog.text and "try 0.0005" in caplog.text
+
+
+def test_a_run_that_diverges_in_its_first_epoch_is_an_error(small_scan):
+    payload = create_training_payload(tiny_overrides(epochs=2, n_groups=64))
+    with pytest.raises(TrainingDivergedError, match="no model; lower the learning rate"):
+        train(payload, small_scan, callbacks=[PoisonWeights(epoch=1, batch=2)])
+
+
+def test_one_repeated_epoch_loss_is_a_coincidence_two_in_a_row_a_stall():
+    from ptychodus_torch_plugin.engine.training import _stalled
+
+    def epochs(*losses):
+        return [EpochRecord(i + 1, loss, None, 1e-3, 1.0) for i, loss in enumerate(losses)]
+
+    # the quality benchmark's epochs 126-129: 127 and 128 agree to 1e-6 by chance
+    assert not _stalled(epochs(4641.89, 4640.51, 4640.5105))
+    assert not _stalled(epochs(4640.51, 4640.5105, 4638.71))
+    assert _stalled(epochs(4640.51, 4640.5105, 4640.5102))
+    assert not _stalled(epochs(4640.51, 4640.51))  # too few epochs to tell
 
 
 def test_a_loaded_model_can_be_trained_again_after_predicting(small_scan, tmp_path):

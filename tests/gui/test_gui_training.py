@@ -303,3 +303,29 @@ def test_ptychodus_own_train_draws_the_loss_in_the_panel_live(gui, tmp_path):
         ("PINN", 3, [1, 2, 3], title),
     ]
     assert (tmp_path / "wts.h5.zip").is_file()
+
+
+def test_a_diverged_run_is_reported_in_red_and_keeps_its_finished_epochs(gui, monkeypatch):
+    from training_helpers import PoisonWeights
+
+    import ptychodus_torch_plugin.engine.training as training
+
+    engine_train = training.train
+
+    def diverging(*args, callbacks=(), **kwargs):  # NaN in the second epoch's first batch
+        return engine_train(*args, callbacks=[*callbacks, PoisonWeights(2, 1)], **kwargs)
+
+    monkeypatch.setattr(training, "train", diverging)
+    warm_backend()
+    panel = gui.panel(PINN_KEY)
+    gui.select_product(32)
+    with settings_values(gui.library, **dict(FAST, epochs=3)):
+        panel.train_button.click()
+        wait_until_idle(gui, panel.session, timeout=240)
+    outcome = panel.session.last_outcome
+    assert outcome.divergence is not None and len(outcome.history) == 1
+    assert outcome.archive is not None and outcome.model.epochs_trained == 1
+    text = panel.message_label.text()
+    assert text.startswith("Training diverged: the training loss became nan in epoch 2, batch 1")
+    assert "lower the learning rate" in text
+    assert "b00020" in panel.message_label.styleSheet()  # shown as an error

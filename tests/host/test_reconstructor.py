@@ -10,6 +10,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch
 from host_helpers import TINY, settings_values
 from ptychodus.api.object import Object
 from ptychodus.api.probe import ProbeSequence
@@ -399,6 +400,31 @@ def test_an_empty_object_is_refused_and_a_too_small_one_is_reported(
         outputs = list(reconstructor.reconstruct(_with_object(reconstruct_input, small)))
     assert outputs[-1].product.object_.get_array().shape[-2:] == (20, 20)
     assert "scan positions lie outside the product's object (20 x 20 pixels)" in caplog.text
+
+
+def test_a_diverged_run_keeps_its_finished_epochs_and_says_to_lower_the_rate(
+    library, scan_dir, tmp_path, monkeypatch, caplog
+):
+    from training_helpers import PoisonWeights
+
+    import ptychodus_torch_plugin.engine.training as training
+
+    engine_train = training.train
+
+    def diverging(*args, **kwargs):  # the loss turns NaN in the second epoch's first batch
+        return engine_train(*args, callbacks=[PoisonWeights(epoch=2, batch=1)], **kwargs)
+
+    monkeypatch.setattr(training, "train", diverging)
+    reconstructor = library.reconstructor("PINN")
+    with settings_values(library, **dict(TINY, epochs=3)), caplog.at_level(logging.WARNING):
+        outputs = list(reconstructor.train(scan_dir, tmp_path))
+    assert [o.progress for o in outputs] == [1]
+    model = library.model_slot.get()
+    assert model.epochs_trained == 1 and (tmp_path / "wts.h5.zip").is_file()
+    assert all(torch.isfinite(w).all() for w in model.generator.state_dict().values())
+    message = caplog.text
+    assert "training diverged after 1 of 3 epochs" in message
+    assert "epoch 2, batch 1" in message and "lower the learning rate" in message
 
 
 def test_a_trained_model_the_output_folder_refuses_is_saved_elsewhere_not_lost(

@@ -1,0 +1,20 @@
+"""A divergence on cue, for the engine, host and GUI tests of what a NaN loss does."""
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class PoisonWeights(Callback):
+    """Writes NaN into the first weight before batch ``batch`` of epoch ``epoch`` (1-based).
+
+    The loss of that batch is NaN, and its optimiser step spreads NaN into every weight, as a
+    learning rate far too high does after a few steps.
+    """
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, idx):
+        if (trainer.current_epoch + 1, idx + 1) == (self.epoch, self.batch):
+            with torch.no_grad():
+                next(pl_module.parameters()).fill_(float("nan"))
