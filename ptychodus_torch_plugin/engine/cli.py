@@ -37,6 +37,7 @@ from .config import (
     FINAL_WEIGHTS,
     LOGGERS,
     LOSSES,
+    MODES,
     NORMALIZATIONS,
     PATCH_WEIGHTINGS,
     PRECISIONS,
@@ -271,6 +272,12 @@ def _add_train(sub: Any) -> None:
         "--probe-scale",
         type=float,
         help=f"probe normalisation constant, > 0 (default: {_D.probe_scale:g})",
+    )
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        help="pinn: physics-informed, no ground truth needed; supervised: L1 against the NPZ's "
+        f"objectGuess patches, which must be present (default: {_T.mode})",
     )
     p.add_argument("--loss", choices=LOSSES, help=f"PINN training loss (default: {_T.loss})")
     p.add_argument(
@@ -562,6 +569,7 @@ _TRAIN_FLAGS = {
     "amp_activation": "amp_activation",
     "normalization": "normalization",
     "probe_scale": "probe_scale",
+    "mode": "mode",
     "loss": "loss",
     "validation_fraction": "validation_fraction",
     "probe_refinement_epochs": "probe_refinement_epochs",
@@ -675,6 +683,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "epochs_trained": len(result.history),
             "best_epoch": result.best_epoch,
             "cancelled": result.cancelled,
+            "diverged": None if result.divergence is None else str(result.divergence),
             "seconds": elapsed,
             "training_device": result.model.training_device,
             "input_scale": result.model.input_scale,

@@ -350,3 +350,23 @@ def test_probe_refinement_flags_reject_negative_values(capsys):
     for flag in ("--probe-refinement-epochs", "--probe-modes"):
         with pytest.raises(SystemExit):
             cli.build_parser().parse_args([*base, flag, "-1"])
+
+
+def test_train_supervised_mode_from_the_command_line(data_file, tmp_path, capsys):
+    """Multi-GPU training of the Supervised reconstructor goes through the CLI too."""
+    out = tmp_path / "OUT"
+    argv = (
+        f"train --train_data_file {data_file} --output_dir {out} --max_epochs 1 --n_groups 16 "
+        "--n-filters-scale 1 --accelerator cpu --logger none --mode supervised"
+    ).split()
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    assert cli.main(["inspect", str(out)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["config"]["config"]["mode"] == "supervised"
+    no_truth = tmp_path / "no_truth.npz"
+    with np.load(data_file) as arrays:
+        np.savez(no_truth, **{k: v for k, v in arrays.items() if k != "objectGuess"})
+    argv[argv.index(str(data_file))] = str(no_truth)
+    assert cli.main(argv) == 1
+    assert "objectGuess: not found" in capsys.readouterr().err
