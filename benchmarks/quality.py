@@ -289,6 +289,7 @@ def run_run1084(gridsize: int, photons: float, args: argparse.Namespace) -> dict
     return {
         "case": name,
         "epochs": len(result.history),
+        "diverged": None if result.divergence is None else str(result.divergence),
         "final_weights": args.final_weights,
         "epoch_handed_over": result.best_epoch,
         "train_seconds": round(seconds, 1),
@@ -343,6 +344,7 @@ def run_siemens(args: argparse.Namespace) -> dict:
     return {
         "case": "siemens_star_experimental",
         "epochs": len(result.history),
+        "diverged": None if result.divergence is None else str(result.divergence),
         "train_seconds": round(seconds, 1),
         "probe_refinement": None if refinement is None else refinement.summary(),
         "final_train_nll": round(result.history[-1].train_loss, 1) if result.history else None,
@@ -395,6 +397,7 @@ def run_siemens_simulated(args: argparse.Namespace) -> dict:
     return {
         "case": "siemens_star_simulated_g1",
         "epochs": len(result.history),
+        "diverged": None if result.divergence is None else str(result.divergence),
         "train_seconds": round(seconds, 1),
         **_rounded(evaluate(image, reference, mask)),
         "with_phase_ramp_removed": _rounded(ramp),

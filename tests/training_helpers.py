@@ -18,3 +18,24 @@ class PoisonWeights(Callback):
         if (trainer.current_epoch + 1, idx + 1) == (self.epoch, self.batch):
             with torch.no_grad():
                 next(pl_module.parameters()).fill_(float("nan"))
+
+
+class PoisonInputs(Callback):
+    """Makes batch ``batch`` of epoch ``epoch`` (1-based) all NaN: its loss is NaN, the weights
+    are untouched until the optimiser steps on its gradients."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, idx):
+        if (trainer.current_epoch + 1, idx + 1) == (self.epoch, self.batch):
+            batch["inputs"].fill_(float("nan"))
+
+
+class SkipNonFiniteSteps(Callback):
+    """Zeroes non-finite gradients before the step, as a float16 gradient scaler skips them."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        for parameter in pl_module.parameters():
+            if parameter.grad is not None and not torch.isfinite(parameter.grad).all():
+                parameter.grad.zero_()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -57,6 +58,9 @@ DEFAULT_TRAIN_OUTPUT = "training_outputs"
 DEFAULT_INFER_OUTPUT = "inference_outputs"
 DEFAULT_SIMULATE_OUTPUT = "simulated.npz"
 _PACKAGE_LOGGER = "ptychodus_torch_plugin"
+#: ``train`` wrote an archive, but training diverged and stopped early: the archive holds the
+#: weights of the epochs that finished (history.json's ``diverged`` says where).
+DIVERGED_EXIT_STATUS = 3
 # Defaults shown in --help come from the configs themselves, so they cannot drift.
 _G, _D, _T, _E = GridConfig(), DataConfig(), TrainingConfig(), ExecutionConfig()
 _M = ModelConfig()
@@ -655,7 +659,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .data import load_npz
     from .devices import resolve_accelerator
     from .payload import create_training_payload
-    from .training import train
+    from .training import TrainingDivergedError, train
 
     with _console_logging(bool(args.quiet)):
         data = load_npz(train_file)
@@ -668,13 +672,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"{payload.grid.gridsize}, {payload.training.epochs} epoch(s)) -> {output_dir}",
         )
         tic = time.perf_counter()
-        result = train(
-            payload,
-            data,
-            test_data=test_data,
-            output_dir=output_dir,
-            observer=_TrainPrinter(not args.quiet and not payload.execution.enable_progress_bar),
-        )
+        try:
+            result = train(
+                payload,
+                data,
+                test_data=test_data,
+                output_dir=output_dir,
+                observer=_TrainPrinter(
+                    not args.quiet and not payload.execution.enable_progress_bar
+                ),
+            )
+        except TrainingDivergedError as exc:  # no model to write: one line, exit 1
+            raise CLIError(str(exc)) from exc
         elapsed = time.perf_counter() - tic
         archive = save_archive(result.model, output_dir)
         summary = {
@@ -683,7 +692,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "epochs_trained": len(result.history),
             "best_epoch": result.best_epoch,
             "cancelled": result.cancelled,
-            "diverged": None if result.divergence is None else str(result.divergence),
+            "diverged": None
+            if result.divergence is None
+            else dict(dataclasses.asdict(result.divergence), message=str(result.divergence)),
             "seconds": elapsed,
             "training_device": result.model.training_device,
             "input_scale": result.model.input_scale,
@@ -712,6 +723,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         val = "-" if last.val_loss is None else f"{last.val_loss:.5g}"
         _say(args, f"final epoch {last.epoch}: train_loss {last.train_loss:.5g}, val_loss {val}")
     _say(args, f"wrote {archive} ({elapsed:.1f} s of training)")
+    if result.divergence is not None:  # the engine has logged it; the status tells a script
+        return DIVERGED_EXIT_STATUS
     return 130 if result.cancelled else 0
 
 

@@ -69,6 +69,7 @@ class Divergence:
     loss: float
     learning_rate: float  # the rate of that batch (schedules move it)
     configured_learning_rate: float  # the rate the user set (the schedule's peak)
+    precision: str = "32-true"
 
     def __str__(self) -> str:
         return (
@@ -79,7 +80,10 @@ class Divergence:
     @property
     def advice(self) -> str:
         rate = self.configured_learning_rate
-        return f"lower the learning rate (set to {rate:.3g}; try {rate / 4:.2g}) and train again"
+        text = f"lower the learning rate (set to {rate:.3g}; try {rate / 4:.2g})"
+        if self.precision.startswith("16"):  # float16's range ends at 65504
+            text += " or train in bf16-mixed or 32-true precision"
+        return f"{text} and train again"
 
 
 class TrainingDivergedError(RuntimeError):
@@ -231,42 +235,93 @@ class _CancelCallback(_BatchStop):
         self._check(trainer)
 
 
+def _batches_per_epoch(trainer: L.Trainer) -> int:
+    """Training batches per epoch (Lightning says inf for a loader without a length)."""
+    value = float(trainer.num_training_batches)
+    return int(value) if math.isfinite(value) else 1_000
+
+
+def _broken(module: torch.nn.Module) -> bool:
+    """True when a floating-point weight or buffer of ``module`` holds NaN or infinity."""
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
 class _DivergenceCallback(_BatchStop):
-    """Stops training at the first batch whose loss is not finite and whose weights are broken.
+    """Stops training once a non-finite loss has broken the weights, before they are kept.
 
     Why: after a NaN or infinite loss the optimiser step writes NaN into the weights, so every
     later batch is wasted time and the last epoch's weights would make an image of NaN.
     Stopping there keeps the weights chosen among the epochs that finished (``final_weights``),
     and ``train`` says what happened and what to change, instead of a run that ends normally
-    with a useless model. A non-finite loss that left every weight and buffer finite (a
-    float16 gradient scaler skips such a step) is no divergence and training goes on. The
-    check reads the loss Lightning hands back, a scalar already computed, and looks at the
-    weights only when that is not finite, so it costs nothing measurable.
+    with a useless model.
+
+    The first non-finite loss is remembered and the weights (and batch-norm buffers) are
+    checked after every batch until the optimiser has stepped on it: with
+    ``accumulate_grad_batches`` = k that is up to k - 1 batches later. If they stay finite
+    (a float16 gradient scaler skipped the step) training goes on, unless every loss of a
+    whole epoch's worth of batches in a row is non-finite. Every epoch's end checks the
+    weights too, before the history keeps them (a finite loss can still have infinite
+    gradients). The decision is taken together by all processes of a multi-GPU run (one
+    process's NaN batch breaks everyone's weights at the shared step; stopping alone would
+    leave the others waiting for it). Cost: a scalar check per batch, the weights only while
+    a non-finite loss is pending and once per epoch.
+
+    Runs first among the callbacks, so nothing else sees a batch or an epoch end with broken
+    weights (an observer, a weight average, the history, a checkpoint).
     """
 
-    def __init__(self, configured_learning_rate: float) -> None:
+    def __init__(self, configured_learning_rate: float, precision: str) -> None:
         super().__init__()
         self.configured_learning_rate = configured_learning_rate
+        self.precision = str(precision)
         self.divergence: Divergence | None = None
+        self._rate = math.nan
+        self._pending: Divergence | None = None  # the first non-finite loss not yet cleared
+        self._checked_since = 0  # batches since then with finite weights
+        self._bad_in_a_row = 0
+
+    def _record(self, trainer: L.Trainer, batch: int, loss: float) -> Divergence:
+        return Divergence(
+            epoch=trainer.current_epoch + 1,
+            batch=batch,
+            loss=loss,
+            learning_rate=self._rate,
+            configured_learning_rate=self.configured_learning_rate,
+            precision=self.precision,
+        )
+
+    def _stop_if(self, trainer: L.Trainer, broken: bool, batch: int) -> None:
+        if trainer.strategy.reduce_boolean_decision(broken, all=False):
+            # another process's loss, when this one's own stayed finite
+            self.divergence = self._pending or self._record(trainer, batch, math.nan)
+            self._stop(trainer, "training diverged")
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        # the rate of this batch: on an epoch's last batch Lightning steps the epoch schedulers
+        # before on_train_batch_end
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        self._rate = float(optimizer.param_groups[0]["lr"]) if optimizer else math.nan
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if not isinstance(loss, torch.Tensor) or bool(torch.isfinite(loss.detach()).all()):
-            return
-        tensors = itertools.chain(pl_module.parameters(), pl_module.buffers())
-        if all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
-            return  # the step was skipped: nothing is broken
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        self.divergence = Divergence(
-            epoch=trainer.current_epoch + 1,
-            batch=idx + 1,
-            loss=float(loss.detach()) * int(trainer.accumulate_grad_batches),
-            learning_rate=float(optimizer.param_groups[0]["lr"]) if optimizer else math.nan,
-            configured_learning_rate=self.configured_learning_rate,
-        )
-        self._stop(trainer, "training diverged")
+        finite = not isinstance(loss, torch.Tensor) or bool(torch.isfinite(loss.detach()).all())
+        self._bad_in_a_row = 0 if finite else self._bad_in_a_row + 1
+        if not finite and self._pending is None:
+            value = float(loss.detach()) * int(trainer.accumulate_grad_batches)
+            self._pending, self._checked_since = self._record(trainer, idx + 1, value), 0
+        broken = False
+        if self._pending is not None:
+            broken = _broken(pl_module) or self._bad_in_a_row >= max(1, _batches_per_epoch(trainer))
+            self._checked_since += 1
+            if not broken and finite and self._checked_since >= trainer.accumulate_grad_batches:
+                self._pending = None  # the step was skipped: nothing broke
+        self._stop_if(trainer, broken, idx + 1)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_if(trainer, _broken(pl_module), _batches_per_epoch(trainer))
 
 
 class _ChannelsLastCallback(Callback):
@@ -429,11 +484,11 @@ def _run_directory(output_dir: Path | None) -> Iterator[Path]:
             yield Path(tmp)
 
 
-def _supervised_targets(data: PtychoData) -> np.ndarray:
+def _supervised_targets(data: PtychoData, role: str) -> np.ndarray:
     if data.object_guess is None:
         raise ValueError(
-            "objectGuess: not found, expected a ground-truth object for supervised training; "
-            "use the PINN (unsupervised) mode for data without ground truth"
+            f"objectGuess: not found in the {role}, expected a ground-truth object for "
+            "supervised training; use the PINN (unsupervised) mode for data without ground truth"
         )
     from .simulate import extract_patches
 
@@ -469,12 +524,12 @@ def train(
     data, refinement = _with_training_probe(data, payload, cancel)
     scan = prepare_scan(data, grid, payload.data)
     supervised = payload.training.mode == "supervised"
-    targets = _supervised_targets(data) if supervised else None
+    targets = _supervised_targets(data, "training data") if supervised else None
     val_scan: PreparedScan | None = None
     if test_data is not None:
         val_scan = prepare_scan(test_data, grid, payload.data, input_scale=scan.input_scale)
         train_rows = np.arange(scan.n_groups)
-        val_targets = _supervised_targets(test_data) if supervised else None
+        val_targets = _supervised_targets(test_data, "test data") if supervised else None
         val_set = GroupDataset(val_scan, targets=val_targets)
     else:
         scan, train_rows, val_rows = split_for_validation(scan, data, grid, payload.data)
@@ -541,15 +596,20 @@ def train(
 
     keep_last = payload.training.final_weights == "last"
     cancel_cb = _CancelCallback(cancel or CancelToken())
-    divergence_cb = _DivergenceCallback(execution.learning_rate)
+    divergence_cb = _DivergenceCallback(execution.learning_rate, execution.precision)
     guarded = None if observer is None else _GuardedObserver(observer)
     history_cb = _HistoryCallback(
         monitor, checkpointing.mode, guarded, keep_last=keep_last, stops=(cancel_cb, divergence_cb)
     )
-    all_callbacks: list[Callback] = [_ChannelsLastCallback(), history_cb, *callbacks]
+    # the divergence guard first: no other hook sees broken weights
+    all_callbacks: list[Callback] = [
+        _ChannelsLastCallback(),
+        divergence_cb,
+        history_cb,
+        *callbacks,
+    ]
     if guarded is not None:
-        all_callbacks.append(_ObserverCallback(guarded))  # observers hear the diverged batch
-    all_callbacks.append(divergence_cb)
+        all_callbacks.append(_ObserverCallback(guarded))
     if execution.early_stop_patience is not None:
         all_callbacks.append(
             EarlyStopping(monitor, patience=execution.early_stop_patience, mode=checkpointing.mode)

@@ -370,3 +370,38 @@ def test_train_supervised_mode_from_the_command_line(data_file, tmp_path, capsys
     argv[argv.index(str(data_file))] = str(no_truth)
     assert cli.main(argv) == 1
     assert "objectGuess: not found" in capsys.readouterr().err
+
+
+def test_a_diverged_training_exits_3_with_the_archive_or_1_without_one(
+    data_file, tmp_path, capsys, monkeypatch
+):
+    from training_helpers import PoisonWeights
+
+    import ptychodus_torch_plugin.engine.training as training
+
+    engine_train = training.train
+    poison = {"epoch": 2}
+
+    def diverging(*args, **kwargs):
+        return engine_train(*args, callbacks=[PoisonWeights(poison["epoch"], 1)], **kwargs)
+
+    monkeypatch.setattr(training, "train", diverging)
+    out = tmp_path / "OUT"
+    argv = (
+        f"train --train_data_file {data_file} --output_dir {out} --max_epochs 3 --n_groups 32 "
+        "--n-filters-scale 1 --accelerator cpu --logger none --quiet"
+    ).split()
+    assert cli.main(argv) == cli.DIVERGED_EXIT_STATUS == 3
+    history = json.loads((out / "history.json").read_text())
+    assert history["epochs_trained"] == 1 and (out / "wts.h5.zip").is_file()
+    diverged = history["diverged"]
+    assert (diverged["epoch"], diverged["batch"]) == (2, 1)
+    assert "epoch 2, batch 1" in diverged["message"]
+
+    poison["epoch"] = 1
+    capsys.readouterr()
+    assert cli.main([*argv[:4], str(tmp_path / "OUT2"), *argv[5:]]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ptychodus-torch train: error: training diverged")
+    assert "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "OUT2" / "wts.h5.zip").exists()

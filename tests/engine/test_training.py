@@ -8,7 +8,7 @@ import pytest
 import torch
 from engine_helpers import tiny_overrides
 from lightning.pytorch.callbacks import Callback
-from training_helpers import PoisonWeights
+from training_helpers import PoisonInputs, PoisonWeights, SkipNonFiniteSteps
 
 from ptychodus_torch_plugin.engine.archive import load_archive, save_archive
 from ptychodus_torch_plugin.engine.model import EpochRecord, TrainedModel
@@ -312,7 +312,7 @@ def test_a_stalled_run_is_reported(small_scan, caplog):
     assert "training has stalled" in caplog.text and "lower learning rate" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
-        train(create_training_payload(tiny_overrides(epochs=2, n_groups=32)), small_scan)
+        train(create_training_payload(tiny_overrides(epochs=4, n_groups=32)), small_scan)
     assert "stalled" not in caplog.text  # a run that learns is not reported
 
 
@@ -329,9 +329,10 @@ def test_a_diverged_run_stops_and_keeps_the_last_finite_weights(small_scan, capl
     divergence = result.divergence
     assert (divergence.epoch, divergence.batch) == (2, 2) and np.isnan(divergence.loss)
     assert divergence.configured_learning_rate == 2e-3
-    # stopped right after the bad batch: no third batch, no more epochs, epoch 2 not recorded
+    # stopped at the bad batch, before observers hear it: no more batches or epochs, epoch 2
+    # not recorded
     batches = [event[1:3] for event in recorder.events if event[0] == "batch"]
-    assert batches[-1] == (1, 1) and len(result.history) == 1 and result.best_epoch == 1
+    assert batches[-1] == (1, 0) and len(result.history) == 1 and result.best_epoch == 1
     assert not result.cancelled
     weights = result.model.generator.state_dict().values()
     assert all(torch.isfinite(w).all() for w in weights if w.is_floating_point())
@@ -345,6 +346,26 @@ def test_a_run_that_diverges_in_its_first_epoch_is_an_error(small_scan):
     payload = create_training_payload(tiny_overrides(epochs=2, n_groups=64))
     with pytest.raises(TrainingDivergedError, match="no model; lower the learning rate"):
         train(payload, small_scan, callbacks=[PoisonWeights(epoch=1, batch=2)])
+
+
+def test_a_nan_loss_is_caught_when_an_accumulated_step_applies_it(small_scan):
+    """The NaN batch does not step (accumulation); the guard waits for the step and names it."""
+    payload = create_training_payload(
+        tiny_overrides(epochs=3, n_groups=64, accumulate_grad_batches=2, final_weights="last")
+    )
+    result = train(payload, small_scan, callbacks=[PoisonInputs(epoch=2, batch=1)])
+    assert (result.divergence.epoch, result.divergence.batch) == (2, 1)
+    assert len(result.history) == 1
+    weights = result.model.generator.state_dict().values()
+    assert all(torch.isfinite(w).all() for w in weights if w.is_floating_point())
+
+
+def test_a_nan_loss_whose_step_was_skipped_is_not_a_divergence(small_scan):
+    payload = create_training_payload(tiny_overrides(epochs=2, n_groups=64))
+    callbacks = [PoisonInputs(epoch=1, batch=2), SkipNonFiniteSteps()]
+    result = train(payload, small_scan, callbacks=callbacks)
+    assert result.divergence is None and len(result.history) == 2
+    assert np.isnan(result.history[0].train_loss) and np.isfinite(result.history[1].train_loss)
 
 
 def test_one_repeated_epoch_loss_is_a_coincidence_two_in_a_row_a_stall():
