@@ -32,7 +32,7 @@ from ptychodus_torch_plugin.engine.metrics import QualityMetrics, evaluate, scan
 from ptychodus_torch_plugin.engine.module import cosine_decay
 from ptychodus_torch_plugin.engine.payload import create_training_payload
 from ptychodus_torch_plugin.engine.simulate import extract_patches, simulate_from_object_npz
-from ptychodus_torch_plugin.engine.training import CancelToken, train
+from ptychodus_torch_plugin.engine.training import CancelToken, TrainingResult, train
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -241,6 +241,11 @@ def true_patch_ceiling(data, canvas: CanvasGeometry) -> dict:  # noqa: ANN001 - 
     return _rounded(evaluate(stitched.object, data.object_guess, mask))
 
 
+def _diverged(result: TrainingResult) -> str | None:
+    """Where training diverged, if it did: a diverged run must not pass for a normal one."""
+    return None if result.divergence is None else str(result.divergence)
+
+
 def run_run1084(gridsize: int, photons: float, args: argparse.Namespace) -> dict:
     data = simulate_from_object_npz(RUN1084, nphotons=photons, seed=1)
     height, width = data.object_guess.shape
@@ -289,7 +294,7 @@ def run_run1084(gridsize: int, photons: float, args: argparse.Namespace) -> dict
     return {
         "case": name,
         "epochs": len(result.history),
-        "diverged": None if result.divergence is None else str(result.divergence),
+        "diverged": _diverged(result),
         "final_weights": args.final_weights,
         "epoch_handed_over": result.best_epoch,
         "train_seconds": round(seconds, 1),
@@ -344,7 +349,7 @@ def run_siemens(args: argparse.Namespace) -> dict:
     return {
         "case": "siemens_star_experimental",
         "epochs": len(result.history),
-        "diverged": None if result.divergence is None else str(result.divergence),
+        "diverged": _diverged(result),
         "train_seconds": round(seconds, 1),
         "probe_refinement": None if refinement is None else refinement.summary(),
         "final_train_nll": round(result.history[-1].train_loss, 1) if result.history else None,
@@ -397,7 +402,7 @@ def run_siemens_simulated(args: argparse.Namespace) -> dict:
     return {
         "case": "siemens_star_simulated_g1",
         "epochs": len(result.history),
-        "diverged": None if result.divergence is None else str(result.divergence),
+        "diverged": _diverged(result),
         "train_seconds": round(seconds, 1),
         **_rounded(evaluate(image, reference, mask)),
         "with_phase_ramp_removed": _rounded(ramp),

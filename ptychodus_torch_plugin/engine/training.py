@@ -264,8 +264,9 @@ class _DivergenceCallback(_BatchStop):
     weights too, before the history keeps them (a finite loss can still have infinite
     gradients). The decision is taken together by all processes of a multi-GPU run (one
     process's NaN batch breaks everyone's weights at the shared step; stopping alone would
-    leave the others waiting for it). Cost: a scalar check per batch, the weights only while
-    a non-finite loss is pending and once per epoch.
+    leave the others waiting for it). Cost: a scalar check per batch (and, on several GPUs, a
+    one-number all-reduce), the weights only while a non-finite loss is pending and once per
+    epoch.
 
     Runs first among the callbacks, so nothing else sees a batch or an epoch end with broken
     weights (an observer, a weight average, the history, a checkpoint).
