@@ -39,3 +39,22 @@ class SkipNonFiniteSteps(Callback):
         for parameter in pl_module.parameters():
             if parameter.grad is not None and not torch.isfinite(parameter.grad).all():
                 parameter.grad.zero_()
+
+
+def make_training_diverge(monkeypatch, epoch: int, batch: int) -> None:
+    """Make every ``train`` the CLI, the host and the GUI start diverge at (epoch, batch).
+
+    They look ``train`` up in ``engine.training`` when they run, so patching it there reaches
+    them all; the callbacks a caller passes (the GUI's prompt stop) are kept. Patching again
+    replaces the first patch (it always wraps the original).
+    """
+    import ptychodus_torch_plugin.engine.training as training
+
+    original = getattr(training.train, "original", training.train)
+
+    def diverging(*args, callbacks=(), **kwargs):
+        poison = PoisonWeights(epoch, batch)
+        return original(*args, callbacks=[*callbacks, poison], **kwargs)
+
+    diverging.original = original
+    monkeypatch.setattr(training, "train", diverging)

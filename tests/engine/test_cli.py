@@ -375,17 +375,9 @@ def test_train_supervised_mode_from_the_command_line(data_file, tmp_path, capsys
 def test_a_diverged_training_exits_3_with_the_archive_or_1_without_one(
     data_file, tmp_path, capsys, monkeypatch
 ):
-    from training_helpers import PoisonWeights
+    from training_helpers import make_training_diverge
 
-    import ptychodus_torch_plugin.engine.training as training
-
-    engine_train = training.train
-    poison = {"epoch": 2}
-
-    def diverging(*args, **kwargs):
-        return engine_train(*args, callbacks=[PoisonWeights(poison["epoch"], 1)], **kwargs)
-
-    monkeypatch.setattr(training, "train", diverging)
+    make_training_diverge(monkeypatch, epoch=2, batch=1)
     out = tmp_path / "OUT"
     argv = (
         f"train --train_data_file {data_file} --output_dir {out} --max_epochs 3 --n_groups 32 "
@@ -398,7 +390,7 @@ def test_a_diverged_training_exits_3_with_the_archive_or_1_without_one(
     assert (diverged["epoch"], diverged["batch"]) == (2, 1)
     assert "epoch 2, batch 1" in diverged["message"]
 
-    poison["epoch"] = 1
+    make_training_diverge(monkeypatch, epoch=1, batch=1)
     capsys.readouterr()
     assert cli.main([*argv[:4], str(tmp_path / "OUT2"), *argv[5:]]) == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -306,16 +306,9 @@ def test_ptychodus_own_train_draws_the_loss_in_the_panel_live(gui, tmp_path):
 
 
 def test_a_diverged_run_is_reported_in_red_and_keeps_its_finished_epochs(gui, monkeypatch):
-    from training_helpers import PoisonWeights
+    from training_helpers import make_training_diverge
 
-    import ptychodus_torch_plugin.engine.training as training
-
-    engine_train = training.train
-
-    def diverging(*args, callbacks=(), **kwargs):  # NaN in the second epoch's first batch
-        return engine_train(*args, callbacks=[*callbacks, PoisonWeights(2, 1)], **kwargs)
-
-    monkeypatch.setattr(training, "train", diverging)
+    make_training_diverge(monkeypatch, epoch=2, batch=1)  # NaN in the second epoch
     warm_backend()
     panel = gui.panel(PINN_KEY)
     gui.select_product(32)

@@ -405,16 +405,9 @@ def test_an_empty_object_is_refused_and_a_too_small_one_is_reported(
 def test_a_diverged_run_keeps_its_finished_epochs_and_says_to_lower_the_rate(
     library, scan_dir, tmp_path, monkeypatch, caplog
 ):
-    from training_helpers import PoisonWeights
+    from training_helpers import make_training_diverge
 
-    import ptychodus_torch_plugin.engine.training as training
-
-    engine_train = training.train
-
-    def diverging(*args, **kwargs):  # the loss turns NaN in the second epoch's first batch
-        return engine_train(*args, callbacks=[PoisonWeights(epoch=2, batch=1)], **kwargs)
-
-    monkeypatch.setattr(training, "train", diverging)
+    make_training_diverge(monkeypatch, epoch=2, batch=1)  # NaN in the second epoch
     reconstructor = library.reconstructor("PINN")
     with settings_values(library, **dict(TINY, epochs=3)), caplog.at_level(logging.WARNING):
         outputs = list(reconstructor.train(scan_dir, tmp_path))
