@@ -120,8 +120,14 @@ class _TimeCosine(Callback):
     def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
         self.start = time.perf_counter()
         self.seconds = max(self.deadline - self.start, 1e-3)
+        # The first batch's rate, set now: the engine's history reads the rate at each
+        # epoch's start, which for epoch 1 comes before the first batch would set it.
+        self._set_rate(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        self._set_rate(trainer)
+
+    def _set_rate(self, trainer) -> None:  # noqa: ANN001
         progress = min(1.0, (time.perf_counter() - self.start) / self.seconds)
         if progress < 0.1:
             factor = max(progress / 0.1, 0.01)
