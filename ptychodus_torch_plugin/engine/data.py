@@ -36,11 +36,15 @@ def _bad(key: str, found: Any, expected: str) -> ValueError:
     return ValueError(f"{key}: found {found}, expected {expected}")
 
 
-def _check_finite_real(key: str, array: np.ndarray) -> None:
+def _check_real(key: str, array: np.ndarray) -> None:
     if np.iscomplexobj(array):
         raise _bad(key, f"complex values (dtype {array.dtype})", "real values")
     if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
         raise _bad(key, f"dtype {array.dtype}", "a numeric array")
+
+
+def _check_finite_real(key: str, array: np.ndarray) -> None:
+    _check_real(key, array)
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         count = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
         raise _bad(key, f"{count} NaN/inf value(s)", "finite values")
@@ -148,6 +152,28 @@ def _is_nnm_stack(array: np.ndarray, m: int) -> bool:
     return array.ndim == 3 and array.shape[0] == array.shape[1] != array.shape[2] == m
 
 
+def _patterns_first(array: np.ndarray, m: int, key: str) -> np.ndarray:
+    """``array`` as (M, N, N): an (N, N, M) stack (MATLAB order) is transposed, and logged."""
+    if not _is_nnm_stack(array, m):
+        return array
+    logger.warning(
+        "%s has shape %s, an (N, N, M) stack: transposing to (M, N, N)", key, array.shape
+    )
+    return np.moveaxis(array, 2, 0)
+
+
+def _pattern_mask(bad_pixels: np.ndarray | None, patterns: np.ndarray) -> np.ndarray | None:
+    """``bad_pixels`` as a boolean (N, N) mask when it fits ``patterns`` (M, N, N), else None.
+
+    A mask of the wrong shape is left for ``from_amplitudes`` to name; until then it masks
+    nothing.
+    """
+    if bad_pixels is None or patterns.ndim != 3 or np.shape(bad_pixels) != patterns.shape[1:]:
+        return None
+    mask = np.asarray(bad_pixels, dtype=bool)
+    return mask if mask.any() else None
+
+
 def with_flagged_pixels(
     counts: np.ndarray,
     bad_pixels: np.ndarray | None,
@@ -228,13 +254,7 @@ class PtychoData:
         m = len(xcoords)
         if len(ycoords) != m:
             raise _bad("ycoords", f"shape {ycoords.shape}", f"({m},) to match xcoords")
-        if _is_nnm_stack(amplitudes, m):
-            logger.warning(
-                "%s has shape %s, an (N, N, M) stack: transposing to (M, N, N)",
-                key,
-                amplitudes.shape,
-            )
-            amplitudes = np.moveaxis(amplitudes, 2, 0)
+        amplitudes = _patterns_first(amplitudes, m, key)
         n = amplitudes.shape[1]
         if amplitudes.shape[2] != n:
             raise _bad(key, f"shape {amplitudes.shape}", "square patterns (M, N, N)")
@@ -300,16 +320,26 @@ class PtychoData:
         )
 
     @classmethod
-    def from_counts(cls, counts: np.ndarray, *args: Any, **kwargs: Any) -> PtychoData:
-        """Validate arrays whose patterns are detector counts (intensities, e.g. uint16)."""
+    def from_counts(
+        cls, counts: np.ndarray, *args: Any, clip_negative: bool = False, **kwargs: Any
+    ) -> PtychoData:
+        """Validate arrays whose patterns are detector counts (intensities, e.g. uint16).
+
+        Bad pixels (``bad_pixels``, and pixels at the integer dtype's flag value) are zeroed
+        before any check, whatever they hold: a NaN or a -1 gap marker there is what the mask
+        is for. ``clip_negative``: see :func:`amplitudes_from_counts`.
+        """
         counts = np.asarray(counts)
-        _check_finite_real("counts", counts)
+        _check_real("counts", counts)
         xcoords = args[0] if args else kwargs.get("xcoords")
         m = int(np.size(xcoords)) if xcoords is not None else -1
-        kwargs["bad_pixels"] = with_flagged_pixels(
-            counts, kwargs.get("bad_pixels"), source="counts", m=m
+        counts = _patterns_first(counts, m, "counts")
+        bad_pixels = with_flagged_pixels(counts, kwargs.get("bad_pixels"), source="counts", m=m)
+        kwargs["bad_pixels"] = bad_pixels
+        amplitudes = amplitudes_from_counts(
+            counts, bad_pixels=_pattern_mask(bad_pixels, counts), clip_negative=clip_negative
         )
-        return cls.from_amplitudes(amplitudes_from_counts(counts), *args, key="counts", **kwargs)
+        return cls.from_amplitudes(amplitudes, *args, key="counts", **kwargs)
 
     # ----------------------------------------------------------------- views
     @property
@@ -366,7 +396,10 @@ class PtychoData:
 # --------------------------------------------------------------------- NPZ I/O
 def _detect_units(arrays: dict[str, np.ndarray], key: str, raw: np.ndarray) -> str:
     if "diff3d_units" in arrays:
-        units = str(np.asarray(arrays["diff3d_units"]).item()).strip().lower()
+        value = np.asarray(arrays["diff3d_units"]).item()
+        if isinstance(value, bytes):  # h5py and MATLAB pipelines store byte strings
+            value = value.decode("utf-8", "replace")
+        units = str(value).strip().lower()
         if units in ("amplitude", "amplitudes"):
             return UNITS_AMPLITUDE
         if units in ("counts", "count", "intensity", "intensities"):
@@ -388,6 +421,14 @@ def _detect_units(arrays: dict[str, np.ndarray], key: str, raw: np.ndarray) -> s
             key,
         )
         return UNITS_COUNTS
+    # Said as loudly as the other guesses: read the wrong way, every pattern is squared (or
+    # rooted) once too often and the Poisson loss is wrong without an error.
+    logger.warning(
+        "%s holds fractional values and no diff3d_units key: reading it as amplitudes (square "
+        "roots of counts); if these are intensities (e.g. background-subtracted counts), add "
+        "diff3d_units='counts' to the file",
+        key,
+    )
     return UNITS_AMPLITUDE
 
 
@@ -405,7 +446,10 @@ def load_npz(path: str | os.PathLike[str]) -> PtychoData:
     """Load and validate an NPZ in the PtychoPINN contract.
 
     Raises ``FileNotFoundError`` naming the path when it does not exist and ``ValueError``
-    naming the key and what was expected for every malformed field.
+    naming the path, the key and what was expected for every malformed field. Pixels listed in
+    ``bad_pixels`` are not checked (a NaN or a -1 gap marker there is what the mask is for);
+    negative counts (background-subtracted data) are clipped to 0 with a warning, as Ptychodus's
+    own data are (``host/convert.py``).
     """
     path = Path(path)
     if not path.is_file():
@@ -436,8 +480,17 @@ def load_npz(path: str | os.PathLike[str]) -> PtychoData:
             f"{path}: not a readable NPZ file ({type(exc).__name__}: {exc}); the file is "
             "corrupt or truncated: export or copy it again"
         ) from exc
+    try:
+        return _from_arrays(arrays, key)
+    except ValueError as exc:  # with two files (training and test data), say which one
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def _from_arrays(arrays: dict[str, np.ndarray], key: str) -> PtychoData:
+    m = int(np.size(arrays["xcoords"]))
     raw = arrays[key]
-    _check_finite_real(key, raw)
+    _check_real(key, raw)
+    raw = _patterns_first(raw, m, key)
     units = _detect_units(arrays, key, raw)
     optional = {
         name: arrays.get(src)
@@ -450,14 +503,31 @@ def load_npz(path: str | os.PathLike[str]) -> PtychoData:
         )
     }
     if units == UNITS_COUNTS:
-        m = int(np.size(arrays["xcoords"]))
-        optional["bad_pixels"] = with_flagged_pixels(raw, optional["bad_pixels"], source=key, m=m)
-        amplitudes = amplitudes_from_counts(raw)
+        bad_pixels = with_flagged_pixels(raw, optional["bad_pixels"], source=key, m=m)
+        optional["bad_pixels"] = bad_pixels
+        amplitudes = amplitudes_from_counts(
+            raw, bad_pixels=_pattern_mask(bad_pixels, raw), clip_negative=True
+        )
     else:
-        amplitudes = raw
+        amplitudes = _bad_pixels_zeroed(raw, _pattern_mask(optional["bad_pixels"], raw))
     return PtychoData.from_amplitudes(
         amplitudes, arrays["xcoords"], arrays["ycoords"], arrays["probeGuess"], key=key, **optional
     )
+
+
+def _bad_pixels_zeroed(amplitudes: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Amplitudes with their bad pixels set to 0 where those hold NaN, inf or negatives.
+
+    Only then: valid values in bad pixels stay as stored (the loss ignores them either way).
+    """
+    if mask is None or not np.issubdtype(amplitudes.dtype, np.floating):
+        return amplitudes
+    bad = amplitudes[:, mask]
+    if np.all(np.isfinite(bad)) and not np.any(bad < 0):
+        return amplitudes
+    fixed = np.array(amplitudes, dtype=np.float32)
+    fixed[:, mask] = 0.0
+    return fixed
 
 
 def _member(npz: Any, name: str, path: Path) -> np.ndarray:

@@ -180,6 +180,91 @@ def test_bad_input_names_key_found_and_expected(tmp_path, change, match):
     with pytest.raises(ValueError, match=match) as info:
         load_npz(_write(tmp_path, **arrays))
     assert "expected" in str(info.value) or "missing key" in str(info.value)
+    assert str(info.value).startswith(f"{tmp_path / 'scan.npz'}: ")  # training or test file?
+
+
+def _with_bad_pixel(arrays, diff3d, value, units=None):
+    bad = np.zeros((N, N), bool)
+    bad[3, 4] = True
+    diff3d = diff3d.copy()
+    diff3d[:, 3, 4] = value
+    extra = {} if units is None else {"diff3d_units": units}
+    return {**arrays, "diff3d": diff3d, "bad_pixels": bad, **extra}
+
+
+@pytest.mark.parametrize(
+    "dtype, value, units",
+    [
+        (np.float64, np.nan, "counts"),  # a dead pixel written as NaN
+        (np.int32, -1, None),  # a gap marker in signed integer counts
+        (np.float32, np.nan, "amplitude"),
+        (np.float32, -1.0, "amplitude"),
+    ],
+)
+def test_bad_pixels_may_hold_anything(tmp_path, dtype, value, units):
+    """What the mask marks is not checked: the GUI (host/convert.py) reads such scans too."""
+    arrays = _arrays()
+    counts = np.rint(np.square(arrays["diff3d"].astype(np.float64)))
+    stored = arrays["diff3d"] if units == "amplitude" else counts
+    data = load_npz(_write(tmp_path, **_with_bad_pixel(arrays, stored.astype(dtype), value, units)))
+    assert data.bad_pixels[3, 4] and data.bad_pixels.sum() == 1
+    assert np.all(data.amplitudes[:, 3, 4] == 0)
+    good = np.ones((N, N), bool)
+    good[3, 4] = False
+    np.testing.assert_allclose(data.amplitudes[:, good], arrays["diff3d"][:, good], rtol=1e-6)
+
+
+def test_nan_in_a_good_pixel_says_to_mark_it_bad(tmp_path):
+    arrays = _arrays()
+    counts = np.square(arrays["diff3d"].astype(np.float64))
+    counts[2, 5, 5] = np.nan
+    path = _write(tmp_path, **{**arrays, "diff3d": counts, "diff3d_units": "counts"})
+    with pytest.raises(ValueError, match=r"scan.npz: counts: found 1 NaN/inf .* mark those"):
+        load_npz(path)
+
+
+def test_negative_counts_are_clipped_with_a_warning(tmp_path, caplog):
+    """Background-subtracted counts: clipped to 0, as Ptychodus's own data are in the GUI."""
+    arrays = _arrays()
+    counts = np.square(arrays["diff3d"].astype(np.float64))
+    counts[1, 2, 2] = -3.5
+    path = _write(tmp_path, **{**arrays, "diff3d": counts, "diff3d_units": "counts"})
+    with caplog.at_level(logging.WARNING):
+        data = load_npz(path)
+    assert "1 negative intensities (min -3.5) clipped to 0" in caplog.text
+    assert data.amplitudes[1, 2, 2] == 0
+    np.testing.assert_allclose(data.amplitudes[0], arrays["diff3d"][0], rtol=1e-6)
+
+
+def test_units_stored_as_bytes_are_read(tmp_path):
+    """h5py and MATLAB pipelines write byte strings."""
+    arrays = _arrays()
+    counts = np.square(arrays["diff3d"].astype(np.float64)) + 0.25  # not whole numbers
+    path = _write(tmp_path, **{**arrays, "diff3d": counts, "diff3d_units": np.bytes_(b"counts")})
+    np.testing.assert_allclose(load_npz(path).counts(), counts, rtol=1e-6)
+
+
+def test_fractional_data_without_units_are_read_as_amplitudes_and_say_so(tmp_path, caplog):
+    arrays = _arrays()
+    with caplog.at_level(logging.WARNING):
+        data = load_npz(_write(tmp_path, **arrays))
+    assert "reading it as amplitudes" in caplog.text and "diff3d_units='counts'" in caplog.text
+    np.testing.assert_array_equal(data.amplitudes, arrays["diff3d"])
+
+
+def test_in_memory_counts_mask_before_checking_in_either_stack_order():
+    arrays = _arrays()
+    counts = np.square(arrays["diff3d"].astype(np.float64))
+    counts[:, 3, 4] = np.nan
+    bad = np.zeros((N, N), bool)
+    bad[3, 4] = True
+    args = (arrays["xcoords"], arrays["ycoords"], arrays["probeGuess"])
+    for stack in (counts, np.moveaxis(counts, 0, 2)):  # (M, N, N) and (N, N, M)
+        data = PtychoData.from_counts(stack, *args, bad_pixels=bad)
+        assert np.all(data.amplitudes[:, 3, 4] == 0)
+        np.testing.assert_allclose(data.amplitudes[:, 0, 0], arrays["diff3d"][:, 0, 0], rtol=1e-6)
+    with pytest.raises(ValueError, match="counts: found 12 NaN/inf"):
+        PtychoData.from_counts(counts, *args)  # without the mask the NaN are in good pixels
 
 
 def test_subset_and_multimode_probe():
