@@ -58,6 +58,7 @@ DEFAULT_TRAIN_OUTPUT = "training_outputs"
 DEFAULT_INFER_OUTPUT = "inference_outputs"
 DEFAULT_SIMULATE_OUTPUT = "simulated.npz"
 _PACKAGE_LOGGER = "ptychodus_torch_plugin"
+logger = logging.getLogger(__name__)
 #: ``train`` wrote an archive, but training diverged and stopped early: the archive holds the
 #: weights of the epochs that finished (history.json's ``diverged`` says where).
 DIVERGED_EXIT_STATUS = 3
@@ -765,11 +766,49 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _object_canvas(data: Any) -> Any:
+    """The canvas ``infer`` stitches into: ``objectGuess``'s pixel frame, when it holds the scan.
+
+    Why: the image is scored against ``objectGuess``, so it must share its frame; but a
+    placeholder or a crop from elsewhere would drop every patch outside it without a word
+    (an all-zero image, exit 0). Positions outside the object are counted and reported;
+    when none lies inside, the canvas covers the scan instead and nothing is scored.
+    Returns None for that canvas (``reconstruct`` builds it) and without ``objectGuess``.
+    """
+    from .inference import CanvasGeometry
+
+    if data.object_guess is None:
+        return None
+    height, width = data.object_guess.shape
+    x, y = data.xcoords, data.ycoords
+    outside = (x < 0) | (x > width) | (y < 0) | (y > height)
+    if outside.all():
+        logger.warning(
+            "none of the %d scan positions lies inside objectGuess (%d x %d pixels): it does "
+            "not hold this scan, so the image covers the scan instead and is not scored",
+            outside.size,
+            width,
+            height,
+        )
+        return None
+    if outside.any():
+        logger.warning(
+            "%d of %d scan positions lie outside objectGuess (%d x %d pixels): their part of "
+            "the image is cut off and not scored; remove objectGuess from the file to see "
+            "the whole scan",
+            int(outside.sum()),
+            outside.size,
+            width,
+            height,
+        )
+    return CanvasGeometry(0.0, 0.0, int(width), int(height))
+
+
 def _cmd_infer(args: argparse.Namespace) -> int:
     from .archive import load_archive
     from .data import load_npz
     from .devices import select_device
-    from .inference import CanvasGeometry, reconstruct
+    from .inference import reconstruct
 
     data_file = _require_file(args.test_data, "test data file")
     output_dir = _output_folder(args.output_dir, "--output_dir")
@@ -786,10 +825,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         }
         payload = model.inference_payload(overrides)
         _check_hardware(select_device, payload.execution.accelerator)
-        canvas = None
-        if data.object_guess is not None:
-            height, width = data.object_guess.shape
-            canvas = CanvasGeometry(0.0, 0.0, int(width), int(height))
+        canvas = _object_canvas(data)
+        scored = canvas is not None
         _say(
             args,
             f"reconstructing {data_file} ({data.n_patterns} patterns) with "
@@ -814,7 +851,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         )
         written = [output_dir / "object.npy", output_dir / "reconstruction.npz"]
         written += _save_images(output_dir, obj, stitched.weights > 0)
-        if data.object_guess is not None:
+        if scored:
             report = _quality(result, data.object_guess, model.N)
             report.update(
                 {
@@ -833,6 +870,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
                     f"{report['phase_ssim']:.3f}, amplitude PSNR "
                     f"{report['amplitude_psnr']:.2f} dB, FRC50 {report['frc50']:.3f}",
                 )
+            else:
+                _say(args, f"no quality metrics: {report['error']}")
     _say(
         args,
         f"{result.n_groups} groups reconstructed in {elapsed:.2f} s ({result.backend}); wrote "

@@ -397,3 +397,61 @@ def test_a_diverged_training_exits_3_with_the_archive_or_1_without_one(
     assert err[-1].startswith("ptychodus-torch train: error: training diverged")
     assert "Traceback" not in "\n".join(err)
     assert not (tmp_path / "OUT2" / "wts.h5.zip").exists()
+
+
+@pytest.fixture(scope="module")
+def untrained_archive(tmp_path_factory, data_file):
+    """An archive of an untrained N = 32, gridsize-1 model (inference only needs one)."""
+    import torch
+    from engine_helpers import tiny_overrides
+
+    from ptychodus_torch_plugin.engine.archive import save_archive
+    from ptychodus_torch_plugin.engine.model import TrainedModel
+
+    torch.manual_seed(0)
+    data = load_npz(data_file)
+    config = create_training_payload(tiny_overrides(gridsize=1)).to_flat()
+    model = TrainedModel.build(
+        config, data.probe[0], input_scale=1.0, intensity_scale=1.0, nphotons=1e5
+    )
+    return save_archive(model, tmp_path_factory.mktemp("model") / "wts.h5.zip")
+
+
+def _shifted_object_file(data_file, tmp_path, dx):
+    """The scan with its positions moved ``dx`` pixels right of objectGuess's frame start."""
+    data = load_npz(data_file)
+    path = tmp_path / "shifted.npz"
+    with np.load(data_file) as raw:
+        arrays = dict(raw)
+    arrays["xcoords"] = data.xcoords + dx
+    np.savez(path, **arrays)
+    return path, data.object_guess.shape
+
+
+def test_infer_reports_positions_outside_the_object_and_never_writes_an_empty_image(
+    untrained_archive, data_file, tmp_path, capsys, caplog
+):
+    """A placeholder objectGuess used to drop every patch off the canvas, exit 0, silently."""
+    height, width = load_npz(data_file).object_guess.shape
+    # all positions beyond the object's right edge: the image covers the scan, unscored
+    path, _ = _shifted_object_file(data_file, tmp_path, dx=width + 100)
+    out = tmp_path / "all_out"
+    argv = ["infer", "--model_path", str(untrained_archive), "--test_data", str(path)]
+    assert cli.main([*argv, "--output_dir", str(out), "--accelerator", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "none of the 169 scan positions lies inside objectGuess" in captured.err
+    obj = np.load(out / "object.npy")
+    assert np.count_nonzero(obj) > 0.5 * obj.size  # the scan, not an all-zero object frame
+    with np.load(out / "reconstruction.npz") as npz:
+        assert float(npz["origin_x"]) > width  # the canvas lies where the scan is
+    assert not (out / "metrics.json").exists()
+
+    # some positions outside: the object's frame, with a count and what to do
+    path, _ = _shifted_object_file(data_file, tmp_path, dx=width / 2)
+    out = tmp_path / "some_out"
+    argv = ["infer", "--model_path", str(untrained_archive), "--test_data", str(path)]
+    assert cli.main([*argv, "--output_dir", str(out), "--accelerator", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "scan positions lie outside objectGuess" in err and "remove objectGuess" in err
+    assert np.load(out / "object.npy").shape == (height, width)
+    assert "amplitude_ssim" in json.loads((out / "metrics.json").read_text())
