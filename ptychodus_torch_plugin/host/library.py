@@ -86,7 +86,19 @@ class TorchPINNLibrary(ReconstructorLibrary):
         return getattr(api, "task_monitor", None)
 
     def is_stopping(self) -> bool:
-        """True while the host's running processing task was asked to stop (Stop button)."""
+        """True when the host asked its running task to stop.
+
+        Either its Stop button (the processing task monitor) or Ptychodus shutting down: closing
+        the window, or Ctrl-C in ``ptychodus -b``, stops the task manager and then waits for
+        its worker thread, which is running our training. Without the second, that wait lasted
+        every remaining epoch with the window gone, and a killed process lost the whole run.
+        """
+        manager = self._task_manager
+        try:
+            if manager is not None and bool(getattr(manager, "is_stopping", False)):
+                return True
+        except Exception:  # a host without the property: the monitor and generator closing
+            pass
         monitor = self._task_monitor()
         if monitor is None:
             return False

@@ -299,6 +299,34 @@ def test_train_from_npz_yields_epochs_and_a_stop_keeps_the_best_model(
     assert model.epochs_trained >= 1
 
 
+def test_ptychodus_shutting_down_stops_its_own_training_and_keeps_the_model(
+    library, reconstruct_input, tmp_path, caplog, monkeypatch
+):
+    """Closing the window (or Ctrl-C in batch mode) stops Ptychodus's task manager, which then
+    waits for its worker: our training must end within a batch, not after every epoch."""
+    from ptychodus.model.task_manager import TaskManager
+
+    manager = TaskManager()
+    manager.start()
+    monkeypatch.setattr(library, "_task_manager", manager)
+    reconstructor = library.reconstructor("Supervised")
+    reconstructor.export_training_data(tmp_path / "train_data.npz", reconstruct_input)
+    try:
+        with settings_values(library, **dict(TINY, epochs=50)):
+            generator = reconstructor.train(tmp_path, tmp_path)
+            with caplog.at_level(logging.WARNING, logger="ptychodus_torch_plugin"):
+                next(generator)
+                assert not library.is_stopping()
+                manager.stop(await_finish=False)  # what ModelCore.__exit__ does
+                rest = list(generator)  # ends by itself, as Ptychodus's worker loop needs
+    finally:
+        manager.stop(await_finish=False)
+    assert len(rest) < 10, len(rest)
+    assert (tmp_path / "wts.h5.zip").is_file()
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "training stopped after" in messages
+
+
 def test_training_with_probe_refinement_settings_keeps_the_refined_modes(
     library, reconstruct_input, tmp_path, caplog
 ):
