@@ -196,7 +196,11 @@ class ModelSlot:
             return False
 
     def save_copy(self, destination: Path) -> Path:
-        """Copy the current archive to ``destination`` (a file, or a folder gets wts.h5.zip)."""
+        """Copy the current archive to ``destination`` (a file, or a folder gets wts.h5.zip).
+
+        A name completed here (a folder's ``wts.h5.zip``, an added ``.h5.zip``) never replaces
+        an existing file: ``FileExistsError`` says so (``saving.check_not_replacing``).
+        """
         import shutil
 
         from ..engine.atomic import atomic_write_path
@@ -212,6 +216,8 @@ class ModelSlot:
             source = resolve_archive(path)
         if source is None:
             raise RuntimeError("No TorchPINN model to save: train or load one first.")
+        from .saving import check_not_replacing
+
         target = Path(destination)
         if target.is_dir():
             target = target / ARCHIVE_NAME
@@ -219,6 +225,7 @@ class ModelSlot:
             target = target.with_name(target.name + MODEL_FILE_EXTENSION)
         if target.exists() and target.resolve() == source.resolve():
             return target
+        check_not_replacing(Path(destination), target)
         with atomic_write_path(target) as tmp:
             shutil.copyfile(source, tmp)
         logger.info("model archive copied to %s", target)

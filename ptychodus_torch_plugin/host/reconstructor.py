@@ -48,7 +48,7 @@ from .names import (
     MODEL_FILE_FILTER,
     TRAINING_DATA_FILE_FILTER,
 )
-from .saving import save_trained_model
+from .saving import check_not_replacing, keep_earlier_archive, save_trained_model
 
 if TYPE_CHECKING:
     from .library import TorchPINNLibrary
@@ -185,6 +185,7 @@ class TorchPINNReconstructor(TrainableReconstructor):
         path = Path(file_path)
         if path.suffix.casefold() != ".npz":
             path = path.with_name(path.name + ".npz")
+            check_not_replacing(Path(file_path), path)
         data = reconstruct_input_to_data(parameters, with_object=True)
         save_npz(data, path)
         self._logger.info("training data written to %s (%d patterns)", path, data.n_patterns)
@@ -292,6 +293,7 @@ class TorchPINNReconstructor(TrainableReconstructor):
             )
             return
         try:
+            keep_earlier_archive(output_path / ARCHIVE_NAME)
             saved = save_trained_model(result.model, output_path / ARCHIVE_NAME)
         except Exception as exc:
             if raise_errors:
@@ -300,7 +302,11 @@ class TorchPINNReconstructor(TrainableReconstructor):
             return
         file = saved.file
         if saved.problem is not None:  # a read-only or full output folder: not lost, moved
-            self._logger.error("%s; Load Model... or Save Model... from there", saved.problem)
+            self._logger.error(
+                "%s; it is loaded now: the TorchPINN panel's Save model as... copies it where "
+                "you want it",
+                saved.problem,
+            )
         self._library.model_slot.adopt(result.model, file)
         self._library.on_model_trained(file)
         if result.divergence is not None:

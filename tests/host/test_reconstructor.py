@@ -251,6 +251,32 @@ def test_save_model_copies_the_archive(library, trained_archive, tmp_path):
     target = tmp_path / "copy.h5.zip"
     reconstructor.save_model(target)
     assert target.read_bytes() == trained_archive.read_bytes()
+    target.write_bytes(b"an earlier model")
+    reconstructor.save_model(target)  # the name as chosen (the dialog asked): replaced
+    assert target.read_bytes() == trained_archive.read_bytes()
+
+
+@pytest.mark.parametrize("chosen", ["run1", "folder"])
+def test_a_name_we_complete_never_replaces_an_existing_file(
+    library, trained_archive, reconstruct_input, tmp_path, chosen
+):
+    """Ptychodus's save dialogs add no suffix: Qt asked about 'run1', not 'run1.h5.zip'."""
+    reconstructor = library.reconstructor("PINN")
+    reconstructor.load_model_from_file(trained_archive)
+    if chosen == "folder":
+        (tmp_path / "folder").mkdir()
+        existing = tmp_path / "folder" / "wts.h5.zip"
+    else:
+        existing = tmp_path / "run1.h5.zip"
+    existing.write_bytes(b"a good model")
+    with pytest.raises(FileExistsError, match=f"{existing.name} already exists and was not"):
+        reconstructor.save_model(tmp_path / chosen)
+    assert existing.read_bytes() == b"a good model"
+    if chosen == "run1":
+        (tmp_path / "run1.npz").write_bytes(b"exported before")
+        with pytest.raises(FileExistsError, match="run1.npz already exists"):
+            reconstructor.export_training_data(tmp_path / "run1", reconstruct_input)
+        assert (tmp_path / "run1.npz").read_bytes() == b"exported before"
 
 
 def test_export_training_data_writes_the_npz_contract(library, reconstruct_input, tmp_path):
@@ -282,6 +308,7 @@ def test_train_from_npz_yields_epochs_and_a_stop_keeps_the_best_model(
 ):
     reconstructor = library.reconstructor("Supervised")
     reconstructor.export_training_data(tmp_path / "train_data.npz", reconstruct_input)
+    (tmp_path / "wts.h5.zip").write_bytes(b"an earlier run's model")
     with settings_values(library, **dict(TINY, epochs=5)):
         generator = reconstructor.train(tmp_path, tmp_path)  # the GUI passes one folder twice
         with caplog.at_level(logging.WARNING, logger="ptychodus_torch_plugin"):
@@ -297,6 +324,10 @@ def test_train_from_npz_yields_epochs_and_a_stop_keeps_the_best_model(
     assert "training stopped after" in messages and "kept the best epoch's weights" in messages
     model = library.model_slot.get()
     assert model.epochs_trained >= 1
+    # the earlier run's model is kept beside it, not replaced without a word
+    (kept,) = tmp_path.glob("wts-*.h5.zip")
+    assert kept.read_bytes() == b"an earlier run's model"
+    assert f"held an earlier model: kept as {kept.name}" in messages
 
 
 def test_ptychodus_shutting_down_stops_its_own_training_and_keeps_the_model(
@@ -400,7 +431,7 @@ def test_model_path_set_back_to_an_older_archive_loads_that_archive(trained_arch
     b = save_archive(model_b, tmp_path / "B")
     slot.adopt(model_b, b)  # what training does on its worker thread...
     assert slot.get() is model_b  # (ModelPath still names A until the host thread stores B)
-    # Save Model... in that window copies B (the model in use), not A
+    # Save model as... in that window copies B (the model in use), not A
     copy = slot.save_copy(tmp_path / "copy")
     assert copy.read_bytes() == b.read_bytes() != a.read_bytes()
     library.publish_model(b)  # ...and then on the host thread
