@@ -54,6 +54,29 @@ CHOICES: dict[str, tuple[str, ...]] = {
 _UNSET_PATHS = ("", ".")
 
 
+def _out_of_range(group_name: str, name: str, parameter: Any) -> str | None:
+    """What is wrong with a number setting stored outside its range (or NaN), else None.
+
+    The value as written (Ptychodus clamps on read, silently), the range, what the panel
+    shows instead, and how to store a valid value: picking the shown one changes nothing.
+    """
+    if not isinstance(parameter, RealParameter | IntegerParameter):
+        return None
+    raw = ParameterBase.get_value(parameter)  # as written, before the clamp
+    low, high = parameter.get_minimum(), parameter.get_maximum()
+    if not (
+        math.isnan(raw) or (low is not None and raw < low) or (high is not None and raw > high)
+    ):
+        return None
+    low_text = "-inf" if low is None else low
+    high_text = "inf" if high is None else high
+    return (
+        f"{group_name}.{name} = {raw} is invalid: allowed {low_text} .. {high_text}. The panel "
+        f"shows {parameter.get_value()} but stores {raw}: pick another value there (to store "
+        "the shown one, change it away and back), or correct the settings file"
+    )
+
+
 def _choice(value: str) -> str:
     return value.strip().casefold()
 
@@ -86,7 +109,7 @@ class TorchPINNSettings(Observable, Observer):
         inference = registry.create_group(INFERENCE_GROUP)
         execution = registry.create_group(EXECUTION_GROUP)
         self._groups = (model, training, inference, execution)
-        self._warned: set[tuple[str, str, str]] = set()
+        self._warned: set[object] = set()  # problems already logged, each once
         for group in self._groups:
             group.add_observer(self)
 
@@ -166,6 +189,7 @@ class TorchPINNSettings(Observable, Observer):
     def _update(self, observable: Observable) -> None:
         if observable in self._groups:
             self._normalise_choices()
+            self._warn_out_of_range()
             self.notify_observers()
 
     def _normalise_choices(self) -> None:
@@ -197,6 +221,20 @@ class TorchPINNSettings(Observable, Observer):
                         value,
                         ", ".join(choices),
                     )
+
+    def _warn_out_of_range(self) -> None:
+        """Log, once each, a number setting outside its range as soon as it is read or set.
+
+        Why: the panel's spin box shows the nearest allowed value while the file's value
+        stays stored (and is refused by training, :meth:`_check_numbers`); picking the shown
+        value changes nothing. The log explains the panel before a run fails.
+        """
+        for group_name, group in zip(GROUPS, self._groups, strict=True):
+            for name, parameter in group.parameters().items():
+                problem = _out_of_range(group_name, name, parameter)
+                if problem is not None and problem not in self._warned:
+                    self._warned.add(problem)
+                    logger.warning("%s; training and inference refuse it until then", problem)
 
     # ------------------------------------------------------------------ model path
     def get_model_path(self) -> Path | None:
@@ -231,21 +269,9 @@ class TorchPINNSettings(Observable, Observer):
             if group_name not in checked:  # e.g. a training typo must not block Infer
                 continue
             for name, parameter in group.parameters().items():
-                if not isinstance(parameter, RealParameter | IntegerParameter):
-                    continue
-                raw = ParameterBase.get_value(parameter)  # as written, before the clamp
-                low, high = parameter.get_minimum(), parameter.get_maximum()
-                if (
-                    math.isnan(raw)
-                    or (low is not None and raw < low)
-                    or (high is not None and raw > high)
-                ):
-                    low_text = "-inf" if low is None else low
-                    raise ValueError(
-                        f"{group_name}.{name} = {raw} is invalid: allowed {low_text} .. "
-                        f"{'inf' if high is None else high}; set it in the panel or the "
-                        "settings file"
-                    )
+                problem = _out_of_range(group_name, name, parameter)
+                if problem is not None:
+                    raise ValueError(problem)
 
     def training_overrides(self, mode: str, N: int) -> dict[str, Any]:  # noqa: N803
         """Flat overrides for ``create_training_payload`` (``N`` is the data's patch size)."""

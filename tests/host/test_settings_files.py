@@ -9,6 +9,8 @@ batch size did). These tests load each file into a real ``SettingsRegistry``.
 from __future__ import annotations
 
 import configparser
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -120,13 +122,20 @@ def test_the_quality_file_sets_what_the_benchmark_scored():
         ("TorchPINNTraining", "ValidationFraction = 0.9", r"ValidationFraction = 0.9 is invalid"),
     ],
 )
-def test_a_number_outside_its_range_is_refused_not_clamped(tmp_path, section, line, message):
+def test_a_number_outside_its_range_is_refused_not_clamped(
+    tmp_path, caplog, section, line, message
+):
     """Ptychodus clamps on read without a word: NFiltersScale = 20 trained with 8."""
     path = tmp_path / "range.ini"
     path.write_text(f"[{section}]\n{line}\n")
-    _, settings = _loaded(path)
-    with pytest.raises(ValueError, match=message):
+    with caplog.at_level(logging.WARNING, logger="ptychodus_torch_plugin"):
+        _, settings = _loaded(path)
+    # said when the file is read, with what the panel shows instead, not only when a run fails
+    warned = [r.getMessage() for r in caplog.records if re.search(message, r.getMessage())]
+    assert len(warned) == 1 and "The panel shows" in warned[0], caplog.text
+    with pytest.raises(ValueError, match=message) as refused:
         settings.training_overrides("pinn", 32)
+    assert "change it away and back" in str(refused.value)
     assert settings.inference_overrides()["chunk_size"] > 0  # a training value never blocks Infer
 
 
