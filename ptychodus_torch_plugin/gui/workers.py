@@ -20,6 +20,7 @@ Heavy imports (torch, Lightning, the engine) happen inside ``run``, on the worke
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,12 +338,30 @@ class WorkerThread(QObject):
         thread = self._thread
         if thread is None:
             return True
+        if math.isinf(timeout_s):
+            return bool(thread.wait())  # QThread.wait() without a deadline
         return bool(thread.wait(max(0, int(timeout_s * 1000))))
 
-    def shutdown(self, timeout_s: float = 30.0) -> bool:
-        """Ask the worker to stop and wait for its thread (window closing, app quitting)."""
+    def shutdown(self, timeout_s: float = 30.0, *, then_wait: bool = True) -> bool:
+        """Ask the worker to stop and wait for its thread (window closing, app quitting).
+
+        After ``timeout_s`` the worker is in a step that does not look at Stop (reading a
+        large scan, starting up, saving the model): with ``then_wait`` the wait goes on, said
+        in the log. Why: giving up let Ptychodus exit with the thread running, which Qt ends
+        by aborting the process ("QThread: Destroyed while thread is still running"), losing
+        the model the worker was about to save. The worker sends its signals without waiting
+        for the GUI thread, so the wait cannot deadlock.
+        """
         self.request_stop()
         done = self.wait(timeout_s)
+        if not done and then_wait:
+            logger.warning(
+                "the TorchPINN worker has not stopped after %.0f s (it is reading the scan, "
+                "starting up or saving the model, steps that do not look at Stop): waiting for "
+                "it so that nothing it saves is lost; end the process to abandon it",
+                timeout_s,
+            )
+            done = self.wait(math.inf)
         if done:
             # Deliver the run's last signals now (the worker's result to the session, the
             # thread's ``finished`` to us), so nothing is left queued for deleted objects.

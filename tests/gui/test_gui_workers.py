@@ -120,3 +120,38 @@ def test_worker_thread_runs_a_worker_off_the_gui_thread_and_cleans_up(qtbot):
     qtbot.wait(20)
     assert owner.shutdown(5.0)
     assert not owner.is_running()
+
+
+def test_shutdown_waits_out_a_step_that_does_not_look_at_stop(qtbot, caplog):
+    """Giving up after the timeout let Ptychodus exit with the thread running: Qt aborts."""
+    from PyQt5.QtCore import QObject, pyqtSignal, pyqtSlot
+
+    from ptychodus_torch_plugin.gui.workers import WorkerThread
+
+    class Saving(QObject):  # e.g. writing the model archive: Stop is not looked at
+        finished = pyqtSignal(object)
+        failed = pyqtSignal(str)
+
+        def request_stop(self):
+            pass
+
+        @pyqtSlot()
+        def run(self):
+            time.sleep(1.0)
+            self.finished.emit("saved")
+
+    owner = WorkerThread()
+    results = []
+    worker = Saving()
+    worker.finished.connect(results.append)
+    owner.start(worker)
+    qtbot.wait(20)
+    with caplog.at_level("WARNING", logger="ptychodus_torch_plugin"):
+        assert owner.shutdown(0.1)  # waited past the timeout, and said so
+    assert "has not stopped after 0 s" in caplog.text and "waiting for it" in caplog.text
+    assert not owner.is_running()
+    qtbot.waitUntil(lambda: results == ["saved"], timeout=2000)  # the model was saved
+    owner.start(Saving())
+    qtbot.wait(20)
+    assert not owner.shutdown(0.1, then_wait=False)  # the old behaviour, on request
+    assert owner.wait(5.0)
