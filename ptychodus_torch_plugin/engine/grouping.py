@@ -79,8 +79,11 @@ def _choose_seeds(m: int, n_groups: int, rng: np.random.Generator) -> np.ndarray
         return np.arange(m)
     if n_groups < m:
         return np.sort(rng.choice(m, size=n_groups, replace=False))
-    reps = math.ceil(n_groups / m)
-    return np.tile(np.arange(m), reps)[:n_groups]
+    # Whole passes over the scan, then a seeded random part of one more: the first patterns
+    # of the scan (the top rows of a raster) must not be the ones that get the extra groups.
+    passes, extra = divmod(n_groups, m)
+    partial = np.sort(rng.choice(m, size=extra, replace=False))
+    return np.concatenate([np.tile(np.arange(m), passes), partial]).astype(np.int64)
 
 
 def group_positions(

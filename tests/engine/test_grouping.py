@@ -64,6 +64,12 @@ def test_n_groups_subsample_and_oversample():
     # Repeated seeds receive distinct subsets of their neighbourhood.
     keys = {(s, tuple(sorted(m))) for s, m in zip(over.seeds, over.indices, strict=True)}
     assert len(keys) == 250
+    # Two whole passes, and the extra 50 groups spread over the scan, not its first 50 patterns
+    counts = np.bincount(over.seeds, minlength=100)
+    assert set(counts) == {2, 3} and (counts == 3).sum() == 50
+    assert np.flatnonzero(counts == 3).max() > 60
+    again = group_positions(x, y, 2, 6, n_groups=250, seed=0)
+    assert np.array_equal(again.indices, over.indices)  # seeded
     with pytest.raises(ValueError, match="n_groups = 150 is invalid for gridsize 1"):
         group_positions(x, y, 1, 4, n_groups=150)
     with pytest.raises(ValueError, match="n_groups = 101 is invalid.*allowed <= 100"):
