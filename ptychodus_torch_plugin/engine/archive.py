@@ -258,6 +258,8 @@ class _Archive:
         try:
             self._zip = zipfile.ZipFile(path, "r")
             self.names = set(self._zip.namelist())
+        except PermissionError:  # a shared archive we may not read: not a corrupt one
+            raise
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
             raise _invalid_archive(path, exc) from exc
 

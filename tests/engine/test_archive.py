@@ -201,6 +201,19 @@ def test_missing_paths(tmp_path):
         inspect_archive(tmp_path / "nothere.zip")
 
 
+def test_an_archive_we_may_not_read_is_not_called_corrupt(saved, monkeypatch):
+    """A shared archive without read permission: 're-copy it, it may be corrupt' misleads."""
+    path = saved[1]
+
+    def refuse(file, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(file))
+
+    monkeypatch.setattr(archive_module.zipfile, "ZipFile", refuse)  # root reads anything
+    with pytest.raises(PermissionError, match="Permission denied") as info:
+        load_archive(path)
+    assert "corrupt" not in str(info.value) and str(path) in str(info.value)
+
+
 def test_truncated_and_corrupt_zips(saved, tmp_path):
     data = saved[1].read_bytes()
     cases = {
