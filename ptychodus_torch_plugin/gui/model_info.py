@@ -61,7 +61,12 @@ def read_archive_summary(path: Path) -> ArchiveSummary:
         manifest = _read_json(archive, "manifest.json") if "manifest.json" in names else {}
         document = _read_json(archive, "config.json") if "config.json" in names else {}
     config = document.get("config") if isinstance(document.get("config"), dict) else {}
-    history = [h for h in document.get("history") or [] if isinstance(h, dict)]
+    raw_history = document.get("history")
+    history = [
+        record
+        for record in (_record(h) for h in (raw_history if isinstance(raw_history, list) else []))
+        if record is not None
+    ]
 
     def _int(value: Any) -> int | None:
         try:
@@ -80,3 +85,22 @@ def read_archive_summary(path: Path) -> ArchiveSummary:
         created=str(manifest.get("created", "")),
         history=history,
     )
+
+
+def _record(entry: Any) -> dict[str, Any] | None:
+    """One epoch of an archive's history as plain numbers, or None when it is not one.
+
+    Why: the file is data from outside; the loss plot and the status line run in Qt slots,
+    where an exception would end Ptychodus, so a record that is not (epoch, numbers) is
+    skipped here rather than refused there.
+    """
+    if not isinstance(entry, dict):
+        return None
+    try:
+        epoch = int(entry["epoch"])
+        train_loss = float(entry["train_loss"])
+        val = entry.get("val_loss")
+        val_loss = None if val is None else float(val)
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+    return {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}

@@ -25,7 +25,7 @@ from typing import Any
 
 from ptychodus.api.observer import Observable, Observer
 from ptychodus.controller.processing import ReconstructorViewControllerFactory
-from PyQt5.QtCore import QCoreApplication, QEvent, QObject, Qt, QTimer, pyqtSignal
+from PyQt5.QtCore import QCoreApplication, QEvent, QObject, Qt, QTimer, pyqtSignal, pyqtSlot
 from PyQt5.QtWidgets import (
     QComboBox,
     QGridLayout,
@@ -509,6 +509,11 @@ class TrainingSession(QObject):
             self.message.emit("Stopping...", False)
         self.runner.request_stop()
 
+    # The worker's results are slots of this object (pyqtSlot), not plain methods: PyQt
+    # delivers a plain method through a hidden proxy object, which the shutdown's flush of
+    # this object's queued calls (``WorkerThread.shutdown``) does not reach, so on a quit the
+    # run's last words (where the model was saved) were never handled or logged.
+    @pyqtSlot(object)
     def _on_training_finished(self, outcome: TrainingOutcome) -> None:
         self._note_stop_latency()
         self.last_outcome = outcome
@@ -563,6 +568,7 @@ class TrainingSession(QObject):
         self._start("load", worker)
         return True
 
+    @pyqtSlot(object)
     def _on_model_loaded(self, loaded: LoadedModel) -> None:
         self._adopt(loaded.model, loaded.archive)
         text = f"Model loaded from {loaded.archive}: Infer uses it now."
@@ -613,6 +619,7 @@ class TrainingSession(QObject):
         self.library.publish_model(archive)
         self.model_changed.emit(Path(archive))
 
+    @pyqtSlot(str)
     def _on_failed(self, text: str) -> None:
         self._note_stop_latency()
         kind = "Training" if self.kind == "train" else "Loading the model"
@@ -776,15 +783,17 @@ class TorchPINNPanel(QWidget):
                 self.loss_plot.clear("Loss (no model loaded)")
             self._sync_buttons()
             return
+        # A slot: nothing may escape it (PyQt5 ends the whole application on an exception in
+        # a slot), whatever the archive holds.
         try:
-            summary: ArchiveSummary | None = read_archive_summary(path)
-        except Exception as exc:
-            summary = None
-            self.status_label.setText(f"Model: {path} (cannot be read: {_text(exc)})")
-        if summary is not None:
+            summary: ArchiveSummary = read_archive_summary(path)
             self.status_label.setText(f"Model: {summary.path.name} · {summary.describe()}")
             if not self._showing_live:
                 self.loss_plot.set_history(summary.history, title="Loss of the loaded model")
+        except Exception as exc:
+            self.status_label.setText(f"Model: {path} (cannot be read: {_text(exc)})")
+            if not self._showing_live:
+                self.loss_plot.clear("Loss (the model cannot be read)")
         self.status_label.setToolTip(str(path))
         self._sync_buttons()
 
@@ -845,6 +854,7 @@ class TorchPINNPanel(QWidget):
         self._install_close_filter()
         worker.phase.connect(lambda text: self.show_message(text, False))
         if kind != "train":
+            self._set_progress_visible(False)  # an earlier run's bars are not this task's
             return
         self._showing_live = True
         self._run_started = time.perf_counter()
@@ -855,6 +865,7 @@ class TorchPINNPanel(QWidget):
         self.epoch_bar.setValue(0)
         self.batch_bar.setRange(0, 1)
         self.batch_bar.setValue(0)
+        self.batch_bar.setFormat("preparing...")  # reading the scan, probe refinement
         self._set_progress_visible(True)
         self._update_time_label()
         self._clock.start()
@@ -868,19 +879,21 @@ class TorchPINNPanel(QWidget):
             return
         if int(record.epoch) == 1:
             self.loss_plot.clear(f"{reconstructor} training (Ptychodus's Train)")
+            self._set_progress_visible(False)  # the panel's bars are of an earlier run
         self.loss_plot.add_record(record)
 
     def _on_train_started(self, epochs: int, batches: int) -> None:
         self._epochs, self._batches = epochs, batches
         self.epoch_bar.setRange(0, max(1, epochs))
         self.batch_bar.setRange(0, max(1, batches))
+        self.batch_bar.setFormat("batch %v of %m")
 
     def _on_batch_progress(self, epoch: int, batch: int, batches: int, loss: float) -> None:
         self._batches = batches
         self._done_batches = (epoch - 1) * batches + batch
         if self._pace_origin is None:
             self._pace_origin = (time.perf_counter(), self._done_batches)
-        self.epoch_bar.setValue(epoch - 1)
+        self.epoch_bar.setValue(epoch)  # "epoch 3 of 50" while epoch 3 runs
         self.batch_bar.setRange(0, max(1, batches))
         self.batch_bar.setValue(batch)
         self._update_time_label()
@@ -911,9 +924,30 @@ class TorchPINNPanel(QWidget):
         if not busy:
             self._clock.stop()
             if self._showing_live:
-                self._update_time_label()
                 self._showing_live = False
+                self._show_run_ended()
+                # No run now: the plot shows the loaded model's history (the new model's, or
+                # the earlier one's when this run saved none), as the user guide says.
+                self.refresh_model_status()
         self._sync_buttons()
+
+    def _show_run_ended(self) -> None:
+        """The time label after a run: how long it took and how far it got, not a stale ETA."""
+        outcome = self.session.last_outcome
+        done = 0 if outcome is None else len(outcome.history)
+        if outcome is None:
+            how = "failed"
+        elif outcome.divergence is not None:
+            how = "diverged"
+        elif outcome.stopped:
+            how = "stopped"
+        else:
+            how = "finished"
+        planned = f" of {self._epochs}" if self._epochs else ""
+        self.time_label.setText(
+            f"{how} after {_duration(time.perf_counter() - self._run_started)} · "
+            f"{done}{planned} epoch{'s' if (self._epochs or done) != 1 else ''}"
+        )
 
     def _sync_buttons(self) -> None:
         busy = self.session.is_running()

@@ -163,6 +163,40 @@ def test_load_and_save_model_buttons(gui, tmp_path, monkeypatch):
     assert gui.library.settings.get_model_path() == source.resolve()  # unchanged
 
 
+def test_an_archive_with_an_odd_history_neither_aborts_ptychodus_nor_draws_garbage(gui, tmp_path):
+    """The status line and the plot run in Qt slots, where an exception ends the application;
+    an archive is data from outside (here: a loss stored as text, a record without one)."""
+    import json
+    import zipfile
+
+    path = tmp_path / "odd.h5.zip"
+    history = [
+        {"epoch": 1, "train_loss": 2.0, "val_loss": None},
+        {"epoch": 2, "train_loss": "1.5"},  # a number as text: read as the number
+        {"epoch": 3, "loss": 0.4},  # no train_loss: skipped
+        {"epoch": "x", "train_loss": 1.0},  # no epoch number: skipped
+        "not a record",
+    ]
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("manifest.json", json.dumps({"backend": "pytorch"}))
+        archive.writestr("config.json", json.dumps({"config": {"N": 32}, "history": history}))
+    panel = gui.panel(PINN_KEY)
+    before = gui.library.settings.get_model_path()
+    try:
+        gui.library.settings.set_model_path(path)  # Open Settings / Load Model... do this
+        gui.pump(0.2)
+        panel.refresh_model_status()
+        assert "2 epochs trained" in panel.status_label.text()
+        assert panel.loss_plot.training_points() == [(1, 2.0), (2, 1.5)]
+        path.write_bytes(b"not a zip any more")
+        panel.refresh_model_status()
+        assert "cannot be read" in panel.status_label.text()
+        assert panel.loss_plot.training_points() == []  # not the previous model's curve
+    finally:
+        gui.library.settings.set_model_path(before)
+        gui.pump(0.2)
+
+
 def test_every_spin_box_holds_its_setting_range(gui):
     """A bound beyond Qt's signed 32-bit spin box stops the panel, and Ptychodus, building."""
     from ptychodus.api.parameters import IntegerParameter

@@ -138,7 +138,12 @@ def test_trained_model_is_loaded_and_infer_uses_it(gui, training_run):
     assert gui.infer_button.isEnabled()
     assert gui.infer_button.text() == "Infer"
     assert not panel.epoch_bar.isHidden() and panel.epoch_bar.value() == FAST["epochs"]
-    assert "elapsed" in panel.time_label.text()
+    ended = panel.time_label.text()  # how long and how far, not a frozen "... left"
+    assert ended.startswith("finished after ") and f"{FAST['epochs']} of {FAST['epochs']}" in ended
+    assert "left" not in ended
+    assert panel.loss_plot.training_points() == [  # the loaded model's history, as it was drawn
+        (r.epoch, r.train_loss) for r in outcome.history
+    ]
     # Ptychodus's own Infer runs with the model just trained (no reload, no restart)
     before = len(gui.model.product_core.product_repository)
     _infer_and_wait(gui)
@@ -248,6 +253,26 @@ def test_closing_the_window_during_training_stops_the_worker(gui):
     gui.view.processing_action.trigger()
     gui.pump(0.2)
     assert panel.train_button.isEnabled()
+
+
+def test_a_quit_without_a_window_close_still_handles_and_logs_the_run_result(gui, caplog):
+    """aboutToQuit -> shutdown(): no event loop runs after it, so the worker's result must be
+    delivered by shutdown's own flush (it names where the model was saved)."""
+    panel = gui.panel(PINN_KEY)
+    gui.select_product(32)
+    recorder = Recorder(panel.session)
+    with settings_values(gui.library, **dict(FAST, epochs=50)):
+        panel.train_button.click()
+        end = time.perf_counter() + 120
+        while time.perf_counter() < end and "batch" not in recorder.kinds():
+            gui.pump(0.05)
+        with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
+            assert panel.session.shutdown()  # what aboutToQuit calls; no pump afterwards
+            outcome = panel.session.last_outcome
+    recorder.disconnect()
+    assert outcome is not None and outcome.stopped
+    assert "Stopped after" in caplog.text or "stopped before the first epoch" in caplog.text
+    gui.pump(0.3)
 
 
 def test_one_training_at_a_time_between_the_panel_and_ptychodus_train(gui, tmp_path):
