@@ -26,9 +26,8 @@ def save_object_images(
 
     Pixels outside ``mask`` (e.g. never scanned) are shown blank rather than as zeros.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    # A bare Figure prints PNG through Agg by itself; matplotlib.use("Agg") would switch the
+    # whole process's backend (a notebook's or a Qt application's pyplot figures with it).
     from matplotlib.figure import Figure
 
     output = Path(output_dir)

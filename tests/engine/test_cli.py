@@ -455,3 +455,22 @@ def test_infer_reports_positions_outside_the_object_and_never_writes_an_empty_im
     assert "scan positions lie outside objectGuess" in err and "remove objectGuess" in err
     assert np.load(out / "object.npy").shape == (height, width)
     assert "amplitude_ssim" in json.loads((out / "metrics.json").read_text())
+
+
+def test_writing_images_leaves_the_process_matplotlib_backend_alone(tmp_path):
+    """matplotlib.use('Agg') inside the engine switched a notebook's or an application's
+    pyplot backend (and closed its figures)."""
+    import matplotlib
+
+    from ptychodus_torch_plugin.engine.images import save_object_images
+
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")  # stands for the host's interactive backend
+    try:
+        obj = np.exp(1j * np.linspace(0, 1, 64)).reshape(8, 8)
+        paths = save_object_images(obj, tmp_path, title="t")
+        assert matplotlib.get_backend() == "pdf"
+    finally:
+        matplotlib.use(before)
+    assert [p.name for p in paths] == ["object_amplitude.png", "object_phase.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
