@@ -22,7 +22,10 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
 SCHEDULERS = ("constant", "exponential", "cosine", "plateau")
 LOGGERS = ("csv", "tensorboard", "mlflow", "none")
-CHECKPOINT_MODES = ("min", "max")
+#: Only "min": every metric that can be monitored (CHECKPOINT_MONITORS) is a loss, and "max"
+#: handed back the worst epoch, kept the worst checkpoints and stopped once the loss stopped
+#: rising (while the plateau scheduler, hard-wired to "min", disagreed).
+CHECKPOINT_MODES = ("min",)
 NORMALIZATIONS = ("none", "batch")
 AMP_ACTIVATIONS = ("sigmoid", "silu")
 LOSSES = ("poisson", "mae")

@@ -78,8 +78,10 @@ def test_inference_payload_takes_geometry_from_archive_unless_overridden(caplog)
 
 
 def test_checkpoint_fields_flatten_and_override():
-    payload = create_training_payload({"checkpoint_save_top_k": -1, "checkpoint_mode": "max"})
-    assert payload.execution.checkpointing == CheckpointConfig(save_top_k=-1, mode="max")
+    payload = create_training_payload(
+        {"checkpoint_save_top_k": -1, "checkpoint_monitor": "train_loss"}
+    )
+    assert payload.execution.checkpointing == CheckpointConfig(save_top_k=-1, monitor="train_loss")
     flat = payload.to_flat()
     assert flat["checkpoint_save_top_k"] == -1 and flat["gridsize"] == 1
 
@@ -94,7 +96,8 @@ def test_checkpoint_fields_flatten_and_override():
         ({"scheduler": "step"}, "ExecutionConfig.scheduler", "'cosine'"),
         ({"accumulate_grad_batches": 0}, "ExecutionConfig.accumulate_grad_batches", ">= 1"),
         ({"checkpoint_save_top_k": -2}, "CheckpointConfig.save_top_k", ">= -1"),
-        ({"checkpoint_mode": "up"}, "CheckpointConfig.mode", "'max'"),
+        ({"checkpoint_mode": "up"}, "CheckpointConfig.mode", "'min'"),
+        ({"checkpoint_mode": "max"}, "CheckpointConfig.mode", "'min'"),  # every monitor: a loss
         ({"early_stop_patience": 0}, "ExecutionConfig.early_stop_patience", ">= 1"),
         ({"logger": "wandb"}, "ExecutionConfig.logger", "'tensorboard'"),
         ({"inference_batch_size": 0}, "ExecutionConfig.inference_batch_size", ">= 1"),

@@ -245,17 +245,28 @@ class _EpochWeights(Callback):
         self.states.append({k: v.detach().clone() for k, v in state.items()})
 
 
+class _SpoilLastEpoch(Callback):
+    """Scales every weight by 5 as epoch 3 starts: that epoch's validation loss is the worst."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 2:
+            with torch.no_grad():
+                for parameter in pl_module.autoencoder.parameters():
+                    parameter.mul_(5.0)
+
+
 @pytest.mark.parametrize("final_weights", ["best", "last"])
 def test_final_weights_best_or_last_epoch(small_scan, final_weights):
-    # mode "max" makes the "best" epoch the worst one by validation loss, so the two choices
-    # pick different epochs whatever the tiny run's loss curve does
+    # the spoilt last epoch makes "best" (lowest validation loss) an earlier one, so the two
+    # choices pick different epochs whatever the tiny run's loss curve does otherwise
     payload = create_training_payload(
-        tiny_overrides(epochs=3, n_groups=48, checkpoint_mode="max", final_weights=final_weights)
+        tiny_overrides(epochs=3, n_groups=48, final_weights=final_weights)
     )
     weights = _EpochWeights()
-    result = train(payload, small_scan, callbacks=[weights])
+    result = train(payload, small_scan, callbacks=[_SpoilLastEpoch(), weights])
     losses = [r.val_loss for r in result.history]
-    expected = 3 if final_weights == "last" else int(np.argmax(losses)) + 1
+    assert int(np.argmin(losses)) + 1 != 3, losses
+    expected = 3 if final_weights == "last" else int(np.argmin(losses)) + 1
     assert result.best_epoch == expected
     returned = result.model.autoencoder.state_dict()
     for name, value in weights.states[expected - 1].items():
