@@ -965,6 +965,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # Lightning's refusal of the hardware settings (devices the node does not have, ...)
+        # is no ValueError; named by class so that the CLI does not import Lightning to start.
+        if not any(c.__name__ == "MisconfigurationException" for c in type(exc).__mro__):
+            raise
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

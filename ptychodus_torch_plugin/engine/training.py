@@ -15,6 +15,7 @@ import itertools
 import logging
 import math
 import os
+import random
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -499,6 +500,43 @@ def _supervised_targets(data: PtychoData, role: str) -> np.ndarray:
     return (patches / peak).astype(np.complex64)
 
 
+#: Environment variables Lightning's Trainer and seeding set for the whole process.
+_LIGHTNING_ENVIRONMENT = ("CUBLAS_WORKSPACE_CONFIG", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
+@contextlib.contextmanager
+def _process_state_kept() -> Iterator[None]:
+    """Puts back, after training, what Lightning changes for the whole process.
+
+    Why: inside Ptychodus training shares the process with the host and with other torch
+    reconstructors. ``Trainer(deterministic=...)`` switches torch's deterministic-algorithms
+    mode (on, or off when the host had set it) and cuDNN's benchmark, and sets
+    ``CUBLAS_WORKSPACE_CONFIG``; ``seed_everything`` reseeds Python's, NumPy's and torch's
+    global generators. A later reconstruction would have run under our strict mode (where
+    CUDA kernels without a deterministic form raise) or with our seeds.
+    """
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    environment = {name: os.environ.get(name) for name in _LIGHTNING_ENVIRONMENT}
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    # CUDA generators only where CUDA is already up: forking them would initialise it
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=cuda_devices):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
+        for name, value in environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
 def train(
     payload: TrainingPayload,
     data: PtychoData,
@@ -516,8 +554,31 @@ def train(
     ``on_batch_end`` and ``on_epoch_end`` (progress only: a method that raises is logged and
     no longer called, and training goes on). Returns the best weights by the monitored metric
     (the last ones when nothing was monitored), or the last finished epoch's with
-    ``final_weights = "last"``, also when training was cancelled.
+    ``final_weights = "last"``, also when training was cancelled. The process's torch modes,
+    global random generators and Lightning's environment variables are as before afterwards.
     """
+    with _process_state_kept():
+        return _train(
+            payload,
+            data,
+            test_data=test_data,
+            output_dir=output_dir,
+            observer=observer,
+            cancel=cancel,
+            callbacks=callbacks,
+        )
+
+
+def _train(
+    payload: TrainingPayload,
+    data: PtychoData,
+    *,
+    test_data: PtychoData | None,
+    output_dir: str | Path | None,
+    observer: Any | None,
+    cancel: CancelToken | None,
+    callbacks: Sequence[Callback],
+) -> TrainingResult:
     grid, execution = payload.grid, payload.execution
     accelerator = resolve_accelerator(execution.accelerator)
     L.seed_everything(payload.data.seed, workers=True, verbose=False)
@@ -741,6 +802,7 @@ def _with_training_probe(
             epochs,
         )
         return data, None
+    _check_trainer_settings(payload.execution)
     device = select_device(payload.execution.accelerator)
     if device.type == "mps":  # complex autograd on MPS is incomplete; the CPU does it
         device = torch.device("cpu")
@@ -752,6 +814,34 @@ def _with_training_probe(
     if device.type == "cuda":  # hand the refinement's cached blocks back before training
         torch.cuda.empty_cache()
     return dataclasses.replace(data, probe=refinement.probe), refinement
+
+
+def _check_trainer_settings(execution: ExecutionConfig) -> None:
+    """Let Lightning refuse the hardware settings now, not after the probe refinement.
+
+    Why: the Trainer is built after the refinement, which can take many minutes; a device
+    count the node does not have (``devices = 2`` on one GPU) or an unknown strategy name was
+    reported only then. Building one with the same hardware settings checks them in
+    milliseconds; nothing runs on it. Its information lines ("GPU available: ...") are held
+    back: the real Trainer prints them.
+    """
+    quiet = logging.getLogger("lightning.pytorch")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        L.Trainer(
+            accelerator=resolve_accelerator(execution.accelerator),
+            devices=execution.devices,
+            num_nodes=execution.num_nodes,
+            strategy=execution.strategy,
+            precision=execution.precision,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+    finally:
+        quiet.setLevel(level)
 
 
 def _checkpoint_files(checkpoint_cb: ModelCheckpoint | None) -> list[Path]:

@@ -345,6 +345,35 @@ def test_train_with_probe_refinement_reports_it(data_file, tmp_path, capsys):
     assert shown["config"]["probe_shape"] == [2, 32, 32]
 
 
+@pytest.mark.parametrize(
+    "strategy, message",
+    [
+        ("deepspeed", "DeepSpeed installed"),  # Lightning's MisconfigurationException
+        ("fsdp", "requires a GPU accelerator"),  # Lightning's ValueError
+    ],
+)
+def test_hardware_settings_lightning_refuses_fail_before_the_probe_refinement(
+    data_file, tmp_path, capsys, monkeypatch, strategy, message
+):
+    """Both used to come after the refinement (minutes), the first as a traceback."""
+    from ptychodus_torch_plugin.engine import training
+
+    def refinement_must_not_run(*args, **kwargs):
+        raise AssertionError("the probe refinement ran before the settings were checked")
+
+    monkeypatch.setattr(training, "refine_probe", refinement_must_not_run)
+    out = tmp_path / "OUT"
+    argv = (
+        f"train --train_data_file {data_file} --output_dir {out} --max_epochs 1 --n_groups 16 "
+        f"--accelerator cpu --logger none --probe-refinement-epochs 50 --strategy {strategy}"
+    ).split()
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ptychodus-torch train: error: "), err
+    assert message in err[0]
+    assert not (out / "wts.h5.zip").exists()
+
+
 def test_probe_refinement_flags_reject_negative_values(capsys):
     base = ["train", "--train_data_file", "t.npz", "--output_dir", "o"]
     for flag in ("--probe-refinement-epochs", "--probe-modes"):

@@ -524,3 +524,28 @@ def test_an_observer_that_keeps_time_still_cancels_after_its_print_failed(small_
     payload = create_training_payload(tiny_overrides(epochs=5))
     result = train(payload, small_scan, observer=observer, cancel=token)
     assert result.cancelled and [r.epoch for r in result.history] == [1]
+
+
+def test_training_leaves_the_process_torch_modes_and_random_generators_as_they_were(
+    small_scan, monkeypatch
+):
+    """Inside Ptychodus training shares the process: Lightning's deterministic mode, seeds and
+    environment variables used to stay behind for every later reconstruction."""
+    import os
+    import random
+
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    torch.use_deterministic_algorithms(False)
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    payload = create_training_payload(tiny_overrides(epochs=1, n_groups=16, deterministic=True))
+    train(payload, small_scan)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert "PL_GLOBAL_SEED" not in os.environ and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
