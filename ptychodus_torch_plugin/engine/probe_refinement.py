@@ -205,7 +205,11 @@ def refine_probe(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=epochs * steps_per_epoch, eta_min=learning_rate / 100
     )
+    # At least one epoch with the probe fixed once there are two: the object gets a start
+    # before the probe moves, and the log has the fixed-probe misfit to compare with.
     fixed_epochs = int(epochs * probe_fixed_share)
+    if epochs >= 2 and probe_fixed_share > 0:
+        fixed_epochs = max(1, fixed_epochs)
     generator = torch.Generator().manual_seed(seed)
     history: list[float] = []
     cancelled = False
@@ -233,8 +237,15 @@ def refine_probe(
         if cancelled:
             break
         history.append(float(total) / data.n_patterns)
+    refined = probe.detach().cpu().numpy().astype(np.complex64)
+    if not np.all(np.isfinite(refined)):
+        raise ValueError(
+            f"probe_refinement_epochs = {epochs}: the probe refinement diverged (the probe is "
+            "no longer finite); train without it (0), or start from a better probe "
+            "(Ptychodus's Probe view)"
+        )
     result = ProbeRefinement(
-        probe=probe.detach().cpu().numpy().astype(np.complex64),
+        probe=refined,
         misfit_per_pattern=tuple(history),
         fixed_epochs=fixed_epochs,
         object=obj.detach().cpu().numpy(),

@@ -283,8 +283,10 @@ def scan_for_object(
     """
     if kind not in _SCANS:
         raise _unknown_kind(kind, SCAN_KINDS)
-    if step <= 0:
+    if not (math.isfinite(step) and step > 0):  # "not >" also catches NaN
         raise ValueError(f"step = {step} is invalid: allowed a positive number of pixels")
+    if not (math.isfinite(jitter) and jitter >= 0):
+        raise ValueError(f"jitter = {jitter} is invalid: allowed a number of pixels >= 0")
     (x0, x1), (y0, y1) = position_range(object_shape, N)
     x0, x1, y0, y1 = x0 + jitter, x1 - jitter, y0 + jitter, y1 - jitter
     if x1 < x0 or y1 < y0:
@@ -393,8 +395,8 @@ def far_field_amplitude(patches: np.ndarray, probe: np.ndarray) -> np.ndarray:
 
 def photon_scale(amplitudes: np.ndarray, nphotons: float) -> float:
     """Factor on intensities making the mean total counts per pattern equal ``nphotons``."""
-    if nphotons <= 0:
-        raise ValueError(f"nphotons = {nphotons} is invalid: allowed a positive count")
+    if not (math.isfinite(nphotons) and nphotons > 0):  # NaN and inf included
+        raise ValueError(f"nphotons = {nphotons} is invalid: allowed a positive, finite count")
     mean_total = float(np.mean(np.sum(np.square(amplitudes, dtype=np.float64), axis=(-2, -1))))
     if mean_total <= 0:
         raise ValueError("amplitudes: found all-zero patterns, expected some signal to scale")

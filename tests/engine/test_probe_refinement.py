@@ -209,3 +209,15 @@ def test_supervised_training_ignores_probe_refinement(small_scan, caplog) -> Non
         result = train(payload, small_scan)
     assert result.probe_refinement is None
     assert "probe_refinement_epochs = 5 ignored" in caplog.text
+
+
+def test_a_short_refinement_starts_with_the_probe_fixed_and_logs_that_misfit(defocused_scan):
+    """int(0.2 * epochs) was 0 for 2 to 4 epochs: the probe moved against a flat object."""
+    result = refine_probe(defocused_scan, 3)
+    assert result.fixed_epochs == 1 and result.misfit_fixed_probe is not None
+    assert refine_probe(defocused_scan, 1).fixed_epochs == 0  # one epoch: nothing to compare
+
+
+def test_a_probe_that_stops_being_finite_is_refused_naming_the_setting(defocused_scan):
+    with pytest.raises(ValueError, match="probe_refinement_epochs = 2: the probe refinement"):
+        refine_probe(defocused_scan, 2, learning_rate=1e30)

@@ -105,6 +105,26 @@ def test_scan_for_object_inside_bounds(kind):
         sim.scan_for_object((20, 20), n, 4.0, kind=kind)
 
 
+@pytest.mark.parametrize(
+    "step, jitter, message",
+    [
+        (float("nan"), 0.0, "step = nan is invalid"),
+        (0.0, 0.0, "step = 0.0 is invalid"),
+        (4.0, -5.0, "jitter = -5.0 is invalid"),  # was: 'xcoords[0] ... outside the object'
+        (4.0, float("nan"), "jitter = nan is invalid"),
+    ],
+)
+def test_bad_scan_settings_are_named(step, jitter, message):
+    with pytest.raises(ValueError, match=message):
+        sim.scan_for_object((90, 110), 32, step, kind="raster", jitter=jitter)
+
+
+@pytest.mark.parametrize("nphotons", [float("nan"), float("inf"), 0.0])
+def test_a_photon_count_that_is_no_count_is_named(nphotons):
+    with pytest.raises(ValueError, match=f"nphotons = {nphotons} is invalid"):
+        sim.photon_scale(np.ones((2, 4, 4)), nphotons)
+
+
 # ------------------------------------------------------------------ patches
 def test_extract_patches_integer_positions_equal_slices():
     obj, n = _obj(), 16
