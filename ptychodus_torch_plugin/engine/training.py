@@ -469,7 +469,8 @@ def _logger(execution: ExecutionConfig, root: Path) -> Any:
 
 
 def _deterministic(execution: ExecutionConfig, accelerator: str) -> bool | str:
-    """CUDA's grid/bilinear backward has no deterministic kernel: warn instead of crashing."""
+    """On CUDA, warn instead of crashing: the bilinear gathers' backward is a scatter-add,
+    which CUDA does not always run deterministically (not tested on a GPU here)."""
     if not execution.deterministic:
         return False
     cuda_possible = accelerator in ("cuda", "auto") and torch.cuda.is_available()
