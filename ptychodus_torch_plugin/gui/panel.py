@@ -561,6 +561,14 @@ class TrainingSession(QObject):
         if self.is_running():
             self._report("A TorchPINN task is already running: stop it first.", error=True)
             return False
+        training = getattr(self.library, "training_now", lambda: None)()
+        if training is not None:  # its model would replace this one when it ends
+            self._report(
+                f"A TorchPINN training is running ({training}): the model it trains is loaded "
+                "when it ends, replacing this one. Load the model after it, or Stop it first.",
+                error=True,
+            )
+            return False
         worker = LoadModelWorker(Path(path))
         worker.finished.connect(self._on_model_loaded)
         worker.failed.connect(self._on_failed)

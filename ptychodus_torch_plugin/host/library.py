@@ -148,6 +148,11 @@ class TorchPINNLibrary(ReconstructorLibrary):
                 )
             self._training_where = where
 
+    def training_now(self) -> str | None:
+        """What is training now (as given to :meth:`begin_training`), or None."""
+        with self._training_lock:
+            return self._training_where
+
     def end_training(self) -> None:
         with self._training_lock:
             self._training_where = None

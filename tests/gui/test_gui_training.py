@@ -288,6 +288,10 @@ def test_one_training_at_a_time_between_the_panel_and_ptychodus_train(gui, tmp_p
         text = panel.message_label.text()
         assert "Cannot start training: a TorchPINN training is already running" in text
         assert "started by Ptychodus's Train" in text
+        # a model loaded now would be replaced by that training's when it ends
+        assert not panel.session.load_model(tmp_path / "any.h5.zip")
+        assert not panel.session.is_running()
+        assert "Load the model after it" in panel.message_label.text()
     finally:
         library.end_training()
     # and the other way round: while the panel trains, Ptychodus's Train is refused
