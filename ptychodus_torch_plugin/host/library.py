@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ptychodus.api.observer import Observable, Observer
 from ptychodus.api.reconstruct import Reconstructor, ReconstructorLibrary
 from ptychodus.api.settings import SettingsRegistry
 
@@ -75,6 +76,14 @@ class TorchPINNLibrary(ReconstructorLibrary):
         """Called by the bootstrap once Ptychodus built its processing core around us."""
         self._processing_core = processing_core
         self._task_manager = task_manager
+        self._model_path_observer = _ModelPathObserver(self._notify_algorithm_observers)
+        self.settings.model_path.add_observer(self._model_path_observer)
+
+    def _notify_algorithm_observers(self) -> None:
+        """Let Ptychodus re-read ``is_model_loaded`` (its Infer button) after a model change."""
+        parameter = getattr(self._processing_core, "algorithm_parameter", None)
+        if parameter is not None and hasattr(parameter, "notify_observers"):
+            parameter.notify_observers()
 
     @property
     def processing_core(self) -> Any:
@@ -172,10 +181,24 @@ class TorchPINNLibrary(ReconstructorLibrary):
         Touches Ptychodus parameters: call it on the host (Qt) thread.
         """
         self.model_slot.remember_path(archive)
-        parameter = getattr(self._processing_core, "algorithm_parameter", None)
-        if parameter is not None and hasattr(parameter, "notify_observers"):
-            parameter.notify_observers()
+        self._notify_algorithm_observers()  # also when the path is the same as before
 
     def on_model_trained(self, archive: Path) -> None:
         """After training on Ptychodus's worker thread: publish the model on the host thread."""
         self.run_on_host_thread(lambda: self.publish_model(archive))
+
+
+class _ModelPathObserver(Observer):
+    """Tells Ptychodus's Infer button when ``ModelPath`` changes however it changed.
+
+    Why: Ptychodus enables Infer from ``is_model_loaded`` only when its algorithm parameter
+    notifies; a settings file opened with another ``ModelPath`` (the algorithm unchanged)
+    left the button as it was, greyed out with a usable model or enabled without one.
+    """
+
+    def __init__(self, notify: Callable[[], None]) -> None:
+        super().__init__()
+        self._notify = notify
+
+    def _update(self, observable: Observable) -> None:
+        self._notify()

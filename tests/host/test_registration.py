@@ -259,6 +259,32 @@ def test_registered_library_finds_ours_and_names_a_missing_one(model_core, libra
         registration.registered_library(parameter, "NoSuchLibrary")
 
 
+def test_a_model_path_change_reaches_ptychodus_infer_button(model_core, library, tmp_path):
+    """Open Settings with another ModelPath (same algorithm) left Infer as it was: Ptychodus
+    reads is_model_loaded only when its algorithm parameter notifies."""
+    from ptychodus.api.observer import Observer
+
+    parameter = model_core.processing_core.algorithm_parameter
+
+    class Count(Observer):
+        calls = 0
+
+        def _update(self, observable):
+            Count.calls += 1
+
+    counter = Count()
+    parameter.add_observer(counter)
+    before = library.settings.get_model_path()
+    try:
+        library.settings.set_model_path(tmp_path / "other.h5.zip")
+        assert Count.calls == 1
+        library.settings.set_model_path(tmp_path / "other.h5.zip")  # no change: no notice
+        assert Count.calls == 1
+    finally:
+        parameter.remove_observer(counter)
+        library.settings.set_model_path(before)
+
+
 def test_choices_in_any_case_are_stored_canonically_and_unknown_ones_are_logged(tmp_path, caplog):
     """The panel's drop-downs list canonical spellings; a file may use any case."""
     from ptychodus.model import ModelCore
