@@ -582,6 +582,15 @@ def _train(
 ) -> TrainingResult:
     grid, execution = payload.grid, payload.execution
     accelerator = resolve_accelerator(execution.accelerator)
+    if execution.precision == "16-mixed" and select_device(execution.accelerator).type == "cpu":
+        # Lightning would switch to bf16-mixed itself; said and recorded here, so that the
+        # archive, history.json and the divergence advice name what really ran.
+        logger.warning(
+            "precision = '16-mixed' has no float16 autocast on the CPU: training in "
+            "'bf16-mixed' instead, as Lightning would (float16 needs a GPU)"
+        )
+        execution = dataclasses.replace(execution, precision="bf16-mixed")
+        payload = dataclasses.replace(payload, execution=execution)
     L.seed_everything(payload.data.seed, workers=True, verbose=False)
 
     data, refinement = _with_training_probe(data, payload, cancel)

@@ -549,3 +549,15 @@ def test_training_leaves_the_process_torch_modes_and_random_generators_as_they_w
     assert not torch.are_deterministic_algorithms_enabled()
     assert "PL_GLOBAL_SEED" not in os.environ and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_float16_mixed_on_the_cpu_trains_and_is_recorded_as_bfloat16(small_scan, caplog):
+    """Lightning swaps 16-mixed for bf16-mixed on the CPU; the archive used to say 16-mixed."""
+    payload = create_training_payload(
+        tiny_overrides(epochs=1, n_groups=16, precision="16-mixed", accelerator="cpu")
+    )
+    with caplog.at_level("WARNING", logger="ptychodus_torch_plugin"):
+        result = train(payload, small_scan)
+    assert "training in 'bf16-mixed' instead" in caplog.text
+    assert result.model.config["precision"] == "bf16-mixed"
+    assert len(result.history) == 1
