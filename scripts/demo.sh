@@ -6,12 +6,22 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/scripts/ensure_env.sh"
-VENV=${PTT_VENV:-$ROOT/.venv}
-OUT=$(realpath -m "${1:-$ROOT/demo_output}")
+source "$ROOT/scripts/venv_path.sh"
+OUT=$("$VENV/bin/python" -c 'import os, sys; print(os.path.abspath(sys.argv[1]))' \
+  "${1:-$ROOT/demo_output}")
 # the ready-made file as installed with the package (ensure_env.sh reinstalls it after an
 # edit of resources/settings/); a torchpinn-demo.ini in OUTPUT_DIR would be used instead
 SETTINGS=torchpinn-demo.ini
-rm -rf "$OUT/in" "$OUT/train" "$OUT/reconstruct"
+# A rerun replaces the demo's own folders, and only those: in/ written by the demo holds
+# ground_truth.npz. Folders of that name from anything else are never deleted.
+if [ -e "$OUT/in" ] || [ -e "$OUT/train" ] || [ -e "$OUT/reconstruct" ]; then
+  if [ ! -f "$OUT/in/ground_truth.npz" ]; then
+    echo "[demo] error: $OUT already holds in/, train/ or reconstruct/ that the demo did" \
+      "not write; give the demo another folder: bash scripts/demo.sh DIR" >&2
+    exit 1
+  fi
+  rm -rf "$OUT/in" "$OUT/train" "$OUT/reconstruct"
+fi
 mkdir -p "$OUT"
 # Run from the output folder so Python imports the installed package, never the checkout.
 cd "$OUT"

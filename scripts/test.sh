@@ -4,7 +4,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/scripts/ensure_env.sh"
-VENV=${PTT_VENV:-$ROOT/.venv}
+source "$ROOT/scripts/venv_path.sh"
 cd "$ROOT"
 "$VENV/bin/ruff" check ptychodus_torch_plugin tests benchmarks
 export QT_QPA_PLATFORM=${QT_QPA_PLATFORM:-offscreen}

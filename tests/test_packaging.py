@@ -1,6 +1,7 @@
 """The installed (non-editable) distribution: metadata, entry points, layering."""
 
 import configparser
+import os
 import subprocess
 import sys
 from importlib.metadata import distribution
@@ -46,3 +47,35 @@ def test_engine_imports_neither_ptychodus_nor_qt():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_relative_ptt_venv_is_made_absolute_before_the_scripts_change_directory(tmp_path):
+    """demo.sh and test.sh cd elsewhere before using it: PTT_VENV=venv-cpu named nothing."""
+    script = REPO / "scripts" / "venv_path.sh"
+    shown = subprocess.run(
+        ["bash", "-c", f'ROOT=/nowhere; source "{script}"; echo "$VENV"'],
+        cwd=tmp_path,
+        env={**os.environ, "PTT_VENV": "venv-cpu"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert shown == str(tmp_path / "venv-cpu")
+
+
+def test_the_demo_never_deletes_folders_it_did_not_write(tmp_path):
+    """`bash scripts/demo.sh ~/beamtime` used to rm -rf its in/, train/ and reconstruct/."""
+    precious = tmp_path / "in" / "scan_0001.h5"
+    precious.parent.mkdir()
+    precious.write_bytes(b"measured data")
+    venv = Path(sys.executable).parent.parent  # the environment running the tests
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "demo.sh"), str(tmp_path)],
+        env={**os.environ, "PTT_VENV": str(venv)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "that the demo did not write" in done.stderr
+    assert precious.read_bytes() == b"measured data"
