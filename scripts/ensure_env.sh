@@ -39,24 +39,24 @@ if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -m pip --version > /dev/null 
 fi
 rebuild=""
 if [ -z "$have" ]; then
-  rebuild="yes"
+  rebuild="created"
+  if [ -e "$VENV" ]; then
+    rebuild="rebuilt: it is incomplete (no working pip)"
+  fi
 elif [ -n "$PYTHON_GIVEN" ]; then
   wanted=$(python_version "$PYTHON") || { echo "[env] error: PYTHON=$PYTHON cannot be run" >&2; exit 1; }
   if [ "$wanted" != "$have" ]; then
-    echo "[env] $VENV has Python $have but PYTHON=$PYTHON is $wanted: rebuilding it"
-    rebuild="yes"
+    rebuild="rebuilt: it has Python $have, PYTHON=$PYTHON is $wanted"
   fi
 fi
 if [ -n "$rebuild" ]; then
   if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2> /dev/null; then
     echo "[env] error: Python >= 3.11 is needed, and $PYTHON is" \
-      "$("$PYTHON" --version 2>&1 || echo 'not found'): set PYTHON=python3.11 (or newer)" >&2
+      "$("$PYTHON" --version 2>&1 | head -n 1 || echo 'not found'): set PYTHON=python3.11" \
+      "(or newer)" >&2
     exit 1
   fi
-  if [ -e "$VENV" ]; then
-    echo "[env] $VENV is incomplete (no working pip): rebuilding it"
-  fi
-  echo "[env] creating virtual environment in $VENV"
+  echo "[env] virtual environment $VENV $rebuild"
   "$PYTHON" -m venv --clear "$VENV"
   if ! "$VENV/bin/python" -m pip --version > /dev/null 2>&1; then
     echo "[env] error: the new environment has no pip (on Debian/Ubuntu: apt install" \
