@@ -780,8 +780,7 @@ def _object_canvas(data: Any) -> Any:
     if data.object_guess is None:
         return None
     height, width = data.object_guess.shape
-    x, y = data.xcoords, data.ycoords
-    outside = (x < 0) | (x > width) | (y < 0) | (y > height)
+    outside = data.outside(width, height)
     if outside.all():
         logger.warning(
             "none of the %d scan positions lies inside objectGuess (%d x %d pixels): it does "

@@ -359,6 +359,15 @@ class PtychoData:
         """(M, 2) positions as (x, y) in object pixels."""
         return np.stack([self.xcoords, self.ycoords], axis=1)
 
+    def outside(self, width: float, height: float) -> np.ndarray:
+        """(M,) bool: positions outside an object frame of ``width`` x ``height`` pixels.
+
+        What the host and the CLI report before stitching into such a frame: a patch there is
+        cut off (the frame is the object the image is written into, or scored against).
+        """
+        x, y = self.xcoords, self.ycoords
+        return (x < 0) | (x > width) | (y < 0) | (y > height)
+
     def counts(self) -> np.ndarray:
         """Patterns as counts (float64), the Poisson-rate domain."""
         return np.square(self.amplitudes.astype(np.float64))

@@ -183,12 +183,7 @@ def canvas_for(obj: Object, data: PtychoData | None = None) -> CanvasGeometry:
             "builder such as Random, or Open File...), then Reconstruct again"
         )
     if data is not None:
-        outside = (
-            (data.xcoords < 0)
-            | (data.xcoords > width)
-            | (data.ycoords < 0)
-            | (data.ycoords > height)
-        )
+        outside = data.outside(width, height)
         if outside.any():
             logger.warning(
                 "%d of %d scan positions lie outside the product's object (%d x %d pixels): "

@@ -225,15 +225,20 @@ def test_stop_during_training_ends_quickly_and_keeps_a_usable_model(gui, caplog)
     _infer_and_wait(gui)  # the kept model reconstructs
 
 
+def _train_until_the_first_batch(gui, panel, recorder, timeout: float = 120.0) -> None:
+    """Click the panel's Train and pump the GUI until a batch has run (a run in full swing)."""
+    panel.train_button.click()
+    end = time.perf_counter() + timeout
+    while time.perf_counter() < end and "batch" not in recorder.kinds():
+        gui.pump(0.05)
+
+
 def test_closing_the_window_during_training_stops_the_worker(gui):
     panel = gui.panel(PINN_KEY)
     gui.select_product(32)
     recorder = Recorder(panel.session)
     with settings_values(gui.library, **dict(FAST, epochs=50)):
-        panel.train_button.click()
-        end = time.perf_counter() + 120
-        while time.perf_counter() < end and "batch" not in recorder.kinds():
-            gui.pump(0.05)
+        _train_until_the_first_batch(gui, panel, recorder)
         closed = time.perf_counter()
         gui.view.close()  # the main window's close event stops and joins the worker
         seconds = time.perf_counter() - closed
@@ -262,10 +267,7 @@ def test_a_quit_without_a_window_close_still_handles_and_logs_the_run_result(gui
     gui.select_product(32)
     recorder = Recorder(panel.session)
     with settings_values(gui.library, **dict(FAST, epochs=50)):
-        panel.train_button.click()
-        end = time.perf_counter() + 120
-        while time.perf_counter() < end and "batch" not in recorder.kinds():
-            gui.pump(0.05)
+        _train_until_the_first_batch(gui, panel, recorder)
         with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
             assert panel.session.shutdown()  # what aboutToQuit calls; no pump afterwards
             outcome = panel.session.last_outcome
