@@ -57,7 +57,8 @@ def _bin(values: np.ndarray, factor: int) -> np.ndarray:
 
 
 #: Patches binned at a time: the complex128 weighted temporaries stay at this many patches
-#: (32 MB at a 128-pixel crop) instead of two whole-scan copies at 16 bytes per pixel.
+#: (2 x 17 MB at N = 128, a 64-pixel crop) instead of two whole-scan copies at 16 bytes per
+#: pixel.
 _BIN_CHUNK = 256
 
 
