@@ -112,24 +112,53 @@ def _registration_image(amplitude: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _correlation_cost(moved: np.ndarray, fixed: np.ndarray) -> float:
-    """1 - Pearson correlation: insensitive to the amplitude scale and offset."""
+    """1 - Pearson correlation: insensitive to the amplitude scale and offset.
+
+    For complex images, 1 - the modulus of the complex correlation coefficient, which is also
+    insensitive to a global phase factor (a reconstruction's constant phase is arbitrary).
+    """
     a = moved - moved.mean()
     b = fixed - fixed.mean()
-    norm = math.sqrt(float(np.sum(a * a) * np.sum(b * b)))
-    return 1.0 - float(np.sum(a * b)) / norm if norm > 0 else 1.0
+    norm = math.sqrt(float(np.sum(np.abs(a) ** 2) * np.sum(np.abs(b) ** 2)))
+    if norm <= 0:
+        return 1.0
+    if np.iscomplexobj(a) or np.iscomplexobj(b):
+        return 1.0 - float(np.abs(np.vdot(b, a))) / norm
+    return 1.0 - float(np.sum(a * b)) / norm
+
+
+#: Below this relative spread (std / mean inside the region) the reference's amplitude is
+#: treated as flat (a phase object, or a weak absorber): registration then uses the complex
+#: images, since an amplitude that is flat to rounding or to a fraction of a percent holds no
+#: position to find, only noise that a correlation would lock onto.
+_FLAT_AMPLITUDE = 1e-2
+
+
+def _is_flat(values: np.ndarray) -> bool:
+    """True when ``values`` vary by less than ~1e-9 of their size (rounding, not structure)."""
+    if values.size == 0:
+        return True
+    scale = float(np.abs(values).max())
+    return scale == 0 or float(np.abs(values - values.mean()).max()) <= 1e-9 * scale
 
 
 def register_shift(
     reconstruction: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None
 ) -> np.ndarray:
-    """(row, column) shift that moves the reconstruction's amplitude onto the reference's.
+    """(row, column) shift that moves the reconstruction onto the reference.
+
+    Registered on the amplitudes, which carry no arbitrary phase factor or ramp; when the
+    reference's amplitude is flat (relative spread below 1%: a phase object or a weak
+    absorber) on the complex images instead, by the modulus of their correlation, which
+    ignores the arbitrary constant phase.
 
     Two stages, because either alone is not accurate enough on a finite, non-periodic region:
-    ``phase_cross_correlation`` (upsample factor 20) of the windowed amplitudes gives a robust
+    ``phase_cross_correlation`` (upsample factor 20) of the windowed images gives a robust
     estimate, biased towards zero by the window; a Nelder-Mead refinement then maximises the
-    correlation of the cubic-spline-shifted amplitude with the reference inside the region
-    (eroded by the shift, so no extrapolated pixel counts). Returns (0, 0) when either image
-    is flat inside the region (there is no position to find).
+    correlation of the cubic-spline-shifted image with the reference inside the region
+    (eroded by the shift, so no extrapolated pixel counts). A shift that correlates no better
+    than none is not applied. Returns (0, 0) when either image is flat inside the region
+    (there is no position to find).
     """
     rec = np.asarray(reconstruction)
     ref = np.asarray(reference)
@@ -137,9 +166,15 @@ def register_shift(
     mask = _mask_for(mask, rec.shape)
     rows, cols = _bounding_box(mask)
     region = mask[rows, cols]
-    moving = np.abs(rec[rows, cols]).astype(np.float64)
     fixed = np.abs(ref[rows, cols]).astype(np.float64)
-    if moving[region].std() <= 0 or fixed[region].std() <= 0 or min(region.shape) < 4:
+    spread = float(fixed[region].std())
+    level = float(fixed[region].mean())
+    if level > 0 and spread < _FLAT_AMPLITUDE * level:
+        fixed = ref[rows, cols].astype(np.complex128)
+        moving: np.ndarray = rec[rows, cols].astype(np.complex128)
+    else:
+        moving = np.abs(rec[rows, cols]).astype(np.float64)
+    if _is_flat(moving[region]) or _is_flat(fixed[region]) or min(region.shape) < 4:
         return np.zeros(2)
     coarse, _, _ = phase_cross_correlation(
         _registration_image(fixed, region),
@@ -154,12 +189,16 @@ def register_shift(
     interior = ndimage.binary_erosion(region, iterations=margin, border_value=0)
     if interior.sum() < 16:
         return coarse
-    coefficients = ndimage.spline_filter(moving, order=3, mode="nearest")
+    parts = (moving.real, moving.imag) if np.iscomplexobj(moving) else (moving,)
+    coefficients = [ndimage.spline_filter(part, order=3, mode="nearest") for part in parts]
     target = fixed[interior]
 
     def cost(shift: np.ndarray) -> float:
-        moved = ndimage.shift(coefficients, shift, order=3, mode="nearest", prefilter=False)
-        return _correlation_cost(moved[interior], target)
+        moved = [
+            ndimage.shift(c, shift, order=3, mode="nearest", prefilter=False)[interior]
+            for c in coefficients
+        ]
+        return _correlation_cost(moved[0] if len(moved) == 1 else moved[0] + 1j * moved[1], target)
 
     step = 0.5
     simplex = np.array([coarse, coarse + [step, 0.0], coarse + [0.0, step]])
@@ -169,10 +208,13 @@ def register_shift(
         method="Nelder-Mead",
         options={"initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-12, "maxiter": 200},
     )
+    best = coarse
     if refined.success or refined.fun < cost(coarse):
         if np.all(np.abs(refined.x - coarse) <= margin - 2):
-            return np.asarray(refined.x, dtype=np.float64)
-    return coarse
+            best = np.asarray(refined.x, dtype=np.float64)
+    if cost(best) >= cost(np.zeros(2)):  # no better than leaving the image where it is
+        return np.zeros(2)
+    return best
 
 
 def _shift_complex(image: np.ndarray, shift: np.ndarray) -> np.ndarray:
@@ -245,7 +287,8 @@ def align(
 
     1. ``register``: sub-pixel shift of the reconstruction onto the reference (see
        :func:`register_shift`: ``phase_cross_correlation`` of the amplitudes inside the region,
-       upsample factor 20, refined to ~1/1000 px), applied with a cubic spline.
+       or of the complex images for a phase object, upsample factor 20, refined to ~1/1000 px),
+       applied with a cubic spline.
     2. ``remove_phase_ramp``: remove the best-fitting linear phase ramp (see
        :func:`remove_linear_phase`).
     3. Multiply by :func:`global_scale` (amplitude scale and constant phase).
@@ -378,8 +421,16 @@ class QualityMetrics:
 
 
 def _data_range(values: np.ndarray, fallback: float) -> float:
-    span = float(values.max() - values.min()) if values.size else 0.0
-    return span if span > 0 else fallback
+    """The reference's span on the region; ``fallback`` when it is flat.
+
+    Flat means a span below 1e-6 of the values' size, not only exactly zero: a phase object's
+    amplitude stored as complex64 spans ~1e-7 from rounding, and that as a data range scored a
+    1% amplitude error at -267 dB.
+    """
+    if values.size == 0:
+        return fallback
+    span = float(values.max() - values.min())
+    return span if span > 1e-6 * float(np.abs(values).max()) else fallback
 
 
 def _ssim_psnr(

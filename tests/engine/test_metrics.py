@@ -13,6 +13,7 @@ from ptychodus_torch_plugin.engine.metrics import (
     evaluate,
     frc,
     frc_threshold,
+    register_shift,
     scanned_region,
 )
 
@@ -59,6 +60,42 @@ def test_shift_and_global_scale_are_aligned_back():
     assert np.abs(unregistered - ref)[interior].max() > 10 * after
     metrics = evaluate(moved, ref, np.pad(np.ones((72, 72), bool), 12))
     assert metrics.amplitude_ssim > 0.97 and metrics.phase_ssim > 0.97
+
+
+def test_a_phase_object_is_registered_on_its_complex_image():
+    """A pure-phase object (amplitude flat but for complex64 rounding) and a weak absorber.
+
+    Registered on the amplitude, the correlation locked onto rounding noise: a perfect
+    reconstruction shifted by (1.5, -1) px was moved by (-5.7, -12.9) and scored 0.03 in phase.
+    """
+    shape = (96, 96)
+    mask = np.pad(np.ones((72, 72), bool), 12)
+    phase_only = sim.random_object(shape, seed=2, smoothness=3.0, amplitude_range=(1.0, 1.0))
+    assert 0 < np.abs(phase_only).std() < 1e-6  # complex64: flat but for rounding
+    moved = 0.8 * np.exp(0.3j) * _shift(phase_only.astype(np.complex128), (1.5, -1.0))
+    np.testing.assert_allclose(register_shift(moved, phase_only, mask), [-1.5, 1.0], atol=0.01)
+    metrics = evaluate(moved, phase_only, mask)
+    assert metrics.phase_ssim > 0.999 and metrics.amplitude_psnr > 60
+    weak = sim.random_object(shape, seed=2, smoothness=3.0, amplitude_range=(0.995, 1.0))
+    noise = 1 + 0.01 * np.random.default_rng(0).standard_normal(shape)
+    moved = _shift(weak.astype(np.complex128), (1.5, -1.0)) * noise
+    np.testing.assert_allclose(register_shift(moved, weak, mask), [-1.5, 1.0], atol=0.01)
+    # Amplitude noise on an unshifted phase object is not mistaken for a shift.
+    noisy = phase_only * noise
+    np.testing.assert_allclose(register_shift(noisy, phase_only, mask), [0, 0], atol=0.01)
+
+
+def test_a_flat_reference_amplitude_is_scored_against_a_sensible_range():
+    """A 1% amplitude error on a phase object: ~40 dB against the fallback range of 1.
+
+    The reference's rounding-level span (~1e-7) used to be the data range: -267 dB.
+    """
+    phase_only = sim.random_object((64, 64), seed=4, smoothness=3.0, amplitude_range=(1, 1))
+    noise = 1 + 0.01 * np.random.default_rng(1).standard_normal(phase_only.shape)
+    metrics = evaluate(phase_only * noise, phase_only, register=False)
+    assert 35 < metrics.amplitude_psnr < 45
+    assert 0.8 < metrics.amplitude_ssim < 1.0
+    assert metrics.phase_ssim > 0.999
 
 
 def test_flat_object_scores_lower_than_noisy_copy():
