@@ -25,10 +25,12 @@ only when complete, so an interrupted save never leaves a ``wts.h5.zip`` behind.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import io
 import json
+import logging
 import os
 import pickle
 import zipfile
@@ -44,8 +46,11 @@ from safetensors.torch import load as _safetensors_load
 from safetensors.torch import save as _safetensors_save
 
 from .atomic import atomic_write_path
-from .config import SUPPORTED_BACKEND
+from .config import SUPPORTED_BACKEND, GridConfig, ModelConfig
 from .model import EpochRecord, TrainedModel
+from .payload import create_training_payload
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ARCHIVE_NAME",
@@ -93,7 +98,7 @@ def archive_path(path: str | os.PathLike[str]) -> Path:
     A path that exists as a directory, or whose name does not end in ``.zip``, is a directory.
     """
     path = Path(path)
-    if path.is_dir() or not path.name.endswith(".zip"):
+    if path.is_dir() or not path.name.lower().endswith(".zip"):
         return path / ARCHIVE_NAME
     return path
 
@@ -106,7 +111,12 @@ def _existing_archive(path: str | os.PathLike[str]) -> Path:
             raise FileNotFoundError(f"model archive not found: {candidate} (directory {given})")
         return candidate
     if not given.is_file():
-        raise FileNotFoundError(f"model archive not found: {given}")
+        hint = ""
+        for sibling in (given.with_name(given.name + ".zip"), given / ARCHIVE_NAME):
+            if sibling.is_file():
+                hint = f"; did you mean {sibling}?"
+                break
+        raise FileNotFoundError(f"model archive not found: {given}{hint}")
     return given
 
 
@@ -284,6 +294,12 @@ class _Archive:
                     f"{self.path}: member '{name}' is {info.file_size} bytes, larger than "
                     f"the {max_size} allowed"
                 )
+            if info.flag_bits & 0x1:  # zipfile would raise a bare RuntimeError
+                raise ValueError(
+                    f"{self.path}: member '{name}' is encrypted; model archives are never "
+                    "password-protected: unpack it with its password and load the original "
+                    "wts.h5.zip, or re-save the model"
+                )
             return self._zip.read(name)
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
             raise _invalid_archive(self.path, exc) from exc
@@ -323,8 +339,16 @@ def _read_manifest(archive: _Archive) -> dict[str, Any]:
             f"{archive.path}: {source} holds {type(manifest).__name__}, expected a mapping"
         )
     manifest = dict(manifest)
-    # The TensorFlow PtychoPINN archive (manifest version "1.0", Keras members) has no backend.
-    manifest.setdefault("backend", "tensorflow")
+    # The TensorFlow PtychoPINN archive (manifest version "1.0", Keras members) has no backend
+    # but lists its models; a manifest with neither belongs to some other program's zip.
+    if "backend" not in manifest:
+        if "models" not in manifest:
+            raise ValueError(
+                f"{archive.path}: {source} names no backend and no models: not a PtychoPINN "
+                "model archive (ours are the wts.h5.zip files that Train or "
+                "`ptychodus-torch train` write)"
+            )
+        manifest["backend"] = "tensorflow"
     manifest["_source"] = source
     return manifest
 
@@ -350,7 +374,7 @@ def _check_backend(path: Path, manifest: Mapping[str, Any]) -> None:
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The archive's manifest (``backend`` is "tensorflow" when the manifest names none).
+    """The archive's manifest (``backend`` is "tensorflow" when it lists models but no backend).
 
     Reads ``manifest.json``, or, only when that is missing, ``manifest.dill`` through the
     restricted unpickler. Does not check the backend; :func:`load_archive` does.
@@ -430,6 +454,54 @@ def _number(document: Mapping[str, Any], key: str, path: Path) -> float:
     return float(value)
 
 
+#: Settings that make the network, its physics or its inference what they are: an archive
+#: whose value of one of these is refused cannot be rebuilt faithfully, so it is not loaded.
+_ESSENTIAL_KEYS = frozenset(
+    {f.name for f in dataclasses.fields(GridConfig)}
+    | {f.name for f in dataclasses.fields(ModelConfig) if f.name != "grid"}
+    | {"probe_scale", "input_normalization", "nphotons", "mode", "probe_refinement_epochs"}
+    | {"probe_modes", "backend"}
+)
+
+
+def _loadable_config(config: dict[str, Any], file: Path) -> dict[str, Any]:
+    """The archived flat config, without the how-it-was-trained settings this version refuses.
+
+    Why: the network is rebuilt from the geometry, model and physics settings; the others
+    (schedule, checkpointing, seeds, loggers) only record how it was trained. A setting that a
+    later version tightened or removed (``checkpoint_mode = 'max'``, a seed beyond 2**32, a
+    name since retired) must not make every archive that holds it unloadable: it is dropped,
+    with a warning naming it, and its default applies if the model is trained further.
+    """
+    try:
+        create_training_payload(config, check_environment=False)
+        return config
+    except ValueError:
+        pass
+    kept = {key: value for key, value in config.items() if key in _ESSENTIAL_KEYS}
+    create_training_payload(kept, check_environment=False)  # refused: the caller says why
+    dropped = []
+    for key, value in config.items():
+        if key in _ESSENTIAL_KEYS:
+            continue
+        trial = {**kept, key: value}
+        try:
+            create_training_payload(trial, check_environment=False)
+        except ValueError as exc:
+            dropped.append(f"{key} = {value!r} ({exc})")
+            continue
+        kept = trial
+    logger.warning(
+        "%s: this version no longer accepts %d training setting(s) stored with the model, "
+        "which load with their defaults (the network is unchanged; they matter only if the "
+        "model is trained further): %s",
+        file,
+        len(dropped),
+        "; ".join(dropped),
+    )
+    return kept
+
+
 def load_archive(path: str | os.PathLike[str]) -> TrainedModel:
     """Rebuild a ``TrainedModel`` from an archive file or a directory holding ``wts.h5.zip``.
 
@@ -477,6 +549,7 @@ def load_archive(path: str | os.PathLike[str]) -> TrainedModel:
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{file}: config.json 'history' is malformed ({exc})") from exc
     try:
+        config = _loadable_config(config, file)
         model = TrainedModel.build(
             config,
             probe,

@@ -20,6 +20,8 @@ from pathlib import Path
 def atomic_write_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it onto ``path`` only if the block succeeds."""
     target = Path(path)
+    if target.is_symlink():  # replace the file the link points to, and keep the link
+        target = Path(os.path.realpath(target))
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -29,8 +31,8 @@ def atomic_write_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        _flush_to_disk(tmp)  # while still ours to write: Windows fsyncs writable handles only
         os.chmod(tmp, 0o666 & ~_current_umask())
-        _flush_to_disk(tmp)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -45,7 +47,7 @@ def _flush_to_disk(path: Path) -> None:
     empty file on some file systems (ext4 with delayed allocation), which is exactly the half
     archive the rename exists to prevent.
     """
-    with open(path, "rb") as handle:
+    with open(path, "r+b") as handle:  # Windows' FlushFileBuffers refuses read-only handles
         os.fsync(handle.fileno())
 
 

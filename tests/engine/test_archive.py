@@ -293,11 +293,82 @@ def test_archive_says_whether_its_probe_was_refined(tmp_path, mode, epochs, refi
     assert load_archive(save_archive(model, tmp_path)).probe_refined is refined
 
 
-def test_archive_without_the_refinement_key_reads_as_not_refined(saved):
-    model = saved[0]
-    older = dataclasses.replace(model, config={**model.config})
-    older.config.pop("probe_refinement_epochs")
-    assert not older.probe_refined
+def _with_config(src, dst, change):
+    """A copy of archive ``src`` whose stored flat config is ``change(config)``."""
+    document = json.loads(zipfile.ZipFile(src).read("config.json"))
+    document["config"] = change(dict(document["config"]))
+    return _rewrite(src, dst, replace={"config.json": json.dumps(document).encode()})
+
+
+def test_archive_without_the_refinement_key_reads_as_not_refined(tmp_path):
+    """Archives written before probe refinement existed hold no probe_refinement_epochs."""
+    model = _model(probe_refinement_epochs=20)
+    path = save_archive(model, tmp_path)
+    assert load_archive(path).probe_refined
+    older = _with_config(
+        path,
+        tmp_path / "older.zip",
+        lambda c: {k: v for k, v in c.items() if k != "probe_refinement_epochs"},
+    )
+    assert not load_archive(older).probe_refined
+
+
+def test_an_older_archive_with_settings_since_refused_still_loads(saved, tmp_path, caplog):
+    """A how-it-was-trained setting a later version tightened or retired drops, with a warning.
+
+    Before, ``checkpoint_mode = 'max'`` (a CLI choice until it was refused) or a seed beyond
+    2**32 made the archive unloadable: "config.json cannot rebuild the model".
+    """
+    model, path = saved
+
+    def older(config):
+        return {**config, "checkpoint_mode": "max", "seed": 2**33, "retired_option": 3}
+
+    old = _with_config(path, tmp_path / "old.zip", older)
+    with caplog.at_level("WARNING"):
+        loaded = load_archive(old)
+    warned = caplog.text
+    assert "3 training setting(s)" in warned
+    for name in ("checkpoint_mode = 'max'", "seed = 8589934592", "retired_option = 3"):
+        assert name in warned
+    assert "checkpoint_mode" not in loaded.config and "retired_option" not in loaded.config
+    assert loaded.model_config == model.model_config
+    inputs = np.random.default_rng(0).random((2, 4, 32, 32), dtype=np.float32)
+    np.testing.assert_array_equal(loaded.predict(inputs), model.predict(inputs))
+    # A setting the network is built from is not dropped: that archive cannot load.
+    broken = _with_config(path, tmp_path / "broken.zip", lambda c: {**c, "N": 48})
+    with pytest.raises(ValueError, match="cannot rebuild the model.*N"):
+        load_archive(broken)
+
+
+def test_an_encrypted_or_foreign_zip_is_refused_with_what_it_is(saved, tmp_path):
+    data = bytearray(saved[1].read_bytes())
+    for signature, flag_offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        start = 0
+        while (found := data.find(signature, start)) >= 0:
+            data[found + flag_offset] |= 1  # the "encrypted" bit of every header
+            start = found + 4
+    encrypted = tmp_path / "encrypted.zip"
+    encrypted.write_bytes(bytes(data))
+    for read in (load_archive, read_manifest, inspect_archive):
+        with pytest.raises(ValueError, match="is encrypted"):
+            read(encrypted)
+    foreign = tmp_path / "extension.zip"
+    with zipfile.ZipFile(foreign, "w") as zf:
+        zf.writestr("manifest.json", json.dumps({"manifest_version": 3, "name": "an add-on"}))
+        zf.writestr("background.js", "x")
+    for read in (load_archive, inspect_archive):
+        with pytest.raises(ValueError, match="not a PtychoPINN model archive"):
+            read(foreign)
+
+
+def test_archive_names_any_case_of_zip_and_a_missing_name_suggests_the_archive(tmp_path):
+    model = _model(gridsize=1, neighbor_count=4)
+    path = save_archive(model, tmp_path / "model.ZIP")
+    assert path == tmp_path / "model.ZIP" and path.is_file()
+    save_archive(model, tmp_path / "wts.h5.zip")
+    with pytest.raises(FileNotFoundError, match=r"did you mean .*wts\.h5\.zip"):
+        load_archive(tmp_path / "wts.h5")
 
 
 @pytest.mark.parametrize("logger", ["tensorboard", "mlflow"])
