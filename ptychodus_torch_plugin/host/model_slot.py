@@ -65,6 +65,7 @@ def check_archive(path: Path) -> Path:
         UnicodeDecodeError,
         ValueError,
         NotImplementedError,  # a compression method zipfile cannot read
+        RuntimeError,  # an encrypted member: zipfile asks for a password
     ) as exc:
         if isinstance(exc, ValueError) and str(exc).startswith(str(file)):
             raise
@@ -72,7 +73,12 @@ def check_archive(path: Path) -> Path:
             f"{file} is not a valid or complete model archive ({type(exc).__name__}: {exc}); "
             "the file may be truncated or corrupt: re-save or re-copy it"
         ) from exc
-    backend = manifest.get("backend", "tensorflow") if isinstance(manifest, dict) else None
+    if not isinstance(manifest, dict) or not ({"backend", "models"} & manifest.keys()):
+        raise ValueError(
+            f"{file}: its manifest.json names no backend and no models: not a PtychoPINN model "
+            "archive (ours are the wts.h5.zip files that Train writes)"
+        )
+    backend = manifest.get("backend", "tensorflow")
     if backend != "pytorch":
         raise ValueError(
             f"{file}: the archive was written by the {backend} backend; this plugin loads "

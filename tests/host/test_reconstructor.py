@@ -245,6 +245,29 @@ def test_tensorflow_archive_is_refused_naming_its_backend(library, tmp_path, man
         reconstructor.load_model_from_file(archive)
 
 
+def test_encrypted_and_foreign_zips_are_refused_saying_what_they_are(
+    library, trained_archive, tmp_path
+):
+    """zipfile's RuntimeError for an encrypted member used to escape the check as a traceback,
+    and any zip with a manifest.json was called a TensorFlow model."""
+    data = bytearray(trained_archive.read_bytes())
+    for signature, flag_offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        start = 0
+        while (found := data.find(signature, start)) >= 0:
+            data[found + flag_offset] |= 1  # the "encrypted" bit of every header
+            start = found + 4
+    encrypted = tmp_path / "encrypted.h5.zip"
+    encrypted.write_bytes(bytes(data))
+    reconstructor = library.reconstructor("PINN")
+    with pytest.raises(ValueError, match="not a valid or complete.*encrypted"):
+        reconstructor.load_model_from_file(encrypted)
+    foreign = tmp_path / "extension.zip"
+    with zipfile.ZipFile(foreign, "w") as zf:
+        zf.writestr("manifest.json", json.dumps({"manifest_version": 3, "name": "an add-on"}))
+    with pytest.raises(ValueError, match="not a PtychoPINN model archive"):
+        reconstructor.load_model_from_file(foreign)
+
+
 def test_save_model_copies_the_archive(library, trained_archive, tmp_path):
     reconstructor = library.reconstructor("PINN")
     reconstructor.load_model_from_file(trained_archive)
