@@ -236,7 +236,10 @@ class Generator(nn.Module):
 
     def forward(self, amplitudes: Tensor) -> Tensor:
         amplitude, phase = self.amplitude_phase(amplitudes)
-        return torch.polar(amplitude, phase).to(torch.complex64)
+        # In float32: under bf16/16-mixed the heads give bfloat16/float16, which torch.polar
+        # refuses (bfloat16) or turns into complex32 (float16) wherever autocast has no fp32
+        # rule for it - CUDA has none; the CPU's converts.
+        return torch.polar(amplitude.float(), phase.float()).to(torch.complex64)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:

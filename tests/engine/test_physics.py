@@ -270,6 +270,25 @@ def test_forward_model_matches_numpy_reference_gridsize_1():
     assert "probe" in model.state_dict()
 
 
+def test_a_probe_mask_multiplies_the_normalised_probe_and_is_checked():
+    """The design's optional probe mask (exit wave = O' * P_used * mask), kept as a buffer."""
+    n = 32
+    obj = torch.from_numpy(_random_complex((2, 1, n, n), seed=6))
+    probe = _probe(n, radius=n / 3)
+    mask = np.zeros((n, n), np.float32)
+    mask[8:-8, 10:-10] = 1.0  # cuts the probe disc (radius ~11 px) on all sides
+    masked = ForwardModel(probe, gridsize=1, probe_mask=mask)
+    plain = ForwardModel(probe, gridsize=1)
+    assert "probe_mask" in masked.state_dict() and plain.probe_mask is None
+    p_used = plain.probe[0].numpy() * mask  # normalised from the whole probe, then masked
+    ref = np.abs(np.fft.fftshift(np.fft.fft2(p_used * obj.numpy(), norm="ortho"), axes=(-2, -1)))
+    out = masked(obj).numpy()
+    assert np.abs(out - ref).max() < 1e-5 * ref.max()
+    assert np.abs(out - plain(obj).numpy()).max() > 0.1 * ref.max()
+    with pytest.raises(ValueError, match=r"probe_mask must be \(32, 32\)"):
+        ForwardModel(probe, probe_mask=np.ones((16, 16)))
+
+
 def test_forward_model_gridsize_2_with_a_probe_larger_than_the_central_box():
     """Real probes spill out of the N/2 box (Run1084: 28% of the energy): with probe_big the
     overlap constraint must still reproduce the far field of true patches."""

@@ -204,9 +204,30 @@ def test_observers_see_each_batch_loss_unscaled_by_accumulation(small_scan):
     assert np.mean(losses) == pytest.approx(result.history[0].train_loss, rel=1e-5)
 
 
-def test_plateau_scheduler_monitors_the_validation_loss(small_scan):
-    payload = create_training_payload(tiny_overrides(epochs=2, scheduler="plateau", n_groups=48))
-    assert len(train(payload, small_scan).history) == 2
+class _RateSpy(Callback):
+    """Each epoch's learning rate, and the metric the scheduler was told to watch."""
+
+    def __init__(self):
+        self.rates, self.monitors = [], set()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+        self.monitors.update(config.monitor for config in trainer.lr_scheduler_configs)
+
+
+@pytest.mark.parametrize(
+    ("validation_fraction", "monitor"), [(0.1, "val_loss"), (0.0, "train_loss")]
+)
+def test_plateau_scheduler_halves_the_rate_when_the_monitored_loss_stalls(
+    small_scan, validation_fraction, monitor
+):
+    """A rate too small to move the losses: no improvement, so after patience 2 it halves."""
+    spy = _RateSpy()
+    overrides = tiny_overrides(epochs=5, scheduler="plateau", n_groups=48, learning_rate=1e-12)
+    overrides["validation_fraction"] = validation_fraction
+    train(create_training_payload(overrides), small_scan, callbacks=[spy])
+    assert spy.monitors == {monitor}
+    assert spy.rates[:3] == [1e-12] * 3 and spy.rates[-1] == pytest.approx(0.5e-12)
 
 
 def test_checkpoints_and_csv_logs_on_the_real_metric(small_scan, tmp_path):
