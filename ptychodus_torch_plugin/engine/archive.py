@@ -108,7 +108,11 @@ def _existing_archive(path: str | os.PathLike[str]) -> Path:
     if given.is_dir():
         candidate = given / ARCHIVE_NAME
         if not candidate.is_file():
-            raise FileNotFoundError(f"model archive not found: {candidate} (directory {given})")
+            others = sorted(p.name for p in given.glob("*.zip") if p.is_file())[:5]
+            hint = f"; it holds {', '.join(others)}: give that file's path" if others else ""
+            raise FileNotFoundError(
+                f"model archive not found: {candidate} (directory {given}){hint}"
+            )
         return candidate
     if not given.is_file():
         hint = ""

@@ -10,10 +10,15 @@ group can read the models and images.
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
+import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -66,3 +71,43 @@ def _current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def keep_earlier_file(
+    target: str | os.PathLike[str], extension: str, what: str = "model"
+) -> Path | None:
+    """Keep the file at ``target`` under a dated name beside it, before a new one replaces it.
+
+    Why: trained models are saved under fixed names (``wts.h5.zip`` in the folder given, by
+    Ptychodus's Train and by ``ptychodus-torch train``), so a second run in the same folder
+    (other settings, the other reconstructor) replaced the first model without a word. The
+    earlier file is hard-linked (copied where links are refused) as
+    ``<name>-<its modification time><extension>``, so ``target`` stays valid until the new
+    file replaces it atomically. Returns where it was kept, or None when there was none (or it
+    could not be kept: then it is replaced, and the log says so).
+    """
+    target = Path(target)
+    if not target.is_file():
+        return None
+    base = target.name.removesuffix(extension)
+    stamp = _dt.datetime.fromtimestamp(target.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
+    aside = target.with_name(f"{base}-{stamp}{extension}")
+    number = 1
+    while aside.exists():
+        number += 1
+        aside = target.with_name(f"{base}-{stamp}-{number}{extension}")
+    try:
+        try:
+            os.link(target, aside)
+        except OSError:  # a file system without hard links
+            shutil.copy2(target, aside)
+    except OSError as exc:
+        logger.warning(
+            "%s holds an earlier %s that could not be kept (%s): the new one replaces it",
+            target,
+            what,
+            exc.strerror or exc,
+        )
+        return None
+    logger.warning("%s held an earlier %s: kept as %s", target, what, aside.name)
+    return aside

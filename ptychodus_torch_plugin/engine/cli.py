@@ -22,7 +22,11 @@ import json
 import logging
 import math
 import os
+import re
+import signal
 import sys
+import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -233,7 +237,8 @@ def _add_train(sub: Any) -> None:
         "--checkpoint-mode",
         dest="checkpoint_mode",
         choices=CHECKPOINT_MODES,
-        help=f"whether the monitored metric is better low or high (default: {_C.mode})",
+        help=f"the monitored metric is better low (the only mode: every metric is a loss) "
+        f"(default: {_C.mode})",
     )
     p.add_argument(
         "--final-weights",
@@ -302,7 +307,7 @@ def _add_train(sub: Any) -> None:
     p.add_argument(
         "--disable_mlflow", action="store_true", help=argparse.SUPPRESS
     )  # deprecated: --logger none --quiet
-    _add_quiet(p)
+    _add_quiet(p, "no progress bar or epoch lines, warnings only")
     p.set_defaults(handler=_cmd_train)
 
 
@@ -312,10 +317,8 @@ def _add_accelerator(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_quiet(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--quiet", action="store_true", default=None, help="no progress bar, warnings only"
-    )
+def _add_quiet(p: argparse.ArgumentParser, what: str = "no summary lines, warnings only") -> None:
+    p.add_argument("--quiet", action="store_true", default=None, help=what)
 
 
 def _add_infer(sub: Any) -> None:
@@ -437,7 +440,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_infer(sub)
     _add_inspect(sub)
+    for command in sub.choices.values():  # for naming the flag behind a refused setting
+        command.set_defaults(
+            option_names={a.dest: a.option_strings[0] for a in command._actions if a.option_strings}
+        )
     return parser
+
+
+_SETTING = re.compile(r"^(\w+)Config\.(\w+) = ")
+
+
+def _naming_the_flag(message: str, option_names: dict[str, str]) -> str:
+    """A refused setting's message with the flag the user typed for it.
+
+    Why: the engine names its fields (``DataConfig.validation_fraction = 0.9 is invalid``); a
+    beamline user typed ``--validation-fraction 0.9`` and should not have to translate back.
+    """
+    match = _SETTING.match(message)
+    if match is None:
+        return message
+    owner, field = match.groups()
+    dest = f"checkpoint_{field}" if owner == "Checkpoint" else field
+    flag = option_names.get(dest)
+    return message if flag is None else f"{flag}: {message}"
 
 
 def _version() -> str:
@@ -454,10 +479,34 @@ def _deprecated(message: str) -> None:
 
 
 def _output_folder(path: str, flag: str) -> Path:
-    """The output folder, checked up front: a wrong path fails before the work, not after."""
+    """The output folder, checked up front: a wrong path fails before the work, not after.
+
+    Why: ``train`` writes nothing until its archive after the last epoch (with
+    ``--logger none --disable-checkpointing``), so a read-only folder used to end hours of
+    training with an error and no model. Nothing is created here: a run refused later for
+    another reason leaves no empty folder behind.
+    """
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise CLIError(f"{flag} {folder}: exists and is not a folder; give a folder path")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is not a folder"
+    elif existing == folder:
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"cannot create folders in {existing}"
+    if problem is not None:
+        raise CLIError(
+            f"{flag} {folder}: cannot write there ({problem}); give a folder you can write to"
+        )
     return folder
 
 
@@ -473,6 +522,8 @@ def _require_file(path: str | None, what: str) -> Path:
     if path is None:
         raise CLIError(f"{what}: no file given")
     file = Path(path)
+    if file.is_dir():
+        raise CLIError(f"{what} {file}: is a folder; give the .npz file")
     if not file.is_file():
         raise FileNotFoundError(f"{what} not found: {file}")
     return file
@@ -630,6 +681,36 @@ def training_overrides(args: argparse.Namespace, N: int) -> dict[str, Any]:  # n
     return overrides
 
 
+@contextlib.contextmanager
+def _ctrl_c_stops_training(token: Any) -> Iterator[None]:
+    """The first Ctrl-C stops training after its current batch; a second one aborts.
+
+    Why: Lightning answers a KeyboardInterrupt with ``sys.exit(1)``, so Ctrl-C used to throw
+    away every finished epoch. Now the run ends as a stopped one (the model so far is saved,
+    exit status 130), as ``ptychodus -b train`` does.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        if token.cancelled:
+            raise KeyboardInterrupt
+        token.cancel()
+        print(
+            f"{PROG} train: stopping after this batch and saving the model so far; press "
+            "Ctrl-C again to abort without saving",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class _TrainPrinter:
     """One line per epoch when there is no progress bar and the run is not quiet."""
 
@@ -656,7 +737,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     output_dir = _output_folder(args.output_dir, "--output_dir")
 
-    from .archive import save_archive
+    from .archive import ARCHIVE_NAME, save_archive
+    from .atomic import keep_earlier_file
+    from .cancel import CancelToken
     from .data import load_npz
     from .devices import resolve_accelerator
     from .payload import create_training_payload
@@ -665,6 +748,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     with _console_logging(bool(args.quiet)):
         data = load_npz(train_file)
         test_data = None if test_file is None else load_npz(test_file)
+        if test_data is not None and test_data.N != data.N:  # before any probe refinement
+            raise CLIError(
+                f"{test_file}: patterns of size {test_data.N}, but {train_file} has "
+                f"{data.N}: the test scan must have the training scan's pattern size"
+            )
         payload = create_training_payload(training_overrides(args, data.N))
         _check_hardware(resolve_accelerator, payload.execution.accelerator)
         _say(
@@ -673,19 +761,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"{payload.grid.gridsize}, {payload.training.epochs} epoch(s)) -> {output_dir}",
         )
         tic = time.perf_counter()
+        token = CancelToken()
         try:
-            result = train(
-                payload,
-                data,
-                test_data=test_data,
-                output_dir=output_dir,
-                observer=_TrainPrinter(
-                    not args.quiet and not payload.execution.enable_progress_bar
-                ),
-            )
+            with _ctrl_c_stops_training(token):
+                result = train(
+                    payload,
+                    data,
+                    test_data=test_data,
+                    output_dir=output_dir,
+                    observer=_TrainPrinter(
+                        not args.quiet and not payload.execution.enable_progress_bar
+                    ),
+                    cancel=token,
+                )
         except TrainingDivergedError as exc:  # no model to write: one line, exit 1
             raise CLIError(str(exc)) from exc
         elapsed = time.perf_counter() - tic
+        if result.cancelled and not result.history:
+            print(
+                f"{PROG} train: stopped before the first epoch ended: no model was written",
+                file=sys.stderr,
+            )
+            return 130
+        keep_earlier_file(output_dir / ARCHIVE_NAME, ".h5.zip")
+        keep_earlier_file(output_dir / "history.json", ".json", "training history")
         archive = save_archive(result.model, output_dir)
         summary = {
             "backend": result.backend,
@@ -822,6 +921,12 @@ def _cmd_infer(args: argparse.Namespace) -> int:
             "subpixel": args.subpixel,
             "phase_alignment": args.phase_alignment,
         }
+        if data.N != model.N:
+            raise CLIError(
+                f"{data_file}: patterns of size {data.N}, but the model {args.model_path} was "
+                f"trained at N = {model.N}; crop or bin the detector data, or train a model "
+                "for this size"
+            )
         payload = model.inference_payload(overrides)
         _check_hardware(select_device, payload.execution.accelerator)
         canvas = _object_canvas(data)
@@ -871,6 +976,9 @@ def _cmd_infer(args: argparse.Namespace) -> int:
                 )
             else:
                 _say(args, f"no quality metrics: {report['error']}")
+        elif (output_dir / "metrics.json").is_file():  # an earlier run's, scoring another image
+            (output_dir / "metrics.json").unlink()
+            _say(args, f"removed an earlier run's metrics.json from {output_dir} (not scored)")
     _say(
         args,
         f"{result.n_groups} groups reconstructed in {elapsed:.2f} s ({result.backend}); wrote "
@@ -951,7 +1059,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except (ValueError, CLIError) as exc:
-        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        message = _naming_the_flag(str(exc), getattr(args, "option_names", {}))
+        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # e.g. `ptychodus-torch inspect X | head`
         with contextlib.suppress(OSError, ValueError, AttributeError):

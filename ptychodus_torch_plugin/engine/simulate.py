@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -319,6 +320,10 @@ def _check_inside(coords: np.ndarray, low: float, high: float, name: str) -> Non
 def _axis_samples(pos: np.ndarray, n: int, size: int) -> tuple[np.ndarray, ...]:
     """Lower index, upper index and upper weight of the bilinear samples along one axis."""
     coords = pos[:, None] - n / 2.0 + np.arange(n)  # (M, N) object coordinates
+    # Inside the object: a position a rounding error below N/2 (scan_for_object makes them)
+    # would otherwise clip its first sample's lower index to 0 and its upper to 0 + 1 with a
+    # weight of ~1, reading column 1 for column 0.
+    coords = np.clip(coords, 0.0, size - 1.0)
     lower = np.floor(coords)
     frac = coords - lower
     lower = np.clip(lower.astype(np.int64), 0, size - 1)
@@ -463,11 +468,23 @@ def simulate_from_object(
     """
     x = np.asarray(xcoords, dtype=np.float64)
     y = np.asarray(ycoords, dtype=np.float64)
+    if x.ndim != 1 or x.shape != y.shape or x.size == 0:
+        raise ValueError(
+            f"xcoords/ycoords: found shapes {x.shape} and {y.shape}, expected two equal, "
+            "non-empty (M,) arrays of positions"
+        )
+    for name, values in (("xcoords", x), ("ycoords", y)):
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            raise ValueError(
+                f"{name}[{int(bad[0])}] = {values[bad[0]]} ({bad.size} position(s)): allowed "
+                "finite positions only"
+            )
     probe = np.asarray(probe)
     n = probe.shape[-1]
+    if pad != "auto" and (isinstance(pad, bool) or int(pad) != pad or pad < 0):
+        raise ValueError(f"pad = {pad!r} is invalid: allowed a non-negative integer or 'auto'")
     pad_px = _pad_needed(np.shape(obj), n, x, y) if pad == "auto" else int(pad)
-    if pad_px < 0:
-        raise ValueError(f"pad = {pad} is invalid: allowed a non-negative int or 'auto'")
     starts = [
         None if s is None else np.asarray(s, np.float64) + pad_px
         for s in (xcoords_start, ycoords_start)
@@ -497,7 +514,15 @@ def simulate_from_object_npz(path: str | os.PathLike[str], **kw: Any) -> PtychoD
     Nominal positions (xcoords_start/ycoords_start) are carried over when present; ``kw`` goes
     to ``simulate_from_object``.
     """
-    with np.load(Path(path), allow_pickle=False) as npz:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"object file not found: {path}")
+    if not zipfile.is_zipfile(path):  # np.load's own error would suggest allow_pickle
+        raise ValueError(
+            f"{path}: not an NPZ file; expected an .npz holding objectGuess, probeGuess, "
+            "xcoords and ycoords"
+        )
+    with np.load(path, allow_pickle=False) as npz:
         missing = [
             k for k in ("objectGuess", "probeGuess", "xcoords", "ycoords") if k not in npz.files
         ]

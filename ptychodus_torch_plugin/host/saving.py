@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,39 +85,15 @@ def save_trained_model(model: TrainedModel, target: Path) -> SavedModel:
 
 
 def keep_earlier_archive(target: Path) -> Path | None:
-    """Keep the archive at ``target`` under a dated name beside it, before a new one replaces it.
+    """Keep the archive at ``target`` as ``wts-<its mtime>.h5.zip`` before a new one replaces it.
 
     Why: Ptychodus's Train always saves as ``wts.h5.zip`` in the folder it is given (the data
-    folder, in the GUI), so a second run there (other settings, the other reconstructor)
-    replaced the first model without a word. The earlier file is hard-linked (copied where
-    links are refused) as ``wts-<its modification time>.h5.zip``, so ``target`` stays valid
-    until the new archive replaces it atomically. Returns where it was kept, or None when
-    there was none (or it could not be kept: then it is replaced, and the log says so).
+    folder, in the GUI); see :func:`..engine.atomic.keep_earlier_file`, which the CLI's
+    ``train`` uses too.
     """
-    target = Path(target)
-    if not target.is_file():
-        return None
-    base = target.name.removesuffix(MODEL_FILE_EXTENSION)
-    stamp = _dt.datetime.fromtimestamp(target.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
-    aside = target.with_name(f"{base}-{stamp}{MODEL_FILE_EXTENSION}")
-    number = 1
-    while aside.exists():
-        number += 1
-        aside = target.with_name(f"{base}-{stamp}-{number}{MODEL_FILE_EXTENSION}")
-    try:
-        try:
-            os.link(target, aside)
-        except OSError:  # a file system without hard links
-            shutil.copy2(target, aside)
-    except OSError as exc:
-        logger.warning(
-            "%s holds an earlier model that could not be kept (%s): the new model replaces it",
-            target,
-            _describe(exc),
-        )
-        return None
-    logger.warning("%s held an earlier model: kept as %s", target, aside.name)
-    return aside
+    from ..engine.atomic import keep_earlier_file
+
+    return keep_earlier_file(target, MODEL_FILE_EXTENSION)
 
 
 def check_not_replacing(chosen: Path, target: Path) -> None:

@@ -503,3 +503,129 @@ def test_writing_images_leaves_the_process_matplotlib_backend_alone(tmp_path):
         matplotlib.use(before)
     assert [p.name for p in paths] == ["object_amplitude.png", "object_phase.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
+def _train_argv(data_file, out, *extra):
+    return [
+        "train",
+        "--train_data_file",
+        str(data_file),
+        "--output_dir",
+        str(out),
+        "--max_epochs",
+        "1",
+        "--n_groups",
+        "16",
+        "--gridsize",
+        "1",
+        "--n-filters-scale",
+        "1",
+        "--accelerator",
+        "cpu",
+        "--logger",
+        "none",
+        "--quiet",
+        *extra,
+    ]
+
+
+def test_a_second_train_into_a_folder_keeps_the_first_model(data_file, tmp_path, capsys):
+    """Both runs used to write OUT/wts.h5.zip: the second replaced the first without a word."""
+    out = tmp_path / "OUT"
+    assert cli.main(_train_argv(data_file, out, "--disable-checkpointing")) == 0
+    first = (out / "wts.h5.zip").read_bytes()
+    assert cli.main(_train_argv(data_file, out, "--disable-checkpointing", "--seed", "1")) == 0
+    (kept,) = out.glob("wts-*.h5.zip")
+    assert kept.read_bytes() == first and (out / "wts.h5.zip").read_bytes() != first
+    assert len(list(out.glob("history-*.json"))) == 1
+    assert f"held an earlier model: kept as {kept.name}" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_train_saves_the_finished_epochs_and_exits_130(
+    data_file, tmp_path, capsys, monkeypatch
+):
+    """Lightning turns a KeyboardInterrupt into sys.exit(1): every finished epoch was lost."""
+    import os
+    import signal
+
+    class InterruptAfterFirstEpoch(cli._TrainPrinter):
+        def on_epoch_end(self, record):
+            if record.epoch == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(cli, "_TrainPrinter", InterruptAfterFirstEpoch)
+    before = signal.getsignal(signal.SIGINT)
+    out = tmp_path / "OUT"
+    argv = _train_argv(data_file, out)
+    argv[argv.index("--max_epochs") + 1] = "50"
+    assert cli.main(argv) == 130
+    assert signal.getsignal(signal.SIGINT) is before  # put back
+    history = json.loads((out / "history.json").read_text())
+    assert history["cancelled"] is True and 1 <= history["epochs_trained"] <= 2
+    assert (out / "wts.h5.zip").is_file()
+    assert "stopping after this batch" in capsys.readouterr().err
+
+
+def test_infer_removes_an_earlier_runs_metrics_when_it_scores_nothing(
+    untrained_archive, data_file, tmp_path, capsys
+):
+    out = tmp_path / "rec"
+    argv = ["infer", "--model_path", str(untrained_archive), "--accelerator", "cpu"]
+    assert cli.main([*argv, "--test_data", str(data_file), "--output_dir", str(out)]) == 0
+    assert (out / "metrics.json").is_file()
+    with np.load(data_file) as raw:
+        unscored = {k: v for k, v in raw.items() if k != "objectGuess"}
+    np.savez(tmp_path / "no_truth.npz", **unscored)
+    capsys.readouterr()
+    argv += ["--test_data", str(tmp_path / "no_truth.npz"), "--output_dir", str(out)]
+    assert cli.main(argv) == 0
+    assert not (out / "metrics.json").exists()
+    assert "removed an earlier run's metrics.json" in capsys.readouterr().out
+
+
+def test_mismatched_pattern_sizes_name_the_file_before_any_work(
+    untrained_archive, data_file, tmp_path, capsys
+):
+    other = tmp_path / "N64.npz"
+    save_npz(simulate_dataset(N=64, object_shape=(96, 96), nphotons=1e4, seed=1), other)
+    argv = _train_argv(data_file, tmp_path / "OUT", "--test_data_file", str(other))
+    assert cli.main([*argv, "--probe-refinement-epochs", "5"]) == 1
+    err = capsys.readouterr().err
+    assert f"{other}: patterns of size 64, but {data_file} has 32" in err
+    assert not (tmp_path / "OUT").exists()  # refused before training or refinement
+    argv = ["infer", "--model_path", str(untrained_archive), "--test_data", str(other)]
+    assert cli.main([*argv, "--output_dir", str(tmp_path / "rec")]) == 1
+    assert f"{other}: patterns of size 64, but the model" in capsys.readouterr().err
+
+
+def test_refused_settings_name_the_flag_typed_and_folders_are_not_files(
+    data_file, tmp_path, capsys, monkeypatch
+):
+    argv = _train_argv(data_file, tmp_path / "OUT")
+    assert cli.main([*argv, "--validation-fraction", "0.9"]) == 1
+    err = capsys.readouterr().err
+    assert "error: --validation-fraction: DataConfig.validation_fraction = 0.9" in err
+    argv = ["train", "--train_data_file", str(tmp_path), "--output_dir", str(tmp_path / "o")]
+    assert cli.main(argv) == 1
+    assert f"training data file {tmp_path}: is a folder; give the .npz file" in (
+        capsys.readouterr().err
+    )
+
+    # An output folder that refuses files fails before the work (root can write anywhere,
+    # so the refusal is simulated).
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli.tempfile, "TemporaryFile", refuse)
+    assert cli.main(_train_argv(data_file, tmp_path)) == 1
+    assert f"--output_dir {tmp_path}: cannot write there (Permission denied)" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_model_folder_without_wts_names_the_archives_it_holds(
+    untrained_archive, tmp_path, capsys
+):
+    (tmp_path / "model.h5.zip").write_bytes(untrained_archive.read_bytes())
+    assert cli.main(["inspect", str(tmp_path)]) == 1
+    assert "it holds model.h5.zip: give that file's path" in capsys.readouterr().err

@@ -261,3 +261,37 @@ def test_run1084_object_probe():
         near.sum(axis=(1, 2)),
         rtol=1e-5,
     )
+
+
+def test_a_position_a_rounding_error_inside_the_edge_samples_the_edge():
+    """x = N/2 - 1e-10 (scan_for_object makes such values) read column 1 for column 0."""
+    obj = np.tile(np.arange(16, dtype=np.complex64), (16, 1))
+    patch = sim.extract_patches(obj, np.array([8 - 1e-10]), np.array([8.0]), 4)
+    np.testing.assert_allclose(patch[0, 0].real, [6, 7, 8, 9], atol=1e-6)
+    edge = sim.extract_patches(obj, np.array([2 - 1e-10]), np.array([8.0]), 4)
+    np.testing.assert_allclose(edge[0, 0].real, [0, 1, 2, 3], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("x", "pad", "message"),
+    [
+        ([], 0, "non-empty"),
+        ([np.nan, 40.0], 0, r"xcoords\[0\] = nan"),
+        ([40.0, 41.0], 2.7, "pad = 2.7 is invalid"),
+    ],
+)
+def test_simulate_from_object_names_bad_positions_and_pads(x, pad, message):
+    x = np.asarray(x, dtype=np.float64)
+    obj = np.ones((80, 80), np.complex64)
+    probe = sim.make_probe("disk", 32)
+    with pytest.raises(ValueError, match=message):
+        sim.simulate_from_object(obj, probe, x, np.full(x.shape, 40.0), pad=pad)
+
+
+def test_an_object_file_that_is_no_npz_is_named_as_such(tmp_path):
+    text = tmp_path / "object.npz"
+    text.write_text("not an archive")
+    with pytest.raises(ValueError, match="not an NPZ file"):
+        sim.simulate_from_object_npz(text)
+    with pytest.raises(FileNotFoundError, match="object file not found"):
+        sim.simulate_from_object_npz(tmp_path / "missing.npz")
