@@ -165,11 +165,17 @@ def _pick_members(
     n_subsets: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """Seed plus C-1 of the other K-1 neighbours; repeated seeds get distinct subsets."""
+    """Seed plus C-1 of the other K-1 neighbours; repeated seeds get distinct subsets.
+
+    With repeats (oversampling), each seed's subsets are drawn without replacement from the
+    table of all of them, a random permutation per seed, made for blocks of seeds so memory
+    stays near ``_MAX_ENUMERATED_ENTRIES`` whatever the scan's size. Random subsets (where
+    repeats may collide) only when one neighbourhood has too many subsets to tabulate, where
+    collisions are rare anyway.
+    """
     g, k = members.shape
     repetition = np.arange(g) // m  # 0 for the first pass over the seeds, 1 for the next ...
-    if repetition.max() == 0 or m * n_subsets > _MAX_ENUMERATED_ENTRIES:
-        # Random subsets; with many possible subsets, collisions between repeats are rare.
+    if repetition.max() == 0 or n_subsets > _MAX_ENUMERATED_ENTRIES:
         keys = rng.random((g, k - 1))
         cols = 1 + np.argsort(keys, axis=1)[:, : c - 1]
     else:
@@ -177,8 +183,14 @@ def _pick_members(
 
         table = np.array(list(itertools.combinations(range(1, k), c - 1)), dtype=np.int64)
         # A random permutation of the subset table per seed; repeat r takes entry r.
-        order = np.argsort(rng.random((m, n_subsets)), axis=1)
-        cols = table[order[seeds, repetition]]
+        picks = np.empty(g, dtype=np.int64)
+        block = max(1, _MAX_ENUMERATED_ENTRIES // n_subsets)
+        for start in range(0, m, block):
+            stop = min(start + block, m)
+            order = np.argsort(rng.random((stop - start, n_subsets)), axis=1)
+            rows = np.flatnonzero((seeds >= start) & (seeds < stop))
+            picks[rows] = order[seeds[rows] - start, repetition[rows]]
+        cols = table[picks]
     cols = np.sort(cols, axis=1)  # nearest-first order within a group
     chosen = np.take_along_axis(members, cols, axis=1)
     return np.concatenate([members[:, :1], chosen], axis=1)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
+from ptychodus_torch_plugin.engine import grouping
 from ptychodus_torch_plugin.engine.grouping import group_positions
 
 
@@ -91,3 +92,16 @@ def test_bad_arguments():
         group_positions(x, y[:5], 1, 4)
     with pytest.raises(ValueError, match="at least gridsize\\*\\*2 = 9"):
         group_positions(x[:5], y[:5], 3, 9)
+
+
+def test_oversampled_groups_stay_distinct_on_scans_too_large_to_tabulate_at_once(monkeypatch):
+    """Above m * n_subsets = 2,000,000 (210,000 positions at K = 6) the groups used to be
+    random subsets, 18% of them repeats of another group of the same seed."""
+    monkeypatch.setattr(grouping, "_MAX_ENUMERATED_ENTRIES", 50)  # blocks of 5 seeds here
+    rng = np.random.default_rng(0)
+    x, y = np.meshgrid(np.arange(10) * 5.0, np.arange(10) * 5.0)
+    x, y = x.ravel() + rng.uniform(-1, 1, 100), y.ravel() + rng.uniform(-1, 1, 100)
+    groups = grouping.group_positions(x, y, 2, neighbor_count=6, n_groups=1000, seed=0)
+    keys = np.concatenate([groups.seeds[:, None], np.sort(groups.indices, axis=1)], axis=1)
+    assert len(np.unique(keys, axis=0)) == 1000  # each seed's 10 subsets, each once
+    assert np.array_equal(np.bincount(groups.seeds), np.full(100, 10))
