@@ -32,7 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .names import ENTRY_POINT_GROUP, LIBRARY_NAME, LOGGER_NAME, SUPPORTED_HOST_SERIES
+from .names import (
+    ENTRY_POINT_GROUP,
+    LIBRARY_NAME,
+    LOGGER_NAME,
+    SETTINGS_PREFIX,
+    SUPPORTED_HOST_SERIES,
+)
 
 logger = logging.getLogger(f"{LOGGER_NAME}.registration")
 
@@ -386,31 +392,71 @@ def _plugin_algorithms() -> dict[str, list[str]]:
     return known
 
 
-def _check_selection(settings_file: Any) -> None:
+def _algorithm_in_effect(registry: Any) -> str | None:
+    """The ``[Processing] Algorithm`` Ptychodus holds after reading a settings file.
+
+    Ptychodus refuses an unknown key by keeping the algorithm it had (its start-up default is
+    pty-chi's LSQML, ``none_none`` where pty-chi is missing), so this is what batch mode runs.
+    """
+    try:
+        return str(registry["Processing"].parameters()["Algorithm"].get_value())
+    except Exception:
+        return None
+
+
+def _what_runs_instead(effective: str | None) -> str:
+    if effective is None:
+        return "Ptychodus keeps the algorithm it had selected"
+    if effective.casefold() == "none_none":
+        return "Ptychodus keeps none_none, which reconstructs and trains nothing"
+    return f"Ptychodus keeps {effective}, and `ptychodus -b` runs that instead"
+
+
+def _has_our_settings(settings_file: Path) -> bool:
+    config = configparser.ConfigParser(interpolation=None)
+    config.read(settings_file)
+    prefix = SETTINGS_PREFIX.casefold()
+    return any(section.casefold().startswith(prefix) for section in config.sections())
+
+
+def _check_selection(settings_file: Any, registry: Any = None) -> None:
     key = selected_algorithm(Path(settings_file))
+    effective = _algorithm_in_effect(registry)
     if key is None:
+        ours = {name for name in _plugin_algorithms()}
+        in_effect = (effective or "").casefold().partition("_")[0]
+        if _has_our_settings(Path(settings_file)) and in_effect not in ours:
+            logger.warning(
+                "The settings file %s holds %s settings but sets no [Processing] Algorithm: "
+                "%s. Add, e.g., [Processing] Algorithm = %s_PINN to use them.",
+                settings_file,
+                SETTINGS_PREFIX,
+                _what_runs_instead(effective),
+                LIBRARY_NAME,
+            )
         return
     library, _, _ = key.partition("_")
     if library in FAILED_LIBRARIES:
         logger.error(
-            "The settings file %s selects the %s library, which failed to load (%s). Nothing "
-            "will be reconstructed or trained with it until that is fixed; see the warning "
-            "logged at start-up.",
+            "The settings file %s selects the %s library, which failed to load (%s): %s. "
+            "See the warning logged at start-up.",
             settings_file,
             library,
             FAILED_LIBRARIES[library],
+            _what_runs_instead(effective),
         )
         return
     keys = _plugin_algorithms().get(library)
     if keys is not None and key not in {k.casefold() for k in keys}:
-        # Ptychodus selects a do-nothing reconstructor for an unknown key, and batch mode
-        # then exits 0 without output: say so where the user looks.
+        # Ptychodus keeps its earlier algorithm for an unknown key, without a word (a debug
+        # line): say so where the user looks, and what will run instead.
         logger.error(
             "The settings file %s sets [Processing] Algorithm = %s, which names no %s "
-            "reconstructor: Ptychodus will reconstruct and train nothing. Use one of: %s.",
+            "reconstructor: %s. Use one of: %s.",
             settings_file,
             key,
             library,
+            _what_runs_instead(effective),
             ", ".join(keys),
         )
 
@@ -428,7 +474,7 @@ def install_selection_guard() -> None:
     def open_settings(self: Any, file_path: Any, *args: Any, **kwargs: Any) -> Any:
         result = original(self, file_path, *args, **kwargs)
         try:
-            _check_selection(file_path)
+            _check_selection(file_path, self)
         except Exception:  # the guard must never break settings loading
             pass
         return result

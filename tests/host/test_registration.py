@@ -329,8 +329,12 @@ def test_a_key_naming_our_library_but_no_reconstructor_is_an_error(
     with caplog.at_level("ERROR"):
         model_core.settings_registry.open_settings(ini)
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    kept = parameter.get_value()  # Ptychodus keeps what it had; the error names it
+    assert kept == before
     assert any(
-        f"Algorithm = {algorithm.casefold()}" in m and "TorchPINN_PINN, TorchPINN_Supervised" in m
+        f"Algorithm = {algorithm.casefold()}" in m
+        and "TorchPINN_PINN, TorchPINN_Supervised" in m
+        and f"Ptychodus keeps {kept}" in m
         for m in errors
     ), errors
     caplog.clear()
@@ -349,3 +353,27 @@ def test_demo_simulate_with_a_missing_settings_file_writes_nothing(tmp_path, cap
     assert main(["simulate", str(target), "--settings", str(tmp_path / "typo.ini")]) == 1
     assert "settings file not found" in capsys.readouterr().err
     assert not target.exists()
+
+
+def test_our_settings_without_an_algorithm_say_what_runs_instead(tmp_path):
+    """TorchPINN sections but no [Processing] Algorithm: Ptychodus runs whatever it had (a
+    fresh Ptychodus here: once a TorchPINN key is selected it cannot go back to none_none)."""
+    ini = tmp_path / "settings.ini"
+    ini.write_text("[TorchPINNTraining]\nEpochs = 50\n")
+    code = (
+        "from pathlib import Path\n"
+        "from ptychodus.model import ModelCore\n"
+        f"core = ModelCore(Path({str(ini)!r}))\n"
+        "print('ALGORITHM', core.processing_core.algorithm_parameter.get_value())\n"
+    )
+    result = run_python(code)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "ALGORITHM none_none" in result.stdout
+    assert "holds TorchPINN settings but sets no [Processing] Algorithm" in output
+    assert "keeps none_none, which reconstructs and trains nothing" in output
+    assert "Algorithm = TorchPINN_PINN to use them" in output
+    ini.write_text("[Processing]\nAlgorithm = TorchPINN_PINN\n[TorchPINNTraining]\nEpochs = 50\n")
+    result = run_python(code)
+    assert "ALGORITHM torchpinn_pinn" in result.stdout
+    assert "sets no [Processing] Algorithm" not in result.stdout + result.stderr

@@ -30,13 +30,18 @@ def _guard_selection(reason):
             config.read(file_path)
             key = config.get("Processing", "Algorithm", fallback="").strip().casefold()
             if key.split("_", 1)[0] == _LIBRARY:
+                try:  # an unknown key leaves the algorithm Ptychodus had: name it
+                    kept = str(self["Processing"].parameters()["Algorithm"].get_value())
+                except Exception:
+                    kept = "the algorithm it had selected"
                 _LOGGER.error(
                     "The settings file %s selects %s, but ptychodus-torch-plugin failed to "
-                    "load (%s): nothing will be reconstructed. Reinstall it: pip install "
-                    "ptychodus-torch-plugin",
+                    "load (%s): Ptychodus keeps %s instead (none_none reconstructs nothing). "
+                    "Reinstall it: pip install ptychodus-torch-plugin",
                     file_path,
                     key,
                     reason,
+                    kept,
                 )
         except Exception:
             pass
