@@ -496,6 +496,17 @@ def _supervised_targets(data: PtychoData, role: str) -> np.ndarray:
     from .simulate import extract_patches
 
     patches = extract_patches(data.object_guess, data.xcoords, data.ycoords, data.N)
+    if np.ptp(patches.real) <= 1e-6 * np.abs(patches).max() and np.ptp(patches.imag) <= (
+        1e-6 * np.abs(patches).max()
+    ):
+        # Ptychodus's initial object (its "Random" builder defaults to no variation) reaches
+        # here through a batch folder's product.h5: hours of training on a constant target.
+        raise ValueError(
+            f"objectGuess: the {role}'s object is uniform where the scan lies, so there is "
+            "nothing to learn from it; supervised training needs a reconstructed object (from "
+            "an iterative reconstruction or a simulation) as its target; use the PINN mode "
+            "for data without one"
+        )
     # The amplitude head is bounded (sigmoid): learn amplitudes relative to the object's peak.
     peak = float(np.abs(data.object_guess).max()) or 1.0
     return (patches / peak).astype(np.complex64)

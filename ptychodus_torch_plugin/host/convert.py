@@ -119,6 +119,12 @@ def reconstruct_input_to_data(
         advice="mark them in Ptychodus's bad-pixel mask or set its Value Upper Bound",
     )
     product = parameters.product
+    if getattr(product.metadata, "far_field", True) is False:
+        raise ValueError(
+            "the product's metadata says near field (far_field = False): TorchPINN's forward "
+            "model is far-field (Fraunhofer) only and would reconstruct a wrong image; use a "
+            "near-field reconstructor (e.g. pty-chi), or set far field if the data are"
+        )
     check_pixel_sizes(product)
     probe = probe_modes(product)
     if probe.ndim != 3 or probe.shape[0] == 0 or probe.shape[1:] != (n, n):

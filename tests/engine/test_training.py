@@ -325,6 +325,12 @@ def test_supervised_mode_needs_ground_truth(small_scan):
     object.__setattr__(no_truth, "object_guess", None)
     with pytest.raises(ValueError, match="objectGuess: not found"):
         train(payload, no_truth)
+    # Ptychodus's initial guess (a uniform object) is no ground truth either.
+    flat = small_scan.subset(np.arange(small_scan.n_patterns))
+    uniform = np.full_like(small_scan.object_guess, 0.8 * np.exp(0.3j))
+    object.__setattr__(flat, "object_guess", uniform)
+    with pytest.raises(ValueError, match="object is uniform where the scan lies"):
+        train(payload, flat)
 
 
 def test_unavailable_gpu_is_a_clear_error(small_scan):

@@ -556,3 +556,19 @@ def test_an_object_on_another_pixel_grid_than_the_probe_is_refused(reconstruct_i
     with pytest.raises(ValueError, match=r"object's pixel width .* differs from the probe's"):
         reconstruct_input_to_data(_with_object(reconstruct_input, other))
     assert reconstruct_input_to_data(reconstruct_input).n_patterns > 0  # same grid: fine
+
+
+def test_a_near_field_product_is_refused(reconstruct_input):
+    """The forward model is Fraunhofer only: near-field data would give a wrong image."""
+    import dataclasses
+
+    from ptychodus_torch_plugin.host.convert import reconstruct_input_to_data
+
+    p = reconstruct_input.product
+    near = dataclasses.replace(p.metadata, far_field=False)
+    product = Product(near, p.probe_positions, p.probes, p.object_, p.losses)
+    parameters = ReconstructInput(
+        reconstruct_input.diffraction_patterns, reconstruct_input.bad_pixels, product
+    )
+    with pytest.raises(ValueError, match="near field .* far-field \\(Fraunhofer\\) only"):
+        reconstruct_input_to_data(parameters)
