@@ -57,6 +57,20 @@ _DONE = object()
 _POLL_SECONDS = 0.25
 
 
+#: At most this many images per run. Ptychodus's batch mode saves every product handed over
+#: (the whole object, uncompressed) as ``OUT/product.NNNNNN.h5``: one per chunk wrote 79
+#: copies for a 20,000-pattern scan. The GUI needs no more to show progress, and Stop is still
+#: polled before every chunk.
+MAX_SNAPSHOTS = 10
+
+
+def _shown(index: int, n_chunks: int) -> bool:
+    """Whether chunk ``index``'s image is handed over: the last, and one per tenth of the run."""
+    return index == n_chunks - 1 or (index + 1) * MAX_SNAPSHOTS // n_chunks > (
+        index * MAX_SNAPSHOTS // n_chunks
+    )
+
+
 class TorchPINNReconstructor(TrainableReconstructor):
     """One TorchPINN reconstructor; ``mode`` is the engine's training mode."""
 
@@ -133,6 +147,14 @@ class TorchPINNReconstructor(TrainableReconstructor):
             canvas=canvas_for(template, data),
             should_stop=self._library.is_stopping,
         )
+
+        def output(chunk: Any) -> ReconstructOutput:
+            product = with_object(
+                parameters.product, stitched_to_object(chunk.stitched, template), losses, probes
+            )
+            return ReconstructOutput(product=product, progress=chunk.chunk_index + 1)
+
+        unshown = None  # the latest chunk's image, when not yet handed over
         try:
             for chunk in chunks:
                 self.chunks_run.append(chunk.chunk_index)
@@ -144,13 +166,13 @@ class TorchPINNReconstructor(TrainableReconstructor):
                     chunk.groups_done,
                     chunk.groups_total,
                 )
-                product = with_object(
-                    parameters.product,
-                    stitched_to_object(chunk.stitched, template),
-                    losses,
-                    probes,
-                )
-                yield ReconstructOutput(product=product, progress=chunk.chunk_index + 1)
+                if _shown(chunk.chunk_index, chunk.n_chunks):
+                    unshown = None
+                    yield output(chunk)
+                else:
+                    unshown = chunk
+            if unshown is not None:  # stopped early: hand over the image made so far
+                yield output(unshown)
         finally:
             chunks.close()
             self._goal = 0

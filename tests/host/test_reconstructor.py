@@ -31,6 +31,17 @@ def _with_object(parameters: ReconstructInput, obj: Object) -> ReconstructInput:
     return ReconstructInput(parameters.diffraction_patterns, parameters.bad_pixels, product)
 
 
+def _with_ground_truth(parameters: ReconstructInput, scan_dir) -> ReconstructInput:
+    """The scan with its simulated object: supervised training's target (the product.h5 of a
+    batch folder holds Ptychodus's uniform initial guess, which supervised training refuses)."""
+    with np.load(scan_dir / "ground_truth.npz") as npz:
+        truth = npz["object"]
+    template = parameters.product.object_
+    return _with_object(
+        parameters, Object(truth, template.get_pixel_geometry(), template.get_center())
+    )
+
+
 def test_model_file_names(library):
     reconstructor = library.reconstructor("PINN")
     assert reconstructor.get_model_file_filter() == MODEL_FILE_FILTER
@@ -175,6 +186,17 @@ def test_reconstruct_streams_one_output_per_chunk_in_the_input_frame(
     # Chunks fill the image in: more pixels differ from the initial guess each time.
     changed = [np.count_nonzero(o.product.object_.get_array() != 1) for o in outputs]
     assert changed == sorted(changed) and changed[0] < changed[-1]
+
+
+def test_a_long_run_hands_over_at_most_ten_images(library, reconstruct_input, trained_archive):
+    """Batch mode saves each as OUT/product.NNNNNN.h5, the whole object uncompressed: one per
+    chunk wrote 79 copies for 20,000 patterns. Every chunk still runs, and the last is there."""
+    reconstructor = library.reconstructor("PINN")
+    reconstructor.load_model_from_file(trained_archive)
+    with settings_values(library, chunk_size=5):  # 100 patterns -> 20 chunks
+        outputs = list(reconstructor.reconstruct(reconstruct_input))
+    assert reconstructor.chunks_run == list(range(20))
+    assert [o.progress for o in outputs] == list(range(2, 21, 2))
 
 
 def test_stopping_after_the_first_output_runs_no_further_chunk(
@@ -327,10 +349,11 @@ def test_ptychodus_own_training_export_is_read_as_counts(reconstruct_input, tmp_
 
 
 def test_train_from_npz_yields_epochs_and_a_stop_keeps_the_best_model(
-    library, reconstruct_input, tmp_path, caplog
+    library, reconstruct_input, scan_dir, tmp_path, caplog
 ):
     reconstructor = library.reconstructor("Supervised")
-    reconstructor.export_training_data(tmp_path / "train_data.npz", reconstruct_input)
+    truth_input = _with_ground_truth(reconstruct_input, scan_dir)
+    reconstructor.export_training_data(tmp_path / "train_data.npz", truth_input)
     (tmp_path / "wts.h5.zip").write_bytes(b"an earlier run's model")
     with settings_values(library, **dict(TINY, epochs=5)):
         generator = reconstructor.train(tmp_path, tmp_path)  # the GUI passes one folder twice
@@ -354,7 +377,7 @@ def test_train_from_npz_yields_epochs_and_a_stop_keeps_the_best_model(
 
 
 def test_ptychodus_shutting_down_stops_its_own_training_and_keeps_the_model(
-    library, reconstruct_input, tmp_path, caplog, monkeypatch
+    library, reconstruct_input, scan_dir, tmp_path, caplog, monkeypatch
 ):
     """Closing the window (or Ctrl-C in batch mode) stops Ptychodus's task manager, which then
     waits for its worker: our training must end within a batch, not after every epoch."""
@@ -364,7 +387,8 @@ def test_ptychodus_shutting_down_stops_its_own_training_and_keeps_the_model(
     manager.start()
     monkeypatch.setattr(library, "_task_manager", manager)
     reconstructor = library.reconstructor("Supervised")
-    reconstructor.export_training_data(tmp_path / "train_data.npz", reconstruct_input)
+    truth_input = _with_ground_truth(reconstruct_input, scan_dir)
+    reconstructor.export_training_data(tmp_path / "train_data.npz", truth_input)
     try:
         with settings_values(library, **dict(TINY, epochs=50)):
             generator = reconstructor.train(tmp_path, tmp_path)
