@@ -495,7 +495,46 @@ def load_npz(path: str | os.PathLike[str]) -> PtychoData:
         raise ValueError(f"{path}: {exc}") from exc
 
 
+#: Exactly what Ptychodus's ``save_ptychopinn_training_data`` writes (Export Training Data
+#: with its built-in PtychoPINN selected); ours also writes ``diff3d_units``.
+_PTYCHODUS_EXPORT_KEYS = frozenset(
+    {"xcoords", "ycoords", "xcoords_start", "ycoords_start", "diff3d", "bad_pixels"}
+    | {"probeGuess", "objectGuess", "scan_index"}
+)
+
+#: Our positions minus Ptychodus's pixel coordinates: Ptychodus centres pixel i at i and cuts
+#: an N-pixel patch from x - (N-1)/2, this engine from x - N/2 (``host/convert.py``).
+PTYCHODUS_PIXEL_OFFSET = 0.5
+
+
+def _ptychodus_positions_moved(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ptychodus's own export, recognised by its exact keys, in this engine's positions.
+
+    Why: its positions are Ptychodus pixel coordinates, half a pixel off this engine's; the
+    PINN is blind to that (only relative positions enter), but supervised training cut its
+    targets from objectGuess half a pixel away from the patterns, and ``infer`` placed the
+    image half a pixel off objectGuess.
+    """
+    if set(arrays) != _PTYCHODUS_EXPORT_KEYS:
+        return arrays
+    same_start = np.array_equal(arrays["xcoords"], arrays["xcoords_start"]) and np.array_equal(
+        arrays["ycoords"], arrays["ycoords_start"]
+    )
+    if not same_start or np.any(np.asarray(arrays["scan_index"]) != 0):
+        return arrays
+    logger.info(
+        "reading Ptychodus's PtychoPINN training export: its positions (Ptychodus pixel "
+        "coordinates) are moved by +%.1f px into this engine's (patch from x - N/2)",
+        PTYCHODUS_PIXEL_OFFSET,
+    )
+    moved = dict(arrays)
+    for name in ("xcoords", "ycoords", "xcoords_start", "ycoords_start"):
+        moved[name] = np.asarray(arrays[name], dtype=np.float64) + PTYCHODUS_PIXEL_OFFSET
+    return moved
+
+
 def _from_arrays(arrays: dict[str, np.ndarray], key: str) -> PtychoData:
+    arrays = _ptychodus_positions_moved(arrays)
     m = int(np.size(arrays["xcoords"]))
     raw = arrays[key]
     _check_real(key, raw)

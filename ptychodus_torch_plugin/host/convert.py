@@ -42,6 +42,8 @@ if TYPE_CHECKING:  # engine types; the modules are imported lazily at work time
 logger = logging.getLogger(f"{LOGGER_NAME}.host.convert")
 
 #: Engine patch anchoring minus Ptychodus patch anchoring, in object pixels (see above).
+#: (``engine.data.PTYCHODUS_PIXEL_OFFSET`` too, for Ptychodus's NPZ export; a test ties them;
+#: not imported here, so that reading this module does not import the engine.)
 ENGINE_MINUS_HOST_PX = 0.5
 
 DIFFRACTION_FILE = "diffraction.h5"

@@ -17,7 +17,7 @@ from ptychodus.api.probe import ProbeSequence
 from ptychodus.api.product import Product
 from ptychodus.api.reconstruct import ReconstructInput
 
-from ptychodus_torch_plugin.engine.data import load_npz
+from ptychodus_torch_plugin.engine.data import PTYCHODUS_PIXEL_OFFSET, load_npz, save_npz
 from ptychodus_torch_plugin.host.convert import (
     ENGINE_MINUS_HOST_PX,
     reconstruct_input_to_data,
@@ -65,6 +65,30 @@ def test_counts_become_amplitudes_in_float64_and_bad_pixels_are_masked(reconstru
     geometry = reconstruct_input.product.object_.get_geometry()
     x = geometry.map_probe_positions_to_object_x_px(reconstruct_input.product.probe_positions)
     assert np.allclose(data.xcoords, x + ENGINE_MINUS_HOST_PX)
+
+
+@pytest.mark.parametrize("n", [8, 9])
+def test_the_engine_cuts_the_patch_ptychodus_cuts_at_the_same_position(n):
+    """Ptychodus's own patch rule (ProbeGeometry.resolve_patch_bounds, pixel i centred at i)
+    against the engine's extraction at the host position + ENGINE_MINUS_HOST_PX."""
+    from ptychodus.api.probe import ProbeGeometry
+
+    from ptychodus_torch_plugin.engine.simulate import extract_patches
+
+    rng = np.random.default_rng(0)
+    obj = rng.random((40, 40)) + 1j * rng.random((40, 40))
+    geometry = ProbeGeometry(width_px=n, height_px=n, pixel_width_m=1.0, pixel_height_m=1.0)
+    compared = 0
+    for cx, cy in [(15.0, 17.0), (15.5, 17.5), (20.0, 12.5)]:
+        bounds = geometry.resolve_patch_bounds(cx, cy)
+        if bounds.dx or bounds.dy:  # Ptychodus would Fourier-shift: not a whole-pixel cut
+            continue
+        compared += 1
+        host = obj[bounds.y_slice, bounds.x_slice]
+        x, y = cx + ENGINE_MINUS_HOST_PX, cy + ENGINE_MINUS_HOST_PX
+        engine = extract_patches(obj, np.array([x]), np.array([y]), n)[0]
+        np.testing.assert_allclose(engine, host, atol=1e-6)
+    assert compared >= 1
 
 
 def test_detector_flag_values_join_the_mask_with_a_warning(reconstruct_input, caplog):
@@ -227,7 +251,9 @@ def test_host_stop_request_ends_the_stream_after_the_current_chunk(
 
 def test_multilayer_input_object_keeps_its_layers(library, reconstruct_input, trained_archive):
     template = reconstruct_input.product.object_
-    layers = np.stack([template.get_array()[0]] * 3).astype(np.complex64)
+    # Layers that are not 1 anywhere, so a layer left as it was would show.
+    layers = np.stack([template.get_array()[0] * k for k in (1.0, 0.5j, 0.25)])
+    layers = layers.astype(np.complex64)
     obj = Object(layers, template.get_pixel_geometry(), template.get_center(), [1e-6, 2e-6])
     reconstructor = library.reconstructor("PINN")
     reconstructor.load_model_from_file(trained_archive)
@@ -236,8 +262,13 @@ def test_multilayer_input_object_keeps_its_layers(library, reconstruct_input, tr
     assert result.get_array().shape == layers.shape
     assert result.get_array().dtype == np.complex64  # the input's type, not twice its memory
     assert list(result.layer_spacing_m) == [1e-6, 2e-6]
+    array = result.get_array()
+    covered = ~np.isclose(array[1], layers[1])
+    assert covered.mean() > 0.3  # the scan covers much of the object
+    assert np.all(array[1:, covered] == 1)  # the other layers are 1 where covered ...
+    assert np.array_equal(array[1:, ~covered], layers[1:, ~covered])  # ... kept elsewhere
     flattened = result.get_layers_flattened()
-    assert np.allclose(flattened, result.get_array()[0])  # other layers are 1 where covered
+    assert np.allclose(flattened[covered], array[0][covered])  # the image is their product
 
 
 def test_corrupt_archive_gives_a_clear_error(library, tmp_path, caplog):
@@ -346,6 +377,16 @@ def test_ptychodus_own_training_export_is_read_as_counts(reconstruct_input, tmp_
     data = load_npz(target)
     expected = np.sqrt(np.asarray(reconstruct_input.diffraction_patterns, np.float64))
     assert np.allclose(data.amplitudes, expected, rtol=1e-6)
+    # Its positions are Ptychodus pixel coordinates: read in the engine's, as the host's are
+    # (supervised targets were cut half a pixel away from the patterns).
+    direct = reconstruct_input_to_data(reconstruct_input)
+    np.testing.assert_allclose(data.xcoords, direct.xcoords, atol=1e-9)
+    np.testing.assert_allclose(data.ycoords, direct.ycoords, atol=1e-9)
+    assert PTYCHODUS_PIXEL_OFFSET == ENGINE_MINUS_HOST_PX
+    # Our own export is in the engine's positions already: read as written.
+    ours = tmp_path / "ours.npz"
+    save_npz(direct, ours)
+    np.testing.assert_array_equal(load_npz(ours).xcoords, direct.xcoords)
 
 
 def test_train_from_npz_yields_epochs_and_a_stop_keeps_the_best_model(
