@@ -9,6 +9,7 @@ Layout (shared/design/PTYCHOPINN.md section 9)::
     |                                      protocol 2 of builtin types: a compatibility copy
     |-- config.json                        flat settings + normalisation constants + history
     |-- probe.npy                          the normalised probe, (modes, N, N) complex64
+    |-- starting_probe.npy                 (probe refinement only) the probe it started from
     |-- diffraction_to_obj/weights.safetensors   generator state dict
     `-- autoencoder/weights.safetensors          generator + forward model (probe buffer)
 
@@ -69,6 +70,7 @@ MANIFEST_JSON = "manifest.json"
 MANIFEST_DILL = "manifest.dill"
 CONFIG_JSON = "config.json"
 PROBE_NPY = "probe.npy"
+STARTING_PROBE_NPY = "starting_probe.npy"
 GENERATOR_MODEL = "diffraction_to_obj"
 AUTOENCODER_MODEL = "autoencoder"
 MODEL_NAMES = (GENERATOR_MODEL, AUTOENCODER_MODEL)
@@ -210,6 +212,8 @@ def save_archive(model: TrainedModel, path: str | os.PathLike[str]) -> Path:
 
             put(CONFIG_JSON, _json_bytes(_config_document(model)))
             put(PROBE_NPY, _npy_bytes(model.probe.astype(np.complex64)))
+            if model.starting_probe is not None:  # optional: older loaders verify, then skip it
+                put(STARTING_PROBE_NPY, _npy_bytes(model.starting_probe.astype(np.complex64)))
             put(_weights_member(GENERATOR_MODEL), _tensor_bytes(generator_state))
             put(_weights_member(AUTOENCODER_MODEL), _tensor_bytes(autoencoder_state))
             # The compatibility copy: plain builtins only, readable by the restricted unpickler.
@@ -535,15 +539,10 @@ def load_archive(path: str | os.PathLike[str]) -> TrainedModel:
     generator_state = _parse_tensors(file, generator_name, blobs[generator_name])
     autoencoder_state = _parse_tensors(file, autoencoder_name, blobs[autoencoder_name])
 
-    try:
-        probe = np.load(io.BytesIO(probe_bytes), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise ValueError(f"{file}: member '{PROBE_NPY}' is not a valid .npy array ({exc})") from exc
-    if not np.iscomplexobj(probe) or probe.ndim not in (2, 3):
-        raise ValueError(
-            f"{file}: member '{PROBE_NPY}' holds {probe.dtype} {probe.shape}, expected a complex "
-            "(modes, N, N) probe"
-        )
+    probe = _probe_member(file, PROBE_NPY, probe_bytes)
+    starting_probe = None
+    if STARTING_PROBE_NPY in blobs:
+        starting_probe = _probe_member(file, STARTING_PROBE_NPY, blobs[STARTING_PROBE_NPY])
     config = document.get("config")
     if not isinstance(config, dict):
         raise ValueError(f"{file}: config.json has no 'config' mapping")
@@ -575,7 +574,22 @@ def load_archive(path: str | os.PathLike[str]) -> TrainedModel:
                 f"'{key}': the archive is inconsistent"
             )
     model.autoencoder.eval()
+    if starting_probe is not None:
+        model.starting_probe = starting_probe.reshape(-1, *starting_probe.shape[-2:])
     return model
+
+
+def _probe_member(file: Path, name: str, data: bytes) -> np.ndarray:
+    try:
+        probe = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"{file}: member '{name}' is not a valid .npy array ({exc})") from exc
+    if not np.iscomplexobj(probe) or probe.ndim not in (2, 3):
+        raise ValueError(
+            f"{file}: member '{name}' holds {probe.dtype} {probe.shape}, expected a complex "
+            "(modes, N, N) probe"
+        )
+    return probe
 
 
 def inspect_archive(path: str | os.PathLike[str]) -> dict[str, Any]:

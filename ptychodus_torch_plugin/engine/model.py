@@ -81,6 +81,9 @@ class TrainedModel:
     history: list[EpochRecord] = field(default_factory=list)
     training_device: str = "cpu"
     backend: str = SUPPORTED_BACKEND
+    #: With probe refinement: the probe the refinement started from (the training scan's),
+    #: (modes, N, N) complex64, so that the refined probe is handed back only to that scan.
+    starting_probe: np.ndarray | None = None
 
     @property
     def generator(self) -> Generator:

@@ -604,6 +604,7 @@ def _train(
         payload = dataclasses.replace(payload, execution=execution)
     L.seed_everything(payload.data.seed, workers=True, verbose=False)
 
+    given_probe = data.probe
     data, refinement = _with_training_probe(data, payload, cancel)
     scan = prepare_scan(data, grid, payload.data)
     supervised = payload.training.mode == "supervised"
@@ -642,6 +643,8 @@ def _train(
         intensity_scale=scan.intensity_scale,
         nphotons=scan.nphotons,
     )
+    if refinement is not None:
+        model.starting_probe = np.asarray(given_probe, dtype=np.complex64)
     module_kwargs: dict[str, Any] = {
         "learning_rate": execution.learning_rate,
         "scheduler": execution.scheduler,

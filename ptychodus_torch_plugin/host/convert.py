@@ -246,6 +246,11 @@ def validation_losses(history: Sequence[Any]) -> list[LossValue]:
     ]
 
 
+#: A product probe this close to a model's starting probe (normalised overlap) is taken to be
+#: that probe: the model's training scan, or a scan given the same starting probe.
+SAME_STARTING_PROBE = 0.999
+
+
 def result_probes(product: Product, model: TrainedModel) -> ProbeSequence:
     """The probe to hand back with a reconstruction: the model's refined one, else the input's.
 
@@ -257,11 +262,25 @@ def result_probes(product: Product, model: TrainedModel) -> ProbeSequence:
     scaled to the input probe's total power (the photon budget the product states), on the
     input's pixel geometry. The input's probe is kept when the model's probe was not refined,
     has another size, or the input carries orthogonal probe relaxation (OPR) weights, which a
-    single refined mode stack cannot honour.
+    single refined mode stack cannot honour, and when the input's probe is not the one the
+    refinement started from (another scan: its product must not get the training scan's probe;
+    archives from before that probe was recorded cannot tell, and hand theirs back).
     """
     given = product.probes
     if not model.probe_refined:
         return given
+    if model.starting_probe is not None:
+        from ..engine.inference import probe_overlap
+
+        overlap = probe_overlap(probe_modes(product), model.starting_probe)
+        if overlap is None or overlap < SAME_STARTING_PROBE:
+            logger.warning(
+                "the product keeps its own probe: it is not the probe the model's refinement "
+                "started from (normalised overlap %s of 1), so this is not the model's training "
+                "scan, and the refined probe belongs to that scan",
+                "-" if overlap is None else f"{overlap:.3f}",
+            )
+            return given
     refined = model.probe
     shape = (given.height_px, given.width_px)
     if refined.shape[-2:] != shape or given.get_opr_weights_or_none() is not None:

@@ -293,6 +293,16 @@ def test_archive_says_whether_its_probe_was_refined(tmp_path, mode, epochs, refi
     assert load_archive(save_archive(model, tmp_path)).probe_refined is refined
 
 
+def test_the_probe_a_refinement_started_from_is_kept(tmp_path):
+    """It tells the training scan from others, whose products keep their own probe."""
+    model = _model(probe_refinement_epochs=20)
+    assert load_archive(save_archive(model, tmp_path / "plain.zip")).starting_probe is None
+    model.starting_probe = make_probe("gaussian", 32)[None].astype(np.complex64)
+    loaded = load_archive(save_archive(model, tmp_path / "refined.zip"))
+    np.testing.assert_array_equal(loaded.starting_probe, model.starting_probe)
+    assert "starting_probe.npy" in zipfile.ZipFile(tmp_path / "refined.zip").namelist()
+
+
 def _with_config(src, dst, change):
     """A copy of archive ``src`` whose stored flat config is ``change(config)``."""
     document = json.loads(zipfile.ZipFile(src).read("config.json"))

@@ -479,6 +479,28 @@ def test_training_with_probe_refinement_settings_keeps_the_refined_modes(
     assert abs(ratio[strong].mean().imag) < 1e-6 * abs(ratio[strong].mean())
     assert "returning the model's refined probe (2 mode(s))" in caplog.text
 
+    # Another scan (here: another defocus of the probe) keeps its own probe: the refined one
+    # belongs to the training scan, whose starting probe the archive records.
+    assert model.starting_probe is not None and model.starting_probe.shape == (1, n, n)
+    yy, xx = np.mgrid[0:n, 0:n] - n / 2
+    other_probe = np.asarray(given.get_array()) * np.exp(1j * 0.02 * (xx**2 + yy**2))
+    p = reconstruct_input.product
+    other = Product(
+        p.metadata,
+        p.probe_positions,
+        ProbeSequence(other_probe, None, given.get_pixel_geometry()),
+        p.object_,
+        p.losses,
+    )
+    other_input = ReconstructInput(
+        reconstruct_input.diffraction_patterns, reconstruct_input.bad_pixels, other
+    )
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        product = list(reconstructor.reconstruct(other_input))[-1].product
+    assert product.probes is other.probes
+    assert "the product keeps its own probe" in caplog.text
+
 
 def test_refined_probe_is_not_forced_onto_a_product_with_opr_weights(
     reconstruct_input, trained_archive
