@@ -1,14 +1,16 @@
 """Grouping speed: 100,000 scan positions, median of repeated runs (not a timed test).
 
-Run: .venv/bin/python benchmarks/grouping.py
+Run: .venv/bin/python benchmarks/grouping.py [--positions 100000] [--repeats 5]
 """
 
 from __future__ import annotations
 
+import argparse
 import platform
 import statistics
 import time
 
+import _checkout  # noqa: F401  (this checkout's code, not the venv's copy)
 import numpy as np
 
 from ptychodus_torch_plugin.engine.grouping import group_positions
@@ -40,4 +42,8 @@ def main(n_positions: int = 100_000, repeats: int = 5) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--positions", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    main(args.positions, args.repeats)

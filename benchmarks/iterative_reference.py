@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import _checkout  # noqa: F401  (this checkout's code, not the venv's copy)
 import numpy as np
 import torch
 
@@ -243,23 +244,32 @@ def main() -> int:
     parser.add_argument("--cases", default="run1084,siemens")
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--photons", type=float, nargs="+", default=[1e6, 1e4])
-    parser.add_argument("--images", type=Path, default=REPO / "docs" / "images")
+    parser.add_argument(
+        "--images",
+        type=lambda text: None if text.strip().lower() == "none" else Path(text),
+        default=REPO / "docs" / "images",
+        help="where the Siemens star images go (default: docs/images, the committed figures "
+        "of 100-epoch fits: give another folder, or 'none', for experiments)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"machine: torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     results: list[dict] = []
-    for case in args.cases.split(","):
-        path = {"run1084": RUN1084, "siemens": SIEMENS}.get(case)
-        if path is None:
-            parser.error(f"--cases: unknown case {case!r}; allowed: run1084, siemens")
+    files = {"run1084": RUN1084, "siemens": SIEMENS}
+    cases = args.cases.split(",")
+    unknown = [case for case in cases if case not in files]
+    if unknown:  # before the earlier cases run
+        parser.error(f"--cases: unknown case(s) {', '.join(unknown)}; allowed: run1084, siemens")
+    for case in cases:
+        path = files[case]
         if not path.exists():
             print(f"SKIP: {path} not found")
             continue
         print(f"== {case}", flush=True)
         results += run_run1084(args) if case == "run1084" else run_siemens(args)
-    if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2))
+        if args.json is not None:  # after every case: a later failure keeps the finished ones
+            args.json.write_text(json.dumps(results, indent=2))
     return 0
 
 

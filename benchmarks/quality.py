@@ -21,6 +21,7 @@ import platform
 import time
 from pathlib import Path
 
+import _checkout  # noqa: F401  (this checkout's code, not the venv's copy)
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -294,9 +295,10 @@ def run_run1084(gridsize: int, photons: float, args: argparse.Namespace) -> dict
         args.save_dir.mkdir(parents=True, exist_ok=True)
         np.savez(args.save_dir / f"{name}.npz", object=stitched.object, weights=stitched.weights)
         save_archive(result.model, args.save_dir / f"{name}.zip")
-    save_object_images(
-        stitched.object, args.images, mask=mask, prefix=name, title=f"Run1084 g={gridsize}"
-    )
+    if args.images is not None:
+        save_object_images(
+            stitched.object, args.images, mask=mask, prefix=name, title=f"Run1084 g={gridsize}"
+        )
     return {
         "case": name,
         "epochs": len(result.history),
@@ -347,9 +349,11 @@ def run_siemens(args: argparse.Namespace) -> dict:
     canvas = CanvasGeometry(reference.origin[0], reference.origin[1], width, height)
     stitched = reconstruct(result.model, data, canvas=canvas).stitched
     mask = scanned_region(stitched.weights, erode=data.N // 8)
-    paths = save_object_images(
-        stitched.object, args.images, mask=mask, prefix="siemens_star", title="Siemens star"
-    )
+    paths = []
+    if args.images is not None:
+        paths = save_object_images(
+            stitched.object, args.images, mask=mask, prefix="siemens_star", title="Siemens star"
+        )
     agreement = evaluate(stitched.object, reference.object, mask)
     ramp = evaluate(stitched.object, reference.object, mask, remove_phase_ramp=True)
     return {
@@ -397,13 +401,14 @@ def run_siemens_simulated(args: argparse.Namespace) -> dict:
     image = reconstruct(result.model, data, canvas=CanvasGeometry(0.0, 0.0, width, height))
     image = image.stitched.object
     mask = scanned_mask(measured, shape)
-    save_object_images(
-        image,
-        args.images,
-        mask=mask,
-        prefix="siemens_star_simulated",
-        title="Simulated Siemens star",
-    )
+    if args.images is not None:
+        save_object_images(
+            image,
+            args.images,
+            mask=mask,
+            prefix="siemens_star_simulated",
+            title="Simulated Siemens star",
+        )
     ramp = evaluate(image, reference, mask, remove_phase_ramp=True)
     return {
         "case": "siemens_star_simulated_g1",
@@ -479,7 +484,13 @@ def main() -> int:
         default=3,
         help="siemens-g1: incoherent probe modes to refine (0: the file's count, 1)",
     )
-    parser.add_argument("--images", type=Path, default=REPO / "docs" / "images")
+    parser.add_argument(
+        "--images",
+        type=_images_folder,
+        default=REPO / "docs" / "images",
+        help="where the images go (default: docs/images, the committed figures: give another "
+        "folder, or 'none', for experiments)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     parser.add_argument(
         "--save-dir", type=Path, default=None, help="keep reconstructions and models here"
@@ -505,8 +516,12 @@ def main() -> int:
         f"{torch.get_num_threads()} threads, cuda={torch.cuda.is_available()}, "
         f"precision {args.precision}"
     )
+    cases = args.cases.split(",")
+    unknown = [case for case in cases if not _known_case(case)]
+    if unknown:  # before hours of training on the cases before a typo
+        parser.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(ALL_CASES)}")
     results = []
-    for case in args.cases.split(","):
+    for case in cases:
         print(f"== {case}", flush=True)
         if case.startswith("run1084"):
             _, grid, photons = case.split("-")
@@ -521,12 +536,26 @@ def main() -> int:
                 print(f"SKIP: {SIEMENS} not found")
                 continue
             results.append(run_siemens_simulated(args))
-        else:
-            raise SystemExit(f"unknown case {case!r}; known: {', '.join(ALL_CASES)}")
         print("  " + json.dumps(results[-1]), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        if args.json:  # after every case: a later failure keeps the finished ones
+            args.json.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def _images_folder(text: str) -> Path | None:
+    return None if text.strip().lower() == "none" else Path(text)
+
+
+def _known_case(case: str) -> bool:
+    if case in ("siemens-g1", "siemens-sim-g1"):
+        return True
+    parts = case.split("-")
+    if len(parts) != 3 or parts[0] != "run1084" or not parts[1].startswith("g"):
+        return False
+    try:
+        return int(parts[1][1:]) >= 1 and float(parts[2]) > 0
+    except ValueError:
+        return False
 
 
 if __name__ == "__main__":

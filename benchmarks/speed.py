@@ -21,10 +21,12 @@ import json
 import platform
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import _checkout  # noqa: F401  (this checkout's code, not the venv's copy)
 import numpy as np
 import torch
 
@@ -108,6 +110,7 @@ def train_step_rate(model: TrainedModel, batch: int, repeats: int) -> float:
 def end_to_end(repeats: int) -> dict:
     data = simulate_from_object_npz(RUN1084, nphotons=1e6, seed=1)
     model = build_model(64, 1)
+    cpu = model.inference_payload({"accelerator": "cpu"})  # the rows' device, also on a GPU host
     with tempfile.TemporaryDirectory() as tmp:
         path = save_npz(data, Path(tmp) / "scan.npz")
         splits = []
@@ -115,7 +118,7 @@ def end_to_end(repeats: int) -> dict:
             start = time.perf_counter()
             loaded = load_npz(path)
             load_s = time.perf_counter() - start
-            result = reconstruct(model, loaded)
+            result = reconstruct(model, loaded, cpu)
             total = time.perf_counter() - start
             splits.append({"load": load_s, **result.timings, "total": total})
     split = {k: statistics.median(s[k] for s in splits) for k in splits[0]}
@@ -182,7 +185,9 @@ def main() -> int:
         )
     else:
         print(f"end-to-end: SKIP ({RUN1084} not found)")
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # ru_maxrss: KiB on Linux, bytes on macOS
+    unit = 1024 * 1024 if sys.platform == "darwin" else 1024
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit
     report["peak_rss_mib"] = round(peak_mib, 1)
     print(f"peak RSS: {peak_mib:.0f} MiB")
     if args.json:

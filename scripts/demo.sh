@@ -12,10 +12,13 @@ OUT=$("$VENV/bin/python" -c 'import os, sys; print(os.path.abspath(sys.argv[1]))
 # the ready-made file as installed with the package (ensure_env.sh reinstalls it after an
 # edit of resources/settings/); a torchpinn-demo.ini in OUTPUT_DIR would be used instead
 SETTINGS=torchpinn-demo.ini
-# A rerun replaces the demo's own folders, and only those: in/ written by the demo holds
-# ground_truth.npz. Folders of that name from anything else are never deleted.
+# A rerun replaces the demo's own folders, and only those: a folder the demo used holds its
+# marker (written before anything else, so a run cut short is recognised too), and in/
+# written by an earlier version holds ground_truth.npz. Folders of those names from anything
+# else are never deleted.
+MARKER="$OUT/.torchpinn-demo"
 if [ -e "$OUT/in" ] || [ -e "$OUT/train" ] || [ -e "$OUT/reconstruct" ]; then
-  if [ ! -f "$OUT/in/ground_truth.npz" ]; then
+  if [ ! -f "$MARKER" ] && [ ! -f "$OUT/in/ground_truth.npz" ]; then
     echo "[demo] error: $OUT already holds in/, train/ or reconstruct/ that the demo did" \
       "not write; give the demo another folder: bash scripts/demo.sh DIR" >&2
     exit 1
@@ -23,6 +26,7 @@ if [ -e "$OUT/in" ] || [ -e "$OUT/train" ] || [ -e "$OUT/reconstruct" ]; then
   rm -rf "$OUT/in" "$OUT/train" "$OUT/reconstruct"
 fi
 mkdir -p "$OUT"
+touch "$MARKER"
 # Run from the output folder so Python imports the installed package, never the checkout.
 cd "$OUT"
 PY="$VENV/bin/python"

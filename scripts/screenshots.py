@@ -2,6 +2,7 @@
 
 Run under a virtual X server (the real window, not the offscreen platform)::
 
+    bash scripts/ensure_env.sh   # the installed plugin is what Ptychodus loads: refresh it
     xvfb-run -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshots.py [OUT_DIR]
 
 It simulates a small scan with Ptychodus's own simulator and writers, starts Ptychodus's
@@ -146,11 +147,18 @@ def main(argv: list[str]) -> int:
             print(f"training failed: {panel.session.last_error}")
             return 1
         print(panel.message_label.text())
+        if not shot:  # the committed gui_training.png would silently stay an old one
+            print(f"training ended before epoch {SNAPSHOT_EPOCH}: no gui_training.png written")
+            return 1
 
         monitor = model.processing_core.processing_api.task_monitor
         snapshot = monitor.get_completed_runs()
         processing._actions_view.reconstruct_button.click()  # Ptychodus's own "Infer"
+        deadline = time.monotonic() + 300
         while monitor.get_completed_runs() <= snapshot:
+            if time.monotonic() > deadline:
+                print("inference did not finish within 5 minutes (did Infer start a run?)")
+                return 1
             pump(0.2)
         pump(2.5)
         if monitor.get_last_error() is not None:
