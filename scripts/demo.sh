@@ -12,21 +12,23 @@ OUT=$("$VENV/bin/python" -c 'import os, sys; print(os.path.abspath(sys.argv[1]))
 # the ready-made file as installed with the package (ensure_env.sh reinstalls it after an
 # edit of resources/settings/); a torchpinn-demo.ini in OUTPUT_DIR would be used instead
 SETTINGS=torchpinn-demo.ini
-# A rerun replaces the demo's own folders, and only those: a folder the demo used holds its
-# marker (written before anything else, so a run cut short is recognised too), and in/
-# written by an earlier version holds ground_truth.npz. Folders of those names from anything
-# else are never deleted.
-MARKER="$OUT/.torchpinn-demo"
-if [ -e "$OUT/in" ] || [ -e "$OUT/train" ] || [ -e "$OUT/reconstruct" ]; then
-  if [ ! -f "$MARKER" ] && [ ! -f "$OUT/in/ground_truth.npz" ]; then
-    echo "[demo] error: $OUT already holds in/, train/ or reconstruct/ that the demo did" \
-      "not write; give the demo another folder: bash scripts/demo.sh DIR" >&2
+# A rerun replaces the demo's own folders, and only those: each folder the demo makes holds its
+# marker, written before anything else goes in (so a run cut short is recognised too), and
+# in/ written by an earlier version holds ground_truth.npz. Folders of those names from
+# anything else are never deleted.
+MARK=.torchpinn-demo
+for sub in in train reconstruct; do
+  if [ -e "$OUT/$sub" ] && [ ! -f "$OUT/$sub/$MARK" ] && [ ! -f "$OUT/in/ground_truth.npz" ]; then
+    echo "[demo] error: $OUT already holds $sub/, which the demo did not write; give the" \
+      "demo another folder: bash scripts/demo.sh DIR" >&2
     exit 1
   fi
-  rm -rf "$OUT/in" "$OUT/train" "$OUT/reconstruct"
-fi
-mkdir -p "$OUT"
-touch "$MARKER"
+done
+rm -rf "$OUT/in" "$OUT/train" "$OUT/reconstruct"
+for sub in in train reconstruct; do
+  mkdir -p "$OUT/$sub"
+  touch "$OUT/$sub/$MARK"
+done
 # Run from the output folder so Python imports the installed package, never the checkout.
 cd "$OUT"
 PY="$VENV/bin/python"

@@ -776,6 +776,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 )
         except TrainingDivergedError as exc:  # no model to write: one line, exit 1
             raise CLIError(str(exc)) from exc
+        except SystemExit:
+            # A second Ctrl-C inside Lightning's fit: Lightning answers it with sys.exit(1);
+            # the user interrupted, so say so and exit 130.
+            if token.cancelled:
+                raise KeyboardInterrupt from None
+            raise
         elapsed = time.perf_counter() - tic
         if result.cancelled and not result.history:
             print(

@@ -272,8 +272,14 @@ def result_probes(product: Product, model: TrainedModel) -> ProbeSequence:
     if model.starting_probe is not None:
         from ..engine.inference import probe_overlap
 
-        overlap = probe_overlap(probe_modes(product), model.starting_probe)
-        if overlap is None or overlap < SAME_STARTING_PROBE:
+        given_modes = probe_modes(product)
+        overlap = probe_overlap(given_modes, model.starting_probe)
+        # A product that already holds the refined probe (a rerun of Reconstruct on the
+        # product the first run wrote back, or a saved result) is that scan too.
+        again = probe_overlap(given_modes, model.probe)
+        if (overlap is None or overlap < SAME_STARTING_PROBE) and (
+            again is None or again < SAME_STARTING_PROBE
+        ):
             logger.warning(
                 "the product keeps its own probe: it is not the probe the model's refinement "
                 "started from (normalised overlap %s of 1), so this is not the model's training "

@@ -565,6 +565,21 @@ def test_ctrl_c_in_train_saves_the_finished_epochs_and_exits_130(
     assert (out / "wts.h5.zip").is_file()
     assert "stopping after this batch" in capsys.readouterr().err
 
+    class InterruptTwice(cli._TrainPrinter):
+        def on_epoch_end(self, record):
+            if record.epoch == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+
+    # A second Ctrl-C aborts without saving; Lightning's sys.exit(1) becomes 130 here too.
+    monkeypatch.setattr(cli, "_TrainPrinter", InterruptTwice)
+    aborted = tmp_path / "ABORTED"
+    argv[argv.index("--output_dir") + 1] = str(aborted)
+    assert cli.main(argv) == 130
+    assert not (aborted / "wts.h5.zip").exists()
+    assert "interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before
+
 
 def test_infer_removes_an_earlier_runs_metrics_when_it_scores_nothing(
     untrained_archive, data_file, tmp_path, capsys

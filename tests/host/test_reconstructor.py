@@ -479,6 +479,17 @@ def test_training_with_probe_refinement_settings_keeps_the_refined_modes(
     assert abs(ratio[strong].mean().imag) < 1e-6 * abs(ratio[strong].mean())
     assert "returning the model's refined probe (2 mode(s))" in caplog.text
 
+    # Reconstruct again on the product the first run wrote back (it holds the refined probe):
+    # still the training scan, so the refined probe, and no "not the training scan" warning.
+    rerun = ReconstructInput(
+        reconstruct_input.diffraction_patterns, reconstruct_input.bad_pixels, product
+    )
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        again = list(reconstructor.reconstruct(rerun))[-1].product
+    np.testing.assert_allclose(np.asarray(again.probes.get_array()), returned, rtol=1e-5)
+    assert "keeps its own probe" not in caplog.text
+
     # Another scan (here: another defocus of the probe) keeps its own probe: the refined one
     # belongs to the training scan, whose starting probe the archive records.
     assert model.starting_probe is not None and model.starting_probe.shape == (1, n, n)
