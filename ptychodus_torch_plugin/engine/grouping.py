@@ -167,30 +167,68 @@ def _pick_members(
 ) -> np.ndarray:
     """Seed plus C-1 of the other K-1 neighbours; repeated seeds get distinct subsets.
 
-    With repeats (oversampling), each seed's subsets are drawn without replacement from the
-    table of all of them, a random permutation per seed, made for blocks of seeds so memory
-    stays near ``_MAX_ENUMERATED_ENTRIES`` whatever the scan's size. Random subsets (where
-    repeats may collide) only when one neighbourhood has too many subsets to tabulate, where
-    collisions are rare anyway.
+    Repeats (oversampling) draw each seed's subsets without replacement. Where that table of
+    subsets is small (or a seed takes many of its entries) a random permutation of it per
+    seed, made for blocks of seeds so memory stays near ``_MAX_ENUMERATED_ENTRIES``; where it
+    is large, random subsets with the rare repeats of a seed drawn again, since permuting a
+    huge table per seed took minutes (K = 26 at gridsize 3: a million subsets per seed).
     """
     g, k = members.shape
     repetition = np.arange(g) // m  # 0 for the first pass over the seeds, 1 for the next ...
-    if repetition.max() == 0 or n_subsets > _MAX_ENUMERATED_ENTRIES:
-        keys = rng.random((g, k - 1))
-        cols = 1 + np.argsort(keys, axis=1)[:, : c - 1]
+    repeats = int(repetition.max()) + 1
+    if repeats == 1:
+        cols = _random_columns(rng, g, k, c)
+    elif m * n_subsets <= _MAX_ENUMERATED_ENTRIES or n_subsets <= max(64, 2 * repeats):
+        cols = _permuted_table_columns(seeds, repetition, m, k, c, n_subsets, rng)
     else:
-        import itertools
-
-        table = np.array(list(itertools.combinations(range(1, k), c - 1)), dtype=np.int64)
-        # A random permutation of the subset table per seed; repeat r takes entry r.
-        picks = np.empty(g, dtype=np.int64)
-        block = max(1, _MAX_ENUMERATED_ENTRIES // n_subsets)
-        for start in range(0, m, block):
-            stop = min(start + block, m)
-            order = np.argsort(rng.random((stop - start, n_subsets)), axis=1)
-            rows = np.flatnonzero((seeds >= start) & (seeds < stop))
-            picks[rows] = order[seeds[rows] - start, repetition[rows]]
-        cols = table[picks]
+        cols = _distinct_random_columns(seeds, rng, g, k, c)
     cols = np.sort(cols, axis=1)  # nearest-first order within a group
     chosen = np.take_along_axis(members, cols, axis=1)
     return np.concatenate([members[:, :1], chosen], axis=1)
+
+
+def _random_columns(rng: np.random.Generator, g: int, k: int, c: int) -> np.ndarray:
+    """(g, c-1) random distinct columns in 1..k-1 per row."""
+    return 1 + np.argsort(rng.random((g, k - 1)), axis=1)[:, : c - 1]
+
+
+def _permuted_table_columns(
+    seeds: np.ndarray,
+    repetition: np.ndarray,
+    m: int,
+    k: int,
+    c: int,
+    n_subsets: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Repeat r of seed s takes entry r of a random permutation of all subsets, per seed."""
+    import itertools
+
+    table = np.array(list(itertools.combinations(range(1, k), c - 1)), dtype=np.int64)
+    picks = np.empty(len(seeds), dtype=np.int64)
+    block = max(1, _MAX_ENUMERATED_ENTRIES // n_subsets)
+    for start in range(0, m, block):
+        stop = min(start + block, m)
+        order = np.argsort(rng.random((stop - start, n_subsets)), axis=1)
+        rows = np.flatnonzero((seeds >= start) & (seeds < stop))
+        picks[rows] = order[seeds[rows] - start, repetition[rows]]
+    return table[picks]
+
+
+def _distinct_random_columns(
+    seeds: np.ndarray, rng: np.random.Generator, g: int, k: int, c: int
+) -> np.ndarray:
+    """Random subsets, a seed's repeated subset drawn again until each seed's are distinct.
+
+    Used where a seed takes fewer than half its subsets, so each round redraws fewer than
+    half of the repeats still colliding and the loop ends after a few rounds.
+    """
+    cols = np.sort(_random_columns(rng, g, k, c), axis=1)
+    while True:
+        keyed = np.concatenate([seeds[:, None], cols], axis=1)
+        _, first = np.unique(keyed, axis=0, return_index=True)
+        again = np.ones(g, dtype=bool)
+        again[first] = False
+        if not again.any():
+            return cols
+        cols[again] = np.sort(_random_columns(rng, int(again.sum()), k, c), axis=1)

@@ -105,3 +105,20 @@ def test_oversampled_groups_stay_distinct_on_scans_too_large_to_tabulate_at_once
     keys = np.concatenate([groups.seeds[:, None], np.sort(groups.indices, axis=1)], axis=1)
     assert len(np.unique(keys, axis=0)) == 1000  # each seed's 10 subsets, each once
     assert np.array_equal(np.bincount(groups.seeds), np.full(100, 10))
+
+
+def test_oversampling_from_large_neighbourhoods_is_distinct_without_tabulating(monkeypatch):
+    """84 subsets per seed (K = 10), 3 taken: random draws, a seed's repeats redrawn. The
+    per-seed permutation of the whole table took minutes for a million subsets per seed."""
+    monkeypatch.setattr(grouping, "_MAX_ENUMERATED_ENTRIES", 50)
+
+    def no_table(*args, **kwargs):
+        raise AssertionError("the subset table was permuted")
+
+    monkeypatch.setattr(grouping, "_permuted_table_columns", no_table)
+    rng = np.random.default_rng(1)
+    x, y = rng.uniform(0, 60, 100), rng.uniform(0, 60, 100)
+    groups = grouping.group_positions(x, y, 2, neighbor_count=10, n_groups=300, seed=0)
+    keys = np.concatenate([groups.seeds[:, None], np.sort(groups.indices, axis=1)], axis=1)
+    assert len(np.unique(keys, axis=0)) == 300
+    assert np.all(groups.indices[:, 0] == groups.seeds)
