@@ -142,6 +142,29 @@ def _is_flat(values: np.ndarray) -> bool:
     return scale == 0 or float(np.abs(values - values.mean()).max()) <= 1e-9 * scale
 
 
+def _ramp_free_edges(image: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A complex image's local phase changes, blind to its constant phase and a linear ramp.
+
+    Why: a phase object is registered on its complex image, but a reconstruction's phase may
+    carry a linear ramp (the alignment removes it only after registering), which a plain
+    complex correlation mistakes for a shift. Neighbouring-pixel products ``z[x+1] z*[x]``
+    turn a ramp into one constant factor per axis, removed by its circular mean over the
+    region; their imaginary parts (the phase's and amplitude's edges along x and along y)
+    become the real and imaginary parts of the image returned, shape (H-1, W-1), with the
+    region cut to the pixels whose neighbours lie in it too.
+    """
+    z = np.asarray(image, dtype=np.complex128)
+    base = np.conj(z[:-1, :-1])
+    inside = region[:-1, :-1] & region[:-1, 1:] & region[1:, :-1]
+    parts = []
+    for step in (z[:-1, 1:] * base, z[1:, :-1] * base):
+        total = step[inside].sum()
+        if total != 0:
+            step = step * (np.conj(total) / abs(total))
+        parts.append(step.imag)
+    return parts[0] + 1j * parts[1], inside
+
+
 def register_shift(
     reconstruction: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None
 ) -> np.ndarray:
@@ -149,8 +172,8 @@ def register_shift(
 
     Registered on the amplitudes, which carry no arbitrary phase factor or ramp; when the
     reference's amplitude is flat (relative spread below 1%: a phase object or a weak
-    absorber) on the complex images instead, by the modulus of their correlation, which
-    ignores the arbitrary constant phase.
+    absorber) on the complex images' local phase changes instead (:func:`_ramp_free_edges`),
+    which ignore the arbitrary constant phase and a linear phase ramp.
 
     Two stages, because either alone is not accurate enough on a finite, non-periodic region:
     ``phase_cross_correlation`` (upsample factor 20) of the windowed images gives a robust
@@ -170,8 +193,9 @@ def register_shift(
     spread = float(fixed[region].std())
     level = float(fixed[region].mean())
     if level > 0 and spread < _FLAT_AMPLITUDE * level:
-        fixed = ref[rows, cols].astype(np.complex128)
-        moving: np.ndarray = rec[rows, cols].astype(np.complex128)
+        fixed, inside = _ramp_free_edges(ref[rows, cols], region)
+        moving: np.ndarray = _ramp_free_edges(rec[rows, cols], region)[0]
+        region = inside
     else:
         moving = np.abs(rec[rows, cols]).astype(np.float64)
     if _is_flat(moving[region]) or _is_flat(fixed[region]) or min(region.shape) < 4:
