@@ -32,6 +32,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import zipfile
@@ -165,6 +166,7 @@ def _config_document(model: TrainedModel) -> dict[str, Any]:
         "training_device": str(model.training_device),
         "probe_shape": list(model.probe.shape),
         "sign_conventions": SIGN_CONVENTIONS,
+        "pixel_size_m": None if model.pixel_size_m is None else list(model.pixel_size_m),
     }
 
 
@@ -576,7 +578,26 @@ def load_archive(path: str | os.PathLike[str]) -> TrainedModel:
     model.autoencoder.eval()
     if starting_probe is not None:
         model.starting_probe = starting_probe.reshape(-1, *starting_probe.shape[-2:])
+    model.pixel_size_m = _pixel_size(document, file)
     return model
+
+
+def _pixel_size(document: Mapping[str, Any], file: Path) -> tuple[float, float] | None:
+    """The training scan's object pixel size, if recorded (archives before 2026-12-03: no)."""
+    value = document.get("pixel_size_m")
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        or not all(math.isfinite(v) and v > 0 for v in value)
+    ):
+        raise ValueError(
+            f"{file}: config.json field 'pixel_size_m' = {value!r}, expected [width, height] "
+            "in metres"
+        )
+    return float(value[0]), float(value[1])
 
 
 def _probe_member(file: Path, name: str, data: bytes) -> np.ndarray:

@@ -210,6 +210,18 @@ def with_flagged_pixels(
     return flagged if bad_pixels is None else (np.asarray(bad_pixels, dtype=bool) | flagged)
 
 
+def _pixel_size(value: Any) -> tuple[float, float] | None:
+    """(width, height) in metres from a number or a pair; None stays None."""
+    if value is None:
+        return None
+    sizes = np.asarray(value, dtype=np.float64).reshape(-1)
+    if sizes.size == 1:
+        sizes = np.repeat(sizes, 2)
+    if sizes.size != 2 or not np.all(np.isfinite(sizes)) or np.any(sizes <= 0):
+        raise _bad("pixel_size_m", repr(value), "one or two finite sizes > 0 (metres)")
+    return float(sizes[0]), float(sizes[1])
+
+
 @dataclass(frozen=True, eq=False)
 class PtychoData:
     """One validated scan in amplitude units. Build with ``from_amplitudes``/``from_counts``."""
@@ -223,6 +235,10 @@ class PtychoData:
     xcoords_start: np.ndarray | None = None
     ycoords_start: np.ndarray | None = None
     bad_pixels: np.ndarray | None = None  # (N, N) bool, True where the detector is bad
+    #: (width, height) of an object pixel in metres, when the source says (Ptychodus does;
+    #: an NPZ may, as ``pixel_size_m``): a model records it, and a scan of another sampling
+    #: gets a warning at inference
+    pixel_size_m: tuple[float, float] | None = None
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -238,6 +254,7 @@ class PtychoData:
         xcoords_start: np.ndarray | None = None,
         ycoords_start: np.ndarray | None = None,
         bad_pixels: np.ndarray | None = None,
+        pixel_size_m: Any = None,
         key: str = "diff3d",
     ) -> PtychoData:
         """Validate in-memory arrays whose patterns are amplitudes (sqrt of counts)."""
@@ -308,6 +325,7 @@ class PtychoData:
                 )
 
         return cls(
+            pixel_size_m=_pixel_size(pixel_size_m),
             amplitudes=np.ascontiguousarray(amplitudes, dtype=np.float32),
             xcoords=xcoords.astype(np.float64),
             ycoords=ycoords.astype(np.float64),
@@ -548,6 +566,7 @@ def _from_arrays(arrays: dict[str, np.ndarray], key: str) -> PtychoData:
             ("xcoords_start", "xcoords_start"),
             ("ycoords_start", "ycoords_start"),
             ("bad_pixels", "bad_pixels"),
+            ("pixel_size_m", "pixel_size_m"),
         )
     }
     if units == UNITS_COUNTS:
@@ -605,6 +624,7 @@ def save_npz(data: PtychoData, path: str | os.PathLike[str]) -> Path:
         ("xcoords_start", data.xcoords_start),
         ("ycoords_start", data.ycoords_start),
         ("bad_pixels", data.bad_pixels),
+        ("pixel_size_m", None if data.pixel_size_m is None else np.asarray(data.pixel_size_m)),
     ):
         if value is not None:
             arrays[key] = value

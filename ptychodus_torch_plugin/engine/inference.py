@@ -482,6 +482,7 @@ def _run(
     for key in ("group", "predict", "stitch"):
         timings.setdefault(key, 0.0)
     warn_if_other_probe(model, data)
+    warn_if_other_sampling(model, data)
     device = select_device(payload.execution.accelerator)
     model.autoencoder.to(device)
 
@@ -579,6 +580,38 @@ def warn_if_other_probe(model: TrainedModel, data: PtychoData) -> float | None:
             overlap,
         )
     return overlap
+
+
+#: Object pixel sizes within this fraction of each other count as the same sampling.
+PIXEL_SIZE_TOLERANCE = 0.02
+
+
+def warn_if_other_sampling(model: TrainedModel, data: PtychoData) -> bool:
+    """Warn (and return True) when the scan's object pixels differ in size from the model's.
+
+    Why: the network maps patterns to object patches in pixels; a scan taken at another photon
+    energy, detector distance or binning has another pixel size, so the same features arrive
+    at another scale and the image can be wrong without any error. Both sizes are known only
+    when the sources said (Ptychodus's products do; NPZ files may).
+    """
+    trained, given = model.pixel_size_m, data.pixel_size_m
+    if trained is None or given is None:
+        return False
+    ratios = [g / t for g, t in zip(given, trained, strict=True)]
+    if all(abs(r - 1.0) <= PIXEL_SIZE_TOLERANCE for r in ratios):
+        return False
+    logger.warning(
+        "this scan's object pixels are %.4g x %.4g nm, the model was trained on %.4g x %.4g nm "
+        "(%.3g x): the network sees its features at another scale, so this image may be "
+        "wrong; train a model on data of this sampling (photon energy, detector distance and "
+        "binning)",
+        given[0] * 1e9,
+        given[1] * 1e9,
+        trained[0] * 1e9,
+        trained[1] * 1e9,
+        ratios[0],
+    )
+    return True
 
 
 def warn_if_flat(stitched: StitchedObject) -> bool:

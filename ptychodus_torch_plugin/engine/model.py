@@ -84,6 +84,9 @@ class TrainedModel:
     #: With probe refinement: the probe the refinement started from (the training scan's),
     #: (modes, N, N) complex64, so that the refined probe is handed back only to that scan.
     starting_probe: np.ndarray | None = None
+    #: (width, height) of the training scan's object pixels in metres, when its source said:
+    #: a scan of another sampling gets a warning at inference
+    pixel_size_m: tuple[float, float] | None = None
 
     @property
     def generator(self) -> Generator:

@@ -645,6 +645,7 @@ def _train(
     )
     if refinement is not None:
         model.starting_probe = np.asarray(given_probe, dtype=np.complex64)
+    model.pixel_size_m = data.pixel_size_m
     module_kwargs: dict[str, Any] = {
         "learning_rate": execution.learning_rate,
         "scheduler": execution.scheduler,

@@ -142,6 +142,7 @@ def reconstruct_input_to_data(
     if with_object and obj.height_px > 0 and obj.width_px > 0:
         object_guess = np.asarray(obj.get_layers_flattened())
     amplitudes = amplitudes_from_counts(patterns, bad_pixels=mask, clip_negative=True)
+    pixel = obj.get_pixel_geometry()
     return PtychoData.from_amplitudes(
         amplitudes,
         x,
@@ -149,6 +150,7 @@ def reconstruct_input_to_data(
         probe,
         object_guess=object_guess,
         bad_pixels=mask,
+        pixel_size_m=(pixel.width_m, pixel.height_m),
         key="counts",
     )
 

@@ -303,6 +303,16 @@ def test_the_probe_a_refinement_started_from_is_kept(tmp_path):
     assert "starting_probe.npy" in zipfile.ZipFile(tmp_path / "refined.zip").namelist()
 
 
+def test_the_training_scans_pixel_size_is_kept(tmp_path):
+    model = _model()
+    assert load_archive(save_archive(model, tmp_path / "unsized.zip")).pixel_size_m is None
+    model.pixel_size_m = (7.5e-9, 7.5e-9)
+    assert load_archive(save_archive(model, tmp_path / "sized.zip")).pixel_size_m == (
+        7.5e-9,
+        7.5e-9,
+    )
+
+
 def _with_config(src, dst, change):
     """A copy of archive ``src`` whose stored flat config is ``change(config)``."""
     document = json.loads(zipfile.ZipFile(src).read("config.json"))

@@ -48,6 +48,13 @@ def test_round_trip_is_exact(tmp_path):
     with np.load(out) as raw:
         assert str(raw["diff3d_units"]) == "amplitude"
     assert not list((tmp_path / "out").glob("*.tmp"))  # atomic write leaves no temp file
+    assert again.pixel_size_m is None  # the file did not say
+    sized = load_npz(_write(tmp_path, **arrays, pixel_size_m=np.array([8e-9, 9e-9])))
+    assert sized.pixel_size_m == (8e-9, 9e-9)
+    assert sized.subset(np.arange(3)).pixel_size_m == (8e-9, 9e-9)
+    assert load_npz(save_npz(sized, tmp_path / "sized.npz")).pixel_size_m == (8e-9, 9e-9)
+    with pytest.raises(ValueError, match="pixel_size_m"):
+        load_npz(_write(tmp_path, **arrays, pixel_size_m=np.array([-1.0, 1e-9])))
 
 
 def test_counts_are_converted_in_float64_without_overflow():

@@ -23,6 +23,7 @@ from ptychodus_torch_plugin.engine.inference import (
     select_device,
     stitch_patches,
     warn_if_other_probe,
+    warn_if_other_sampling,
 )
 from ptychodus_torch_plugin.engine.model import TrainedModel
 from ptychodus_torch_plugin.engine.payload import create_training_payload
@@ -400,3 +401,18 @@ def test_a_scan_taken_with_other_illumination_is_reported(scan, caplog):
     assert np.all(np.isfinite(stitched.object))
     assert probe_overlap(scan.probe, 3.0j * scan.probe) == pytest.approx(1.0)  # power, phase
     assert probe_overlap(scan.probe, scan.probe[..., :8, :8]) is None  # another size
+
+
+def test_a_scan_of_another_sampling_is_reported(scan, caplog):
+    """Object pixels of another size (energy, distance, binning): features at another scale."""
+    model = _model(scan)
+    model.pixel_size_m = (10e-9, 10e-9)
+    same = dataclasses.replace(scan, pixel_size_m=(10.1e-9, 10e-9))  # within 2%
+    coarser = dataclasses.replace(scan, pixel_size_m=(15e-9, 15e-9))
+    assert not warn_if_other_sampling(model, scan)  # the scan does not say: nothing to compare
+    assert not warn_if_other_sampling(model, same)
+    with caplog.at_level("WARNING", logger="ptychodus_torch_plugin.engine.inference"):
+        reconstruct(model, coarser)
+    assert "object pixels are 15 x 15 nm, the model was trained on 10 x 10 nm" in caplog.text
+    model.pixel_size_m = None  # an archive from before the size was recorded
+    assert not warn_if_other_sampling(model, coarser)

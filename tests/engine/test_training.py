@@ -333,6 +333,12 @@ def test_supervised_mode_needs_ground_truth(small_scan):
         train(payload, flat)
 
 
+def test_the_model_records_the_training_scans_pixel_size(small_scan):
+    payload = create_training_payload(tiny_overrides(epochs=1, n_groups=16))
+    sized = dataclasses.replace(small_scan, pixel_size_m=(12e-9, 12e-9))
+    assert train(payload, sized).model.pixel_size_m == (12e-9, 12e-9)
+
+
 def test_unavailable_gpu_is_a_clear_error(small_scan):
     import torch
 

@@ -65,6 +65,8 @@ def test_counts_become_amplitudes_in_float64_and_bad_pixels_are_masked(reconstru
     geometry = reconstruct_input.product.object_.get_geometry()
     x = geometry.map_probe_positions_to_object_x_px(reconstruct_input.product.probe_positions)
     assert np.allclose(data.xcoords, x + ENGINE_MINUS_HOST_PX)
+    pixel = reconstruct_input.product.object_.get_pixel_geometry()
+    assert data.pixel_size_m == (pixel.width_m, pixel.height_m)  # what a model records
 
 
 @pytest.mark.parametrize("n", [8, 9])
