@@ -465,6 +465,15 @@ class TrainingSession(QObject):
                 raise RuntimeError(
                     "no product selected: load a scan and choose it in the Product list above"
                 )
+            # Refusals first: the scan's copy below takes seconds (and memory) for a big scan.
+            training_now = getattr(self.library, "training_now", None)
+            running = training_now() if training_now is not None else None
+            if running is not None:
+                raise RuntimeError(
+                    f"a TorchPINN training is already running ({running}): wait for it to "
+                    "finish, or stop it, then train again"
+                )
+            self.last_outcome = None  # its model and history: not kept beside a new scan copy
             reconstruct_input = api.get_reconstruct_input(product_index=product_index)
             patterns = reconstruct_input.diffraction_patterns
             overrides = self.library.settings.training_overrides(
@@ -498,7 +507,7 @@ class TrainingSession(QObject):
             len(patterns),
             job.archive_path,
         )
-        self._flush_log_pane()
+        self.flush_log_pane()
         return True
 
     def stop(self) -> None:
@@ -640,9 +649,9 @@ class TrainingSession(QObject):
 
     def _report(self, text: str, *, error: bool) -> None:
         self.message.emit(text, error)
-        self._flush_log_pane()
+        self.flush_log_pane()
 
-    def _flush_log_pane(self) -> None:
+    def flush_log_pane(self) -> None:
         """Let Ptychodus's status view drain its log handler into the log pane now."""
         api = getattr(self.processing_core, "processing_api", None)
         monitor = getattr(api, "task_monitor", None)
@@ -684,6 +693,7 @@ class TorchPINNPanel(QWidget):
         self._done_batches = 0
         #: (time, batches done) at the first finished batch: the pace is measured from there
         self._pace_origin: tuple[float, int] | None = None
+        self._last_batch_at = 0.0  # when the latest batch finished
         self._showing_live = False
         self._window_filtered: QWidget | None = None
 
@@ -860,7 +870,7 @@ class TorchPINNPanel(QWidget):
     # ------------------------------------------------------------------ run feedback
     def _on_worker_started(self, kind: str, worker: Any) -> None:
         self._install_close_filter()
-        worker.phase.connect(lambda text: self.show_message(text, False))
+        worker.phase.connect(self._on_phase)
         if kind != "train":
             self._set_progress_visible(False)  # an earlier run's bars are not this task's
             return
@@ -890,27 +900,43 @@ class TorchPINNPanel(QWidget):
             self._set_progress_visible(False)  # the panel's bars are of an earlier run
         self.loss_plot.add_record(record)
 
+    def _on_phase(self, text: str) -> None:
+        if self.session.is_running():  # not a phase queued before a window close ended it
+            self.show_message(text, False)
+
     def _on_train_started(self, epochs: int, batches: int) -> None:
+        if not self._showing_live:
+            return
         self._epochs, self._batches = epochs, batches
         self.epoch_bar.setRange(0, max(1, epochs))
         self.batch_bar.setRange(0, max(1, batches))
         self.batch_bar.setFormat("batch %v of %m")
 
     def _on_batch_progress(self, epoch: int, batch: int, batches: int, loss: float) -> None:
+        # Progress of this run only: a window close ends the run (and the live view) while
+        # the worker's last events may still be queued.
+        if not self._showing_live:
+            return
         self._batches = batches
         self._done_batches = (epoch - 1) * batches + batch
+        self._last_batch_at = time.perf_counter()
         if self._pace_origin is None:
-            self._pace_origin = (time.perf_counter(), self._done_batches)
+            self._pace_origin = (self._last_batch_at, self._done_batches)
         self.epoch_bar.setValue(epoch)  # "epoch 3 of 50" while epoch 3 runs
         self.batch_bar.setRange(0, max(1, batches))
         self.batch_bar.setValue(batch)
         self._update_time_label()
 
     def _on_epoch_finished(self, record: Any) -> None:
+        if not self._showing_live:
+            return
         self.epoch_bar.setValue(int(record.epoch))
         self.loss_plot.add_record(record)
         val = "" if record.val_loss is None else f", validation {record.val_loss:.4g}"
         self.show_message(f"Epoch {record.epoch}: loss {record.train_loss:.4g}{val}", False)
+        # The engine's warnings of this epoch (a stall, say) in Ptychodus's log pane now: it
+        # drains its handler only when a task monitor notifies, else at the run's end.
+        self.session.flush_log_pane()
 
     def _update_time_label(self) -> None:
         now = time.perf_counter()
@@ -920,9 +946,13 @@ class TorchPINNPanel(QWidget):
         origin = self._pace_origin
         if origin is not None and self._done_batches > origin[1] and total > 0:
             # Paced from the first finished batch on: the first one also pays for start-up
-            # (threads, allocations), which made a 4-minute run announce over an hour.
-            rate = (now - origin[0]) / (self._done_batches - origin[1])
-            left = max(0.0, (total - self._done_batches) * rate)
+            # (threads, allocations), which made a 4-minute run announce over an hour. Paced
+            # up to the latest finished batch, with the time since then taken off: pacing up
+            # to now counted the batch still running as done, and the estimate climbed by a
+            # second every second of a slow batch or a validation pass.
+            rate = (self._last_batch_at - origin[0]) / (self._done_batches - origin[1])
+            left = (total - self._done_batches) * rate - (now - self._last_batch_at)
+            left = max(0.0, left)
             text += f" · about {_duration(left)} left"
         elif self.session.is_running():
             text += " · estimating time left..."
@@ -952,6 +982,11 @@ class TorchPINNPanel(QWidget):
         else:
             how = "finished"
         planned = f" of {self._epochs}" if self._epochs else ""
+        if how != "finished":  # the bars showed the epoch cut short, or "preparing..."
+            self.epoch_bar.setValue(done)
+            self.batch_bar.setRange(0, 1)
+            self.batch_bar.setValue(0)
+            self.batch_bar.setFormat(how)
         self.time_label.setText(
             f"{how} after {_duration(time.perf_counter() - self._run_started)} · "
             f"{done}{planned} epoch{'s' if (self._epochs or done) != 1 else ''}"

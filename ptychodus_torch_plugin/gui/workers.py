@@ -19,6 +19,7 @@ Heavy imports (torch, Lightning, the engine) happen inside ``run``, on the worke
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -219,6 +220,9 @@ class TrainingWorker(QObject):
             data = reconstruct_input_to_data(
                 job.reconstruct_input, with_object=job.mode == "supervised"
             )
+            # The scan is in ``data`` now: the job (which the outcome keeps, and the panel
+            # after the run) no longer holds Ptychodus's copy of every pattern.
+            self.job = job = dataclasses.replace(job, reconstruct_input=None)
             payload = create_training_payload(dict(job.overrides, N=data.N))
             if self.token.cancelled:
                 self.finished.emit(TrainingOutcome(job, None, None, [], True, None, 0.0))

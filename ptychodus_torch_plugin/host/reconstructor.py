@@ -188,6 +188,15 @@ class TorchPINNReconstructor(TrainableReconstructor):
         return MODEL_FILE_EXTENSION
 
     def load_model_from_file(self, file_path: Path) -> None:
+        training = self._library.training_now()
+        if training is not None:  # its model would replace this one when it ends
+            message = (
+                f"a TorchPINN training is running ({training}): the model it trains is loaded "
+                f"when it ends, replacing {Path(file_path).name}; load the model after it, or "
+                "stop it first"
+            )
+            self._logger.error("cannot load model archive %s: %s", file_path, message)
+            raise RuntimeError(message)
         try:
             self._library.model_slot.select(Path(file_path))
         except Exception as exc:

@@ -243,7 +243,17 @@ class TorchPINNSettings(Observable, Observer):
         return None if str(value) in _UNSET_PATHS else value
 
     def set_model_path(self, path: Path | None) -> None:
-        self.model_path.set_value(Path() if path is None else Path(path))
+        """Store ``path``; observers hear of it even when it is the path stored already.
+
+        Why: Ptychodus's Train always saves ``<folder>/wts.h5.zip``, so a second run into the
+        same folder stores the same path for a new model, and Ptychodus's parameter notifies
+        only on a change: the panel went on describing the first model.
+        """
+        value = Path() if path is None else Path(path)
+        if self.model_path.get_value() == value:
+            self.model_path.notify_observers()
+        else:
+            self.model_path.set_value(value)
 
     # ------------------------------------------------------------------ engine payloads
     def _execution_overrides(self) -> dict[str, Any]:

@@ -207,8 +207,9 @@ def test_every_spin_box_holds_its_setting_range(gui):
     integers = [p for p in vars(settings).values() if isinstance(p, IntegerParameter)]
     assert len(integers) >= 8
     assert all(p.get_maximum() is not None and p.get_maximum() <= SPIN_BOX_MAX for p in integers)
+    # The panel's spin boxes take their ranges from those settings (not Qt's default of 99).
     spins = gui.panel(PINN_KEY).parameter_widget.findChildren(QSpinBox)
-    assert spins and max(s.maximum() for s in spins) <= SPIN_BOX_MAX
+    assert spins and {s.maximum() for s in spins} <= {p.get_maximum() for p in integers}
 
 
 def test_a_settings_file_with_huge_counts_loads_into_the_built_panel(gui, tmp_path):
@@ -279,7 +280,7 @@ def test_time_left_is_paced_from_the_first_finished_batch(gui, monkeypatch):
     panel = gui.panel(PINN_KEY)
     clock = {"now": 0.0}
     monkeypatch.setattr(panel_module.time, "perf_counter", lambda: clock["now"])
-    panel._run_started, panel._pace_origin = 0.0, None
+    panel._run_started, panel._pace_origin, panel._showing_live = 0.0, None, True
     panel._on_train_started(200, 10)
     clock["now"] = 100.0
     panel._on_batch_progress(1, 1, 10, 1.0)
@@ -287,5 +288,10 @@ def test_time_left_is_paced_from_the_first_finished_batch(gui, monkeypatch):
     clock["now"] = 101.0
     panel._on_batch_progress(1, 2, 10, 1.0)
     assert "about 33:18 left" in panel.time_label.text(), panel.time_label.text()
+    # A slow batch (or a validation pass) running: the estimate counts down, it does not
+    # climb (paced up to now, the running batch counted as done: 33:18 -> 1:06:32 at 10 s).
+    clock["now"] = 111.0
+    panel._update_time_label()
+    assert "about 33:08 left" in panel.time_label.text(), panel.time_label.text()
     panel._pace_origin = None
     panel._on_busy_changed(False)

@@ -219,6 +219,12 @@ def test_stop_during_training_ends_quickly_and_keeps_a_usable_model(gui, caplog)
     assert outcome is not None and outcome.stopped
     assert len(outcome.history) >= 1 and outcome.archive is not None
     assert "Stopped after" in panel.message_label.text()
+    # the bars show where it stopped, not the epoch cut short
+    assert panel.epoch_bar.value() == len(outcome.history)
+    assert panel.batch_bar.format() == "stopped"
+    # the run's result no longer holds Ptychodus's copy of the scan (a whole scan in memory
+    # until the next run, two during its start)
+    assert outcome.job.reconstruct_input is None
     assert "N=64" in panel.status_label.text()
     assert gui.library.settings.get_model_path() == outcome.archive.resolve()
     assert panel.train_button.isEnabled() and not panel.stop_button.isEnabled()
@@ -231,6 +237,7 @@ def _train_until_the_first_batch(gui, panel, recorder, timeout: float = 120.0) -
     end = time.perf_counter() + timeout
     while time.perf_counter() < end and "batch" not in recorder.kinds():
         gui.pump(0.05)
+    assert "batch" in recorder.kinds(), f"no batch within {timeout} s: {recorder.kinds()}"
 
 
 def test_closing_the_window_during_training_stops_the_worker(gui):
@@ -254,6 +261,9 @@ def test_closing_the_window_during_training_stops_the_worker(gui):
     assert seconds < 10
     assert recorder.kinds()[-1] == "finished"
     assert panel.session.last_outcome.stopped
+    # progress the worker had queued before the close does not bring back a live view
+    assert panel.time_label.text().startswith("stopped after"), panel.time_label.text()
+    assert not panel.message_label.text().startswith("Epoch"), panel.message_label.text()
     gui.view.show()
     gui.view.processing_action.trigger()
     gui.pump(0.2)

@@ -672,3 +672,41 @@ def test_a_near_field_product_is_refused(reconstruct_input):
     )
     with pytest.raises(ValueError, match="near field .* far-field \\(Fraunhofer\\) only"):
         reconstruct_input_to_data(parameters)
+
+
+def test_ptychodus_load_model_during_a_training_is_refused(library, trained_archive):
+    """The panel refused its own Load during a run; Ptychodus's menu action was let through,
+    and the run's model then replaced the one the user chose without a word."""
+    reconstructor = library.reconstructor("PINN")
+    with library.training_run("the panel's run, in this test"):
+        with pytest.raises(RuntimeError, match=r"training is running \(the panel's run"):
+            reconstructor.load_model_from_file(trained_archive)
+    reconstructor.load_model_from_file(trained_archive)  # after it: loads
+    assert reconstructor.is_model_loaded()
+
+
+def test_storing_the_same_model_path_again_tells_its_observers(library, trained_archive):
+    """Ptychodus's Train saves every run as <folder>/wts.h5.zip: the same path for a new model.
+    Ptychodus's parameter notifies only on a change, so the panel kept describing the old one."""
+    from ptychodus.api.observer import Observer
+
+    class Counter(Observer):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def _update(self, observable):
+            self.calls += 1
+
+    settings = library.settings
+    before = settings.get_model_path()
+    counter = Counter()
+    settings.model_path.add_observer(counter)
+    try:
+        settings.set_model_path(trained_archive)
+        first = counter.calls
+        settings.set_model_path(trained_archive)  # the same path, a new model behind it
+        assert counter.calls == first + 1
+    finally:
+        settings.model_path.remove_observer(counter)
+        settings.set_model_path(before)

@@ -278,8 +278,10 @@ def test_a_model_path_change_reaches_ptychodus_infer_button(model_core, library,
     try:
         library.settings.set_model_path(tmp_path / "other.h5.zip")
         assert Count.calls == 1
-        library.settings.set_model_path(tmp_path / "other.h5.zip")  # no change: no notice
-        assert Count.calls == 1
+        # The same path again: a new model may be behind it (Ptychodus's Train saves every
+        # run as <folder>/wts.h5.zip), so Infer re-reads is_model_loaded too.
+        library.settings.set_model_path(tmp_path / "other.h5.zip")
+        assert Count.calls == 2
     finally:
         parameter.remove_observer(counter)
         library.settings.set_model_path(before)
