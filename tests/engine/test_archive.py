@@ -362,14 +362,9 @@ def test_an_older_archive_with_settings_since_refused_still_loads(saved, tmp_pat
 
 
 def test_an_encrypted_or_foreign_zip_is_refused_with_what_it_is(saved, tmp_path):
-    data = bytearray(saved[1].read_bytes())
-    for signature, flag_offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
-        start = 0
-        while (found := data.find(signature, start)) >= 0:
-            data[found + flag_offset] |= 1  # the "encrypted" bit of every header
-            start = found + 4
-    encrypted = tmp_path / "encrypted.zip"
-    encrypted.write_bytes(bytes(data))
+    from archive_helpers import encrypted_copy
+
+    encrypted = encrypted_copy(saved[1], tmp_path / "encrypted.zip")
     for read in (load_archive, read_manifest, inspect_archive):
         with pytest.raises(ValueError, match="is encrypted"):
             read(encrypted)

@@ -305,14 +305,9 @@ def test_encrypted_and_foreign_zips_are_refused_saying_what_they_are(
 ):
     """zipfile's RuntimeError for an encrypted member used to escape the check as a traceback,
     and any zip with a manifest.json was called a TensorFlow model."""
-    data = bytearray(trained_archive.read_bytes())
-    for signature, flag_offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
-        start = 0
-        while (found := data.find(signature, start)) >= 0:
-            data[found + flag_offset] |= 1  # the "encrypted" bit of every header
-            start = found + 4
-    encrypted = tmp_path / "encrypted.h5.zip"
-    encrypted.write_bytes(bytes(data))
+    from archive_helpers import encrypted_copy
+
+    encrypted = encrypted_copy(trained_archive, tmp_path / "encrypted.h5.zip")
     reconstructor = library.reconstructor("PINN")
     with pytest.raises(ValueError, match="not a valid or complete.*encrypted"):
         reconstructor.load_model_from_file(encrypted)
