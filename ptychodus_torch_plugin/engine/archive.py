@@ -32,7 +32,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import pickle
 import zipfile
@@ -49,6 +48,7 @@ from safetensors.torch import save as _safetensors_save
 
 from .atomic import atomic_write_path
 from .config import SUPPORTED_BACKEND, GridConfig, ModelConfig
+from .data import pixel_size_from
 from .model import EpochRecord, TrainedModel
 from .payload import create_training_payload
 
@@ -118,11 +118,8 @@ def _existing_archive(path: str | os.PathLike[str]) -> Path:
             )
         return candidate
     if not given.is_file():
-        hint = ""
-        for sibling in (given.with_name(given.name + ".zip"), given / ARCHIVE_NAME):
-            if sibling.is_file():
-                hint = f"; did you mean {sibling}?"
-                break
+        zipped = given.with_name(given.name + ".zip")  # "wts.h5" for "wts.h5.zip"
+        hint = f"; did you mean {zipped}?" if zipped.is_file() else ""
         raise FileNotFoundError(f"model archive not found: {given}{hint}")
     return given
 
@@ -584,20 +581,10 @@ def load_archive(path: str | os.PathLike[str]) -> TrainedModel:
 
 def _pixel_size(document: Mapping[str, Any], file: Path) -> tuple[float, float] | None:
     """The training scan's object pixel size, if recorded (archives before 2026-12-03: no)."""
-    value = document.get("pixel_size_m")
-    if value is None:
-        return None
-    if (
-        not isinstance(value, list)
-        or len(value) != 2
-        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
-        or not all(math.isfinite(v) and v > 0 for v in value)
-    ):
-        raise ValueError(
-            f"{file}: config.json field 'pixel_size_m' = {value!r}, expected [width, height] "
-            "in metres"
-        )
-    return float(value[0]), float(value[1])
+    try:
+        return pixel_size_from(document.get("pixel_size_m"))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{file}: config.json field {exc}") from exc
 
 
 def _probe_member(file: Path, name: str, data: bytes) -> np.ndarray:

@@ -210,7 +210,7 @@ def with_flagged_pixels(
     return flagged if bad_pixels is None else (np.asarray(bad_pixels, dtype=bool) | flagged)
 
 
-def _pixel_size(value: Any) -> tuple[float, float] | None:
+def pixel_size_from(value: Any) -> tuple[float, float] | None:
     """(width, height) in metres from a number or a pair; None stays None."""
     if value is None:
         return None
@@ -325,7 +325,7 @@ class PtychoData:
                 )
 
         return cls(
-            pixel_size_m=_pixel_size(pixel_size_m),
+            pixel_size_m=pixel_size_from(pixel_size_m),
             amplitudes=np.ascontiguousarray(amplitudes, dtype=np.float32),
             xcoords=xcoords.astype(np.float64),
             ycoords=ycoords.astype(np.float64),

@@ -326,8 +326,8 @@ def _axis_samples(pos: np.ndarray, n: int, size: int) -> tuple[np.ndarray, ...]:
     coords = np.clip(coords, 0.0, size - 1.0)
     lower = np.floor(coords)
     frac = coords - lower
-    lower = np.clip(lower.astype(np.int64), 0, size - 1)
-    upper = np.clip(lower + 1, 0, size - 1)  # weight 0 when clipped at the far edge
+    lower = lower.astype(np.int64)
+    upper = np.minimum(lower + 1, size - 1)  # weight 0 when clipped at the far edge
     return lower, upper, frac
 
 

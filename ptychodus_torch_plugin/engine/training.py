@@ -496,9 +496,8 @@ def _supervised_targets(data: PtychoData, role: str) -> np.ndarray:
     from .simulate import extract_patches
 
     patches = extract_patches(data.object_guess, data.xcoords, data.ycoords, data.N)
-    if np.ptp(patches.real) <= 1e-6 * np.abs(patches).max() and np.ptp(patches.imag) <= (
-        1e-6 * np.abs(patches).max()
-    ):
+    spread = max(float(np.ptp(patches.real)), float(np.ptp(patches.imag)))
+    if spread <= 1e-6 * float(np.abs(patches).max()):
         # Ptychodus's initial object (its "Random" builder defaults to no variation) reaches
         # here through a batch folder's product.h5: hours of training on a constant target.
         raise ValueError(

@@ -466,13 +466,9 @@ class TrainingSession(QObject):
                     "no product selected: load a scan and choose it in the Product list above"
                 )
             # Refusals first: the scan's copy below takes seconds (and memory) for a big scan.
-            training_now = getattr(self.library, "training_now", None)
-            running = training_now() if training_now is not None else None
-            if running is not None:
-                raise RuntimeError(
-                    f"a TorchPINN training is already running ({running}): wait for it to "
-                    "finish, or stop it, then train again"
-                )
+            check_not_training = getattr(self.library, "check_not_training", None)
+            if check_not_training is not None:
+                check_not_training()
             self.last_outcome = None  # its model and history: not kept beside a new scan copy
             reconstruct_input = api.get_reconstruct_input(product_index=product_index)
             patterns = reconstruct_input.diffraction_patterns

@@ -37,7 +37,7 @@ class TorchPINNLibrary(ReconstructorLibrary):
         self.model_slot = ModelSlot(self.settings)
         self._processing_core: Any = None
         self._task_manager: Any = None
-        self._training_lock = threading.Lock()
+        self._training_lock = threading.RLock()  # begin_training holds it around check_not_training
         self._training_where: str | None = None  # what trains now (None: nothing)
         self._epoch_listeners: list[Callable[[str, Any], None]] = []
         self.reconstructors = [
@@ -150,12 +150,17 @@ class TorchPINNLibrary(ReconstructorLibrary):
         one finishing last would silently replace the other's model.
         """
         with self._training_lock:
+            self.check_not_training()
+            self._training_where = where
+
+    def check_not_training(self) -> None:
+        """A ``RuntimeError`` naming the training that runs, if one does (before a new one)."""
+        with self._training_lock:
             if self._training_where is not None:
                 raise RuntimeError(
                     f"a TorchPINN training is already running ({self._training_where}): "
                     "wait for it to finish, or stop it, then train again"
                 )
-            self._training_where = where
 
     def training_now(self) -> str | None:
         """What is training now (as given to :meth:`begin_training`), or None."""

@@ -423,7 +423,7 @@ def _check_selection(settings_file: Any, registry: Any = None) -> None:
     key = selected_algorithm(Path(settings_file))
     effective = _algorithm_in_effect(registry)
     if key is None:
-        ours = {name for name in _plugin_algorithms()}
+        ours = set(_plugin_algorithms())
         in_effect = (effective or "").casefold().partition("_")[0]
         if _has_our_settings(Path(settings_file)) and in_effect not in ours:
             logger.warning(
