@@ -129,8 +129,9 @@ def _correlation_cost(moved: np.ndarray, fixed: np.ndarray) -> float:
 
 #: Below this relative spread (std / mean inside the region) the reference's amplitude is
 #: treated as flat (a phase object, or a weak absorber): registration then uses the complex
-#: images, since an amplitude that is flat to rounding or to a fraction of a percent holds no
-#: position to find, only noise that a correlation would lock onto.
+#: images' local phase changes (:func:`_ramp_free_edges`), since an amplitude that is flat to
+#: rounding or to a fraction of a percent holds no position to find, only noise that a
+#: correlation would lock onto.
 _FLAT_AMPLITUDE = 1e-2
 
 
