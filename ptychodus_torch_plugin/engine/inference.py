@@ -330,8 +330,18 @@ class Stitcher:
         blocks = [p for p, _ in self._kept]
         origins = np.concatenate([x for _, x in self._kept])
         tic = time.perf_counter()
-        factors = align_patch_phases(blocks, origins, self._weight).factors
+        alignment = align_patch_phases(blocks, origins, self._weight)
         self.alignment_seconds = time.perf_counter() - tic
+        if not alignment.converged:  # the image keeps some of the drift: say so
+            logger.warning(
+                "phase alignment of the %d patches stopped after %d iterations before it had "
+                "converged (last step %.2g rad): a slow phase drift may remain across the "
+                "image",
+                len(origins),
+                alignment.iterations,
+                alignment.last_step,
+            )
+        factors = alignment.factors
         numerator = np.zeros_like(self._numerator)
         begin = 0
         for kept in blocks:
@@ -602,14 +612,15 @@ def warn_if_other_sampling(model: TrainedModel, data: PtychoData) -> bool:
         return False
     logger.warning(
         "this scan's object pixels are %.4g x %.4g nm, the model was trained on %.4g x %.4g nm "
-        "(%.3g x): the network sees its features at another scale, so this image may be "
-        "wrong; train a model on data of this sampling (photon energy, detector distance and "
-        "binning)",
+        "(%.3g x %.3g times): the network sees its features at another scale, so this image "
+        "may be wrong; train a model on data of this sampling (photon energy, detector "
+        "distance and binning)",
         given[0] * 1e9,
         given[1] * 1e9,
         trained[0] * 1e9,
         trained[1] * 1e9,
         ratios[0],
+        ratios[1],
     )
     return True
 

@@ -38,10 +38,13 @@ _MOMENTUM = 0.5
 class PhaseAlignment:
     """The result: per-patch phases (radians) and how the iteration ended."""
 
-    def __init__(self, phases: np.ndarray, iterations: int, last_step: float) -> None:
+    def __init__(
+        self, phases: np.ndarray, iterations: int, last_step: float, converged: bool = True
+    ) -> None:
         self.phases = phases  # (P,) float64, mean zero
         self.iterations = iterations
         self.last_step = last_step  # largest phase change of the last step (radians)
+        self.converged = converged  # False: the iteration limit ended it
 
     @property
     def factors(self) -> np.ndarray:
@@ -77,7 +80,7 @@ def align_patch_phases(
     corners: np.ndarray,
     weight: np.ndarray,
     *,
-    max_iterations: int = 100,
+    max_iterations: int | None = None,
     tolerance: float = 1e-3,
     momentum: float = _MOMENTUM,
     binning: int | None = None,
@@ -90,7 +93,10 @@ def align_patch_phases(
     ``corners`` (P, 2): the
     (column, row) canvas coordinate of each patch's pixel (0, 0), fractional allowed.
     ``weight`` (n, n): the per-pixel stitching weight (e.g. probe intensity). Iterates until
-    no phase changes by more than ``tolerance`` radians or ``max_iterations`` steps ran. The
+    no phase changes by more than ``tolerance`` radians or ``max_iterations`` steps ran
+    (default: 4 per patch along the scan's side, at least 100: a drift across the scan is
+    corrected patch by patch, so the steps needed grow with the scan's extent; a fixed 100
+    left 0.4 rad rms of drift in a 111 x 111 scan, which needed 377). The
     phases have zero mean, so the object's overall phase stays where the network put it.
     ``binning`` (default: n // 8, 1 to 4) is the side of the pixel blocks the canvas is
     averaged over; 4 on a 32-pixel crop gave the same scores as 2 at a quarter of the time.
@@ -151,6 +157,8 @@ def align_patch_phases(
     covered = denominator > 1e-9 * float(denominator.max())
     inverse = torch.where(covered, 1.0 / denominator.clamp_min(1e-30), torch.zeros(()))
 
+    if max_iterations is None:
+        max_iterations = max(100, 4 * (math.isqrt(count) + 1))
     theta = torch.zeros(count, dtype=torch.float64)
     velocity = torch.zeros(count, dtype=torch.float64)
     step_size = math.inf
@@ -174,4 +182,4 @@ def align_patch_phases(
         if step_size < tolerance:
             break
     theta = theta - theta.mean()
-    return PhaseAlignment(theta.numpy(), iterations, step_size)
+    return PhaseAlignment(theta.numpy(), iterations, step_size, step_size < tolerance)

@@ -166,3 +166,50 @@ def test_aligned_stitching_memory_stays_near_the_kept_patches():
     # measured: 37 MB, one block's temporaries and the canvas, the same at 6,000 patches;
     # 123 MB (5 x the kept 25 MB) before
     assert peak < kept + 20e6, (peak, kept)
+
+
+def test_a_drift_across_a_large_scan_is_followed_to_convergence():
+    """The steps needed grow with the scan's extent: a fixed 100 stopped short on large scans
+    (a 111 x 111 scan needed 377) and left the drift in the image without a word."""
+    rng = np.random.default_rng(3)
+    side = 300
+    obj = sim.random_object((side, side), seed=3, smoothness=2.0)
+    grid = np.arange(N // 2 + 2, side - N // 2 - 2, 4.0)
+    x, y = (v.ravel() for v in np.meshgrid(grid, grid))
+    x, y = x + rng.uniform(-1.5, 1.5, x.size), y + rng.uniform(-1.5, 1.5, y.size)
+    patches = sim.extract_patches(obj, x, y, N)
+    drift = 3.0 * np.exp(-((x - 150) ** 2 + (y - 140) ** 2) / (2 * 70.0**2))
+    drifted = patches * np.exp(1j * drift)[:, None, None]
+    cropped, corners, weight = _crop_inputs(drifted, x, y, sim.disk_probe(N))
+
+    def rms_residual(result):
+        residual = np.angle(np.exp(1j * (result.phases + drift)))
+        residual = np.angle(np.exp(1j * (residual - residual.mean())))
+        return float(np.sqrt(np.mean(residual**2)))
+
+    short = align_patch_phases(cropped, corners, weight, max_iterations=100)
+    assert not short.converged and short.iterations == 100
+    full = align_patch_phases(cropped, corners, weight)  # the default limit, from the scan
+    assert full.converged and full.iterations > 100, (x.size, full.iterations)
+    assert rms_residual(full) < 0.5 * rms_residual(short), (rms_residual(full), rms_residual(short))
+
+
+def test_stitching_says_when_the_alignment_stopped_before_converging(monkeypatch, caplog):
+    from ptychodus_torch_plugin.engine import inference
+
+    def stopped_short(*args, **kwargs):
+        return align_patch_phases(*args, **kwargs, max_iterations=2)
+
+    monkeypatch.setattr(inference, "align_patch_phases", stopped_short)
+    obj, x, y, patches, probe = _scan()
+    drifted = patches * np.exp(1j * _drift(x, y))[:, None, None]
+    canvas = CanvasGeometry(0.0, 0.0, obj.shape[1], obj.shape[0])
+    positions = np.stack([x, y], axis=1)
+    with caplog.at_level("WARNING", logger="ptychodus_torch_plugin.engine.inference"):
+        stitch_patches(drifted, positions, N, probe, canvas=canvas, align_phases=True)
+    assert "stopped after 2 iterations before it had converged" in caplog.text
+    caplog.clear()
+    monkeypatch.undo()
+    with caplog.at_level("WARNING", logger="ptychodus_torch_plugin.engine.inference"):
+        stitch_patches(drifted, positions, N, probe, canvas=canvas, align_phases=True)
+    assert "before it had converged" not in caplog.text
