@@ -59,12 +59,19 @@ def prepare_scan(
             f"diff3d: found patterns of size {data.N}, expected N = {grid.N} (the model's patch "
             "size); crop or bin the detector data, or train a model for this size"
         )
+    # One new array of the scan's size (the inputs), however the scan arrives: each step
+    # below used to make a float32 copy and then another (2-3x the scan at the peak).
     amplitudes = data.amplitudes
-    if data.bad_pixels is not None and data.bad_pixels.any():
-        amplitudes = np.where(data.bad_pixels[None], 0.0, amplitudes).astype(np.float32)
+    masked = data.bad_pixels is not None and data.bad_pixels.any()
+    if masked:
+        amplitudes = np.where(data.bad_pixels[None], np.float32(0.0), amplitudes)
+        amplitudes = amplitudes.astype(np.float32, copy=False)
     if input_scale is None or data_config.input_normalization == "recompute":
         input_scale = input_normalization_factor(amplitudes)
-    inputs = (amplitudes * np.float32(input_scale)).astype(np.float32)
+    if masked:  # the masked copy is ours: scale it in place
+        inputs = np.multiply(amplitudes, np.float32(input_scale), out=amplitudes)
+    else:
+        inputs = np.multiply(amplitudes, np.float32(input_scale), dtype=np.float32)
     # On the kept pixels (mean_photons): the loss compares (s * X)^2 with the counts there.
     nphotons = data_config.nphotons if data_config.nphotons is not None else data.mean_photons()
     if not nphotons > 0:

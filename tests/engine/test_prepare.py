@@ -114,3 +114,36 @@ def test_asking_for_no_validation_trains_without_a_warning(small_scan, caplog):
         r for r in caplog.records if r.levelno >= logging.WARNING and "valid" in r.getMessage()
     ]
     assert result.history[-1].val_loss is None
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_preparing_a_scan_makes_one_copy_of_its_patterns(masked):
+    """The inputs are the one new array of the scan's size: the masking and scaling steps
+    used to copy twice more (a peak of 2-3x the scan; 6-10 GB for 50,000 patterns of 128^2)."""
+    import tracemalloc
+
+    from ptychodus_torch_plugin.engine.data import PtychoData
+
+    rng = np.random.default_rng(0)
+    m, n = 16000, 32  # 66 MB; the power sums' float64 chunks of 1,024 patterns add 0.26x
+    amplitudes = rng.random((m, n, n), dtype=np.float32)
+    side = np.arange(127) * 4.0 + 40
+    x, y = (v.ravel()[:m] for v in np.meshgrid(side, side))
+    bad = np.zeros((n, n), bool)
+    bad[3, 5] = masked
+    data = PtychoData.from_amplitudes(
+        amplitudes, x, y, np.ones((n, n), np.complex64), bad_pixels=bad if masked else None
+    )
+    payload = create_training_payload(tiny_overrides(N=n, gridsize=1))
+    tracemalloc.start()
+    try:
+        scan = prepare_scan(data, payload.grid, payload.data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * amplitudes.nbytes, peak / amplitudes.nbytes
+    expected = data.amplitudes * np.float32(scan.input_scale)
+    if masked:
+        expected[:, 3, 5] = 0
+    np.testing.assert_allclose(scan.inputs, expected, rtol=1e-6)
+    assert scan.inputs.dtype == np.float32
