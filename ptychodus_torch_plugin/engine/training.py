@@ -610,7 +610,11 @@ def _train(
     targets = _supervised_targets(data, "training data") if supervised else None
     val_scan: PreparedScan | None = None
     if test_data is not None:
-        val_scan = prepare_scan(test_data, grid, payload.data, input_scale=scan.input_scale)
+        # Every group of the test scan: n_groups sizes the training scan's share (it refused
+        # a test scan with fewer patterns, and validated only part of a larger one).
+        val_scan = prepare_scan(
+            test_data, grid, payload.data, n_groups=0, input_scale=scan.input_scale
+        )
         train_rows = np.arange(scan.n_groups)
         val_targets = _supervised_targets(test_data, "test data") if supervised else None
         val_set = GroupDataset(val_scan, targets=val_targets)

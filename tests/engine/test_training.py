@@ -309,12 +309,27 @@ def test_early_stopping_uses_the_monitored_metric(small_scan):
     assert 1 <= len(result.history) <= 3
 
 
+class _ValidationCount(Callback):
+    def __init__(self):
+        self.groups = 0
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, *args):
+        self.groups += int(batch["inputs"].shape[0])
+
+
 def test_test_data_is_used_for_validation(small_scan):
     payload = create_training_payload(tiny_overrides(epochs=1, n_groups=32))
+    counter = _ValidationCount()
     result = train(
-        payload, small_scan.subset(np.arange(64)), test_data=small_scan.subset(np.arange(64, 96))
+        payload,
+        small_scan.subset(np.arange(64)),
+        test_data=small_scan.subset(np.arange(64, 84)),
+        callbacks=[counter],
     )
     assert result.history[0].val_loss is not None
+    # Every one of the test scan's 20 patterns: n_groups = 32 is the training scan's share
+    # (it refused this test scan, "allowed <= 20", and took 32 of a larger one).
+    assert counter.groups == 20
 
 
 def test_supervised_mode_needs_ground_truth(small_scan):
