@@ -503,6 +503,7 @@ def _run(
         payload.data,
         n_groups=payload.inference.n_groups,
         input_scale=model.input_scale,
+        with_physics=False,
     )
     timings["group"] += time.perf_counter() - tic
 

@@ -8,6 +8,7 @@ by the Poisson loss), and the probe normalisation (applied by ``physics.normaliz
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -48,8 +49,14 @@ def prepare_scan(
     *,
     n_groups: int | None = None,
     input_scale: float | None = None,
+    with_physics: bool = True,
 ) -> PreparedScan:
     """Normalise and group a scan for a network of geometry ``grid``.
+
+    ``with_physics=False`` (inference): the scan's probe and photon count enter only the loss,
+    so they are not prepared (``probe`` is the scan's as given, ``nphotons`` and
+    ``intensity_scale`` are NaN); a scan with a zero or odd probe, which inference never uses,
+    is then reconstructed instead of refused.
 
     ``input_scale``: reuse a stored normalisation (``input_normalization = "stored"``) instead
     of recomputing it from this scan (the default, since dose varies between scans).
@@ -72,11 +79,15 @@ def prepare_scan(
         inputs = np.multiply(amplitudes, np.float32(input_scale), out=amplitudes)
     else:
         inputs = np.multiply(amplitudes, np.float32(input_scale), dtype=np.float32)
-    # On the kept pixels (mean_photons): the loss compares (s * X)^2 with the counts there.
-    nphotons = data_config.nphotons if data_config.nphotons is not None else data.mean_photons()
-    if not nphotons > 0:
-        raise ValueError("diff3d: the patterns hold no counts; nothing to reconstruct")
-    probe = normalize_probe(torch.from_numpy(data.probe), data_config.probe_scale).numpy()
+    if with_physics:
+        # On the kept pixels (mean_photons): the loss compares (s * X)^2 with the counts there.
+        nphotons = data_config.nphotons if data_config.nphotons is not None else data.mean_photons()
+        if not nphotons > 0:
+            raise ValueError("diff3d: the patterns hold no counts; nothing to reconstruct")
+        probe = normalize_probe(torch.from_numpy(data.probe), data_config.probe_scale).numpy()
+        scale = intensity_scale(inputs, nphotons)
+    else:
+        nphotons, probe, scale = math.nan, data.probe, math.nan
     groups = group_positions(
         data.xcoords,
         data.ycoords,
@@ -89,7 +100,7 @@ def prepare_scan(
         inputs=inputs,
         groups=groups,
         input_scale=float(input_scale),
-        intensity_scale=intensity_scale(inputs, nphotons),
+        intensity_scale=scale,
         nphotons=float(nphotons),
         probe=probe.astype(np.complex64),
         bad_pixels=None if data.bad_pixels is None else data.bad_pixels.copy(),

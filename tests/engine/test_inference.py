@@ -416,3 +416,13 @@ def test_a_scan_of_another_sampling_is_reported(scan, caplog):
     assert "object pixels are 15 x 15 nm, the model was trained on 10 x 10 nm" in caplog.text
     model.pixel_size_m = None  # an archive from before the size was recorded
     assert not warn_if_other_sampling(model, coarser)
+
+
+def test_a_scan_whose_probe_inference_never_uses_is_reconstructed(scan):
+    """A zero probe (a placeholder, or a failed probe build) used to stop inference in the
+    probe's normalisation, which only training needs."""
+    model = _model(scan)
+    no_probe = dataclasses.replace(scan, probe=np.zeros_like(scan.probe))
+    image = reconstruct(model, no_probe).stitched.object
+    reference = reconstruct(model, scan).stitched.object
+    np.testing.assert_array_equal(image, reference)  # the scan's probe never entered
