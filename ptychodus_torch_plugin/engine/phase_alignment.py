@@ -89,7 +89,8 @@ def align_patch_phases(
 
     ``patches`` (P, n, n) complex: the stitched part of each patch, or a sequence of such
     blocks in order (the stitcher keeps its patches in blocks: joining them would copy them
-    all once more). Memory beyond the patches: their binned copy and a chunk's temporaries.
+    all once more). Memory beyond the patches: their binned copy (1/binning^2 of their
+    pixels) and, per iteration, about seven temporaries of that binned size.
     ``corners`` (P, 2): the
     (column, row) canvas coordinate of each patch's pixel (0, 0), fractional allowed.
     ``weight`` (n, n): the per-pixel stitching weight (e.g. probe intensity). Iterates until
