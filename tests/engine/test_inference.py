@@ -375,9 +375,16 @@ def test_a_flat_reconstruction_is_reported_and_a_real_one_is_not(scan, monkeypat
     assert len(chunks) == 3  # warned once, on the final image only
 
 
-def test_select_device():
+def test_select_device(monkeypatch):
+    from ptychodus_torch_plugin.engine import devices
+
     assert select_device("cpu").type == "cpu"
-    assert select_device("auto").type in ("cpu", "cuda", "mps")
+    # 'auto' prefers CUDA, then MPS, then the CPU (the hardware faked, so each answer is seen)
+    for cuda, mps, expected in [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")]:
+        monkeypatch.setattr(devices.torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        monkeypatch.setattr(devices, "_mps_available", lambda mps=mps: mps)
+        assert select_device("auto").type == expected
+    monkeypatch.undo()
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA GPU is available"):
             select_device("gpu")
