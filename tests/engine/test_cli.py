@@ -59,31 +59,36 @@ def test_smoke_command_from_the_issue(data_file, tmp_path, monkeypatch, capsys):
     assert shown["config"]["nphotons"] == pytest.approx(load_npz(data_file).mean_photons())
 
 
+def _train_argv(data_file, out, *extra, gridsize=1, logger="none"):
+    """A one-epoch, 16-group training of the small network (``logger=None``: the default)."""
+    argv = [
+        "train",
+        "--train_data_file",
+        str(data_file),
+        "--output_dir",
+        str(out),
+        "--max_epochs",
+        "1",
+        "--n_groups",
+        "16",
+        "--gridsize",
+        str(gridsize),
+        "--n-filters-scale",
+        "1",  # keeps CI fast
+        "--accelerator",
+        "cpu",
+        "--quiet",
+    ]
+    if logger is not None:
+        argv += ["--logger", logger]
+    return [*argv, *extra]
+
+
 @pytest.mark.parametrize("gridsize", [1, 2])
 def test_train_then_infer(data_file, tmp_path, gridsize, capsys):
     out, inf = tmp_path / "train", tmp_path / "infer"
-    status = cli.main(
-        [
-            "train",
-            "--train_data_file",
-            str(data_file),
-            "--output_dir",
-            str(out),
-            "--max_epochs",
-            "1",
-            "--n_groups",
-            "16",
-            "--gridsize",
-            str(gridsize),
-            "--n-filters-scale",
-            "1",  # keeps CI fast
-            "--batch_size",
-            "8",
-            "--accelerator",
-            "cpu",
-            "--quiet",
-        ]
-    )
+    argv = _train_argv(data_file, out, "--batch_size", "8", gridsize=gridsize, logger=None)
+    status = cli.main(argv)
     assert status == 0
     assert capsys.readouterr().out == ""  # --quiet
     assert (out / "wts.h5.zip").is_file()
@@ -503,30 +508,6 @@ def test_writing_images_leaves_the_process_matplotlib_backend_alone(tmp_path):
         matplotlib.use(before)
     assert [p.name for p in paths] == ["object_amplitude.png", "object_phase.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
-
-
-def _train_argv(data_file, out, *extra):
-    return [
-        "train",
-        "--train_data_file",
-        str(data_file),
-        "--output_dir",
-        str(out),
-        "--max_epochs",
-        "1",
-        "--n_groups",
-        "16",
-        "--gridsize",
-        "1",
-        "--n-filters-scale",
-        "1",
-        "--accelerator",
-        "cpu",
-        "--logger",
-        "none",
-        "--quiet",
-        *extra,
-    ]
 
 
 def test_a_second_train_into_a_folder_keeps_the_first_model(data_file, tmp_path, capsys):
