@@ -432,6 +432,12 @@ def _detect_units(arrays: dict[str, np.ndarray], key: str, raw: np.ndarray) -> s
         if units in ("counts", "count", "intensity", "intensities"):
             return UNITS_COUNTS
         raise _bad("diff3d_units", repr(units), "'amplitude' or 'counts'")
+    if set(arrays) == _PTYCHODUS_EXPORT_KEYS:
+        # Ptychodus's own training export (recognised by its exact keys) always holds the
+        # measured intensities: corrected detectors give fractional counts, which the
+        # whole-number guess below would read as amplitudes.
+        logger.info("%s of Ptychodus's PtychoPINN training export: read as detector counts", key)
+        return UNITS_COUNTS
     if np.issubdtype(raw.dtype, np.integer):
         logger.warning(
             "%s has integer dtype %s and no diff3d_units key: reading it as detector counts",
@@ -463,6 +469,10 @@ def _whole_numbers(
     values: np.ndarray, bad_pixels: np.ndarray | None = None, sample_size: int = 1_000_000
 ) -> bool:
     """True for float patterns (sampled) whose good pixels are all whole numbers, some > 1."""
+    # The first patterns only, sliced before the mask (which copies): a large scan is never
+    # copied whole to look at a million values.
+    per_pattern = max(1, int(np.prod(values.shape[1:])))
+    values = values[: max(1, -(-sample_size // per_pattern))]
     if bad_pixels is not None and np.shape(bad_pixels) == values.shape[-2:]:
         values = values[:, ~np.asarray(bad_pixels, dtype=bool)]
     sample = values.reshape(-1)[:sample_size]

@@ -1,6 +1,7 @@
 """The NPZ data contract: every bad-input case raises an error naming key, found and expected."""
 
 import logging
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -308,6 +309,44 @@ def test_float_counts_with_inpainted_bad_pixels_are_still_counts(tmp_path):
     data = load_npz(_write(tmp_path, **{**arrays, "diff3d": counts, "bad_pixels": bad}))
     good = ~bad
     np.testing.assert_allclose(data.amplitudes[:, good], np.sqrt(counts[:, good]), rtol=1e-6)
+
+
+def test_ptychodus_export_with_fractional_counts_is_read_as_counts(tmp_path):
+    """Ptychodus's training export (its exact keys) holds intensities; a corrected detector
+    gives fractional counts, which the whole-number guess alone read as amplitudes."""
+    arrays = _arrays()
+    counts = np.square(arrays["diff3d"].astype(np.float64)) * 1.37  # gain-corrected
+    export = {
+        **arrays,
+        "diff3d": counts,
+        "xcoords_start": arrays["xcoords"],
+        "ycoords_start": arrays["ycoords"],
+        "bad_pixels": np.zeros(counts.shape[-2:], bool),
+        "scan_index": np.zeros(M, int),
+    }
+    data = load_npz(_write(tmp_path, **export))
+    np.testing.assert_allclose(data.amplitudes, np.sqrt(counts), rtol=1e-6)
+    # One key fewer is not Ptychodus's export: fractional values stay amplitudes.
+    del export["scan_index"]
+    np.testing.assert_allclose(load_npz(_write(tmp_path, **export)).amplitudes, counts, rtol=1e-6)
+
+
+def test_whole_number_check_samples_the_first_patterns_only():
+    """The units guess looks at about a million values; it must not copy the whole scan."""
+    from ptychodus_torch_plugin.engine.data import _whole_numbers
+
+    values = np.ones((1000, 64, 64), np.float32) * 3.0
+    values[400:] = 0.5  # beyond the first 1e6 / 4096 = 245 patterns: not sampled
+    bad = np.zeros((64, 64), bool)
+    bad[0, 0] = True
+    tracemalloc.start()
+    try:
+        assert _whole_numbers(values, bad, sample_size=1_000_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < values.nbytes  # a masked copy of the whole scan alone is ~values.nbytes
+    assert not _whole_numbers(values, bad, sample_size=2_000_000)
 
 
 def test_mean_pattern_power_in_chunks_equals_the_whole_float64_sum():
