@@ -64,12 +64,14 @@ from .prepare import prepare_scan
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "MAX_CANVAS_PIXELS",
     "CanvasGeometry",
     "InferenceChunk",
     "InferenceResult",
     "StitchedObject",
     "Stitcher",
     "crop_size",
+    "refuse_huge_canvas",
     "reconstruct",
     "reconstruct_iter",
     "select_device",
@@ -100,6 +102,28 @@ def crop_size(N: int, crop_fraction: float) -> int:  # noqa: N803 - N is the pat
 def _crop_start(N: int, size: int) -> int:  # noqa: N803
     """First patch index of the central box; keeps pixel ``N//2`` central like ``center_crop``."""
     return N // 2 - size // 2
+
+
+#: The largest canvas :meth:`CanvasGeometry.covering` makes (20,000^2 pixels, ~9 GiB of
+#: float64 accumulators): beyond it the positions are almost surely in the wrong unit or hold
+#: an outlier, and numpy would fail with a MemoryError or swap the machine.
+MAX_CANVAS_PIXELS = 400_000_000
+
+
+def refuse_huge_canvas(positions: np.ndarray, width: int, height: int) -> None:
+    """Raise ``ValueError`` naming the positions' span when a canvas covering them would exceed
+    :data:`MAX_CANVAS_PIXELS` (a clear message instead of a MemoryError, or a swapping machine).
+    """
+    if width * height <= MAX_CANVAS_PIXELS:
+        return
+    pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
+    raise ValueError(
+        f"positions: span x {pos[:, 0].min():.6g}..{pos[:, 0].max():.6g}, y "
+        f"{pos[:, 1].min():.6g}..{pos[:, 1].max():.6g} object pixels, a {width} x {height} "
+        f"canvas (more than {MAX_CANVAS_PIXELS:.0e} pixels, about "
+        f"{width * height * 24 / 2**30:.0f} GiB); positions must be in object pixels (not nm "
+        "or m): convert them, or remove the stray positions"
+    )
 
 
 @dataclass(frozen=True)
@@ -148,6 +172,7 @@ class CanvasGeometry:
         low = np.floor(pos.min(axis=0) + first) - 1.0
         high = np.ceil(pos.max(axis=0) + first + size - 1) + 1.0
         width, height = (high - low + 1).astype(np.int64)
+        refuse_huge_canvas(pos, int(width), int(height))
         return cls(float(low[0]), float(low[1]), int(width), int(height))
 
 
@@ -307,7 +332,12 @@ class Stitcher:
             numerator = self._numerator if self.previews else None
             self._splat(block, origins, numerator, True)
             if self.align_phases:
-                self._kept.append((block.astype(np.complex64), origins))
+                # Only patches that reach the canvas: one far off it (a stray position in a
+                # host scan) adds nothing to the image, and the alignment's own canvas, which
+                # spans every kept patch, would reach out to it (250 GB for one at 1e6 px).
+                touches = self._touches_canvas(origins)
+                if touches.any():
+                    self._kept.append((block[touches].astype(np.complex64), origins[touches]))
         self.patches_added += flat_patches.shape[0]
 
     def _cropped(self, patches: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -324,7 +354,7 @@ class Stitcher:
         resampled = _lanczos_crop(patches, origins - whole, self._start, self.crop)
         return resampled, whole
 
-    def _aligned_numerator(self) -> np.ndarray:
+    def _aligned_numerator(self, should_stop: Callable[[], bool] | None = None) -> np.ndarray:
         """The numerator re-accumulated from the kept patches, each turned by its phase.
 
         The kept blocks are used as they are, never joined: a joined copy (and the complex128
@@ -334,9 +364,16 @@ class Stitcher:
         blocks = [p for p, _ in self._kept]
         origins = np.concatenate([x for _, x in self._kept])
         tic = time.perf_counter()
-        alignment = align_patch_phases(blocks, origins, self._weight)
+        alignment = align_patch_phases(blocks, origins, self._weight, should_stop=should_stop)
         self.alignment_seconds = time.perf_counter() - tic
-        if not alignment.converged:  # the image keeps some of the drift: say so
+        if alignment.stopped:
+            logger.warning(
+                "phase alignment of the %d patches stopped on request after %d iterations: "
+                "the image keeps part of the phase drift",
+                len(origins),
+                alignment.iterations,
+            )
+        elif not alignment.converged:  # the image keeps some of the drift: say so
             logger.warning(
                 "phase alignment of the %d patches stopped after %d iterations before it had "
                 "converged (last step %.2g rad): a slow phase drift may remain across the "
@@ -355,6 +392,13 @@ class Stitcher:
             self._splat(block, origins[begin:end], numerator, False)
             begin = end
         return numerator
+
+    def _touches_canvas(self, origins: np.ndarray) -> np.ndarray:
+        """(P,) bool: the cropped box at canvas ``origins`` (P, 2) overlaps the canvas (the
+        bilinear splat reaches one pixel beyond a fractional origin)."""
+        h, w = self.canvas.shape
+        col, row = origins.T
+        return (col > -self.crop - 1) & (col < w) & (row > -self.crop - 1) & (row < h)
 
     def _crop_origins(self, positions: np.ndarray) -> np.ndarray:
         """(P, 2) canvas (column, row) coordinate of cropped pixel 0 of each patch."""
@@ -404,11 +448,15 @@ class Stitcher:
             if with_weights:
                 np.add.at(self._denominator, index, np.broadcast_to(wts, inside.shape)[inside])
 
-    def result(self, aligned: bool | None = None) -> StitchedObject:
+    def result(
+        self, aligned: bool | None = None, should_stop: Callable[[], bool] | None = None
+    ) -> StitchedObject:
         """numerator / denominator where the denominator exceeds a tiny eps, else 0.
 
         ``aligned`` (default: ``align_phases``) stitches the patches turned by their aligned
         phases; ``False`` gives the plain running average (cheap: for streamed previews).
+        ``should_stop`` is polled during the phase alignment: a stop ends it early and the
+        image is stitched with the phases found so far (and says so in the log).
         """
         aligned = self.align_phases if aligned is None else aligned
         if aligned and not self.align_phases:
@@ -417,7 +465,10 @@ class Stitcher:
             raise ValueError("result(aligned=False) needs a Stitcher made with previews=True")
         h, w = self.canvas.shape
         covered = self._denominator > self._eps
-        numerator = self._aligned_numerator() if aligned and self._kept else self._numerator
+        if aligned and self._kept:
+            numerator = self._aligned_numerator(should_stop)
+        else:
+            numerator = self._numerator
         obj = np.zeros(h * w, dtype=np.complex128)
         np.divide(numerator, self._denominator, out=obj, where=covered)
         weights = np.where(covered, self._denominator, 0.0)
@@ -455,15 +506,45 @@ def stitch_patches(
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
 class InferenceChunk:
-    """One streamed step: the stitched object so far and how far the scan has got."""
+    """One streamed step: the stitched object so far and how far the scan has got.
 
-    stitched: StitchedObject
-    groups_done: int
-    groups_total: int
-    chunk_index: int  # 0-based
-    n_chunks: int
+    ``stitched`` is made when first read (the last chunk's, the final image, is made at
+    once): a host that shows ten of a scan's hundreds of chunks does not pay a full-canvas
+    division for every chunk (minutes for a 100,000-pattern scan). Read it before asking the
+    stream for the next chunk; later it would include patches the chunk had not seen, so it
+    is refused then.
+    """
+
+    def __init__(
+        self,
+        stitcher: Stitcher,
+        groups_done: int,
+        groups_total: int,
+        chunk_index: int,  # 0-based
+        n_chunks: int,
+        stitched: StitchedObject | None = None,
+    ) -> None:
+        self.groups_done = groups_done
+        self.groups_total = groups_total
+        self.chunk_index = chunk_index
+        self.n_chunks = n_chunks
+        self._stitcher = stitcher
+        self._patches_added = stitcher.patches_added
+        self._stitched = stitched
+
+    @property
+    def stitched(self) -> StitchedObject:
+        """The plain running average of the patches stitched so far (final chunk: the image)."""
+        if self._stitched is None:
+            if self._stitcher.patches_added != self._patches_added:
+                raise RuntimeError(
+                    f"the image of chunk {self.chunk_index + 1} of {self.n_chunks} was asked for "
+                    "after later chunks were stitched: read chunk.stitched before taking the "
+                    "next chunk"
+                )
+            self._stitched = self._stitcher.result(aligned=False)
+        return self._stitched
 
 
 @dataclass
@@ -666,9 +747,10 @@ def reconstruct_iter(
     """Stream a reconstruction chunk by chunk (for live display and cancellation).
 
     ``payload`` defaults to ``model.inference_payload()`` (the model's own geometry). The
-    groups are split into chunks of ``payload.inference.chunk_size``; after each chunk the
-    stitched snapshot so far is yielded (the plain running average; the last one is the final
-    image, phase-aligned when ``payload.inference.phase_alignment``). ``should_stop`` is
+    groups are split into chunks of ``payload.inference.chunk_size``; after each chunk an
+    :class:`InferenceChunk` is yielded, whose ``stitched`` (made when read) is the snapshot so
+    far (the plain running average; the last one is the final image, phase-aligned when
+    ``payload.inference.phase_alignment``). ``should_stop`` is
     polled before every chunk and ends the stream early when it returns True. The model's
     networks are moved to the device chosen by ``payload.execution.accelerator`` (they stay
     there afterwards).
@@ -677,11 +759,11 @@ def reconstruct_iter(
     for stitcher, done, total, index, n_chunks in _run(
         model, data, payload, canvas, should_stop, timings
     ):
-        final = index == n_chunks - 1
-        snapshot = stitcher.result(aligned=stitcher.align_phases and final)
-        if final:
+        snapshot = None
+        if index == n_chunks - 1:
+            snapshot = stitcher.result(should_stop=should_stop)  # phase-aligned when asked
             warn_if_flat(snapshot)
-        yield InferenceChunk(snapshot, done, total, index, n_chunks)
+        yield InferenceChunk(stitcher, done, total, index, n_chunks, snapshot)
 
 
 def reconstruct(

@@ -40,6 +40,7 @@ from torch import Tensor
 from .cancel import CancelToken
 from .config import MAX_PROBE_MODES, _check_int, _check_real
 from .data import PtychoData
+from .inference import refuse_huge_canvas
 from .physics import predicted_amplitude
 
 logger = logging.getLogger(__name__)
@@ -182,6 +183,7 @@ def refine_probe(
     origin_y = math.floor(float(y.min()) - n / 2) - 1
     width = math.ceil(float(x.max()) + n / 2 - origin_x) + 2
     height = math.ceil(float(y.max()) + n / 2 - origin_y) + 2
+    refuse_huge_canvas(np.stack([x.numpy(), y.numpy()], axis=-1), width, height)
     rows = tuple(t.to(device) for t in sample_grid(y, n, origin_y))
     cols = tuple(t.to(device) for t in sample_grid(x, n, origin_x))
 

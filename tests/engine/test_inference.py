@@ -283,6 +283,9 @@ def test_canvas_covering_and_validation():
         Stitcher(canvas, N, None, "probe")
     with pytest.raises(ValueError, match="positions"):
         Stitcher(canvas, N, None, "uniform").add(np.zeros((2, 3, N, N)), np.zeros((2, 2, 2)))
+    # Positions in the wrong unit (nm) or with an outlier: a clear error, not a MemoryError.
+    with pytest.raises(ValueError, match=r"span x 16\.5\.\.1e\+06.*object pixels"):
+        CanvasGeometry.covering(np.array([[16.5, 20.0], [1e6, 5e5]]), N, 0.5)
 
 
 # ------------------------------------------------------------------ model inference
@@ -305,18 +308,42 @@ def _model(data, gridsize: int = 1) -> TrainedModel:
 def test_reconstruct_iter_streams_chunks(scan, gridsize):
     model = _model(scan, gridsize)
     payload = model.inference_payload({"chunk_size": 10, "inference_batch_size": 4})
-    chunks = list(reconstruct_iter(model, scan, payload))
+    chunks, covered = [], []
+    for chunk in reconstruct_iter(model, scan, payload):
+        chunks.append(chunk)
+        covered.append(int(chunk.stitched.covered.sum()))  # read before the next chunk
     total = scan.n_patterns
     assert total == 25
     assert len(chunks) == math.ceil(total / 10)
     assert [c.groups_done for c in chunks] == [10, 20, 25]
     assert all(c.groups_total == total and c.n_chunks == 3 for c in chunks)
     assert [c.chunk_index for c in chunks] == [0, 1, 2]
-    covered = [int(c.stitched.covered.sum()) for c in chunks]
     assert covered == sorted(covered) and covered[0] < covered[-1]
     final = chunks[-1].stitched
     assert final.object.shape == final.canvas.shape
     assert np.all(np.isfinite(final.object)) and np.abs(final.object[final.covered]).min() > 0
+
+
+def test_unread_snapshots_are_never_made_and_late_reads_are_refused(scan, monkeypatch):
+    """A host shows ten of a scan's hundreds of chunks: the others' full-canvas snapshots
+    (minutes in all for 100,000 patterns) are not made; a snapshot read after later chunks
+    were stitched would include them, so it is refused rather than mislabelled."""
+    model = _model(scan)
+    payload = model.inference_payload({"chunk_size": 5})
+    made = []
+    original = Stitcher.result
+
+    def counted(self, aligned=None, **kwargs):
+        made.append(aligned)
+        return original(self, aligned, **kwargs)
+
+    monkeypatch.setattr(Stitcher, "result", counted)
+    chunks = list(reconstruct_iter(model, scan, payload))
+    assert len(chunks) == 5 and len(made) == 1  # the final image only
+    with pytest.raises(RuntimeError, match="chunk 2 of 5.*before taking the next chunk"):
+        _ = chunks[1].stitched
+    final = chunks[-1].stitched
+    assert final is chunks[-1].stitched and len(made) == 1
 
 
 def test_reconstruct_iter_should_stop_and_frame(scan):

@@ -101,6 +101,24 @@ def test_stitcher_keeps_patches_only_when_aligning_and_validates():
     np.testing.assert_array_equal(chunked.result(aligned=False).object, plain.result().object)
 
 
+def test_a_patch_far_off_the_canvas_is_not_kept_for_alignment():
+    """A stray host position far outside the object adds nothing to the image; kept for the
+    alignment, whose canvas spans every kept patch, it asked for 250 GB at 1e6 px."""
+    obj, x, y, patches, probe = _scan()
+    canvas = CanvasGeometry(0.0, 0.0, obj.shape[1], obj.shape[0])
+    positions = np.stack([x, y], axis=1)
+    stray = np.concatenate([positions, [[1e6, 5e5]]])
+    stitcher = Stitcher(canvas, N, probe, align_phases=True)
+    stitcher.add(np.concatenate([patches, patches[:1]]), stray)
+    assert sum(len(block) for block, _ in stitcher._kept) == len(x)
+    expected = stitch_patches(patches, positions, N, probe, canvas=canvas, align_phases=True)
+    np.testing.assert_array_equal(stitcher.result().object, expected.object)
+    # A patch that reaches the canvas by one pixel is still kept.
+    edge = Stitcher(canvas, N, probe, align_phases=True)
+    edge.add(patches[:1], np.array([[obj.shape[1] + N / 4 - 1, 20.0]]))
+    assert len(edge._kept) == 1
+
+
 def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match="patches"):
         align_patch_phases(np.zeros((4, 8, 8), complex), np.zeros((4, 2)), np.ones((6, 6)))
@@ -213,3 +231,29 @@ def test_stitching_says_when_the_alignment_stopped_before_converging(monkeypatch
     with caplog.at_level("WARNING", logger="ptychodus_torch_plugin.engine.inference"):
         stitch_patches(drifted, positions, N, probe, canvas=canvas, align_phases=True)
     assert "before it had converged" not in caplog.text
+
+
+def test_a_stop_ends_the_alignment_and_the_image_says_so(caplog):
+    """Stop is polled every iteration (a 100,000-pattern scan iterates for minutes); the image
+    is stitched with the phases found so far, and the log says the alignment was cut short."""
+    obj, x, y, patches, probe = _scan()
+    drifted = patches * np.exp(1j * _drift(x, y))[:, None, None]
+    polls = []
+
+    def after_three() -> bool:
+        polls.append(1)
+        return len(polls) > 3
+
+    cropped, corners, weight = _crop_inputs(drifted, x, y, probe)
+    cut = align_patch_phases(cropped, corners, weight, should_stop=after_three)
+    assert cut.stopped and not cut.converged and cut.iterations == 3
+    full = align_patch_phases(cropped, corners, weight, should_stop=lambda: False)
+    assert not full.stopped and full.converged and full.iterations > 3
+
+    canvas = CanvasGeometry(0.0, 0.0, obj.shape[1], obj.shape[0])
+    stitcher = Stitcher(canvas, N, probe, align_phases=True)
+    stitcher.add(drifted, np.stack([x, y], axis=1))
+    with caplog.at_level("WARNING", logger="ptychodus_torch_plugin.engine.inference"):
+        image = stitcher.result(should_stop=lambda: True)
+    assert "stopped on request after 0 iterations" in caplog.text
+    np.testing.assert_allclose(image.object, stitcher.result(aligned=False).object, atol=1e-6)

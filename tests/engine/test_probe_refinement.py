@@ -103,6 +103,15 @@ def test_bad_settings_name_the_field(defocused_scan, kwargs, field) -> None:
         refine_probe(defocused_scan, **kwargs)
 
 
+def test_a_stray_position_is_refused_before_the_canvas_is_made(defocused_scan) -> None:
+    """One position at 1e6 px asked for an 8 TB object canvas (a MemoryError at best)."""
+    x, y = defocused_scan.xcoords.copy(), defocused_scan.ycoords.copy()
+    x[-1] = y[-1] = 1e6
+    stray = dataclasses.replace(defocused_scan, xcoords=x, ycoords=y)
+    with pytest.raises(ValueError, match="object pixels"):
+        refine_probe(stray, 1)
+
+
 def test_stop_before_the_first_batch_returns_the_given_probe(defocused_scan) -> None:
     token = CancelToken()
     token.cancel()
