@@ -8,6 +8,7 @@ by the Poisson loss), and the probe normalisation (applied by ``physics.normaliz
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, fields, replace
 
@@ -19,6 +20,8 @@ from .config import DataConfig, GridConfig
 from .data import PtychoData
 from .grouping import Groups, group_positions
 from .physics import input_normalization_factor, intensity_scale, normalize_probe
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,6 +69,7 @@ def prepare_scan(
             f"diff3d: found patterns of size {data.N}, expected N = {grid.N} (the model's patch "
             "size); crop or bin the detector data, or train a model for this size"
         )
+    _refuse_collapsed_positions(data)
     # One new array of the scan's size (the inputs), however the scan arrives: each step
     # below used to make a float32 copy and then another (2-3x the scan at the peak).
     amplitudes = data.amplitudes
@@ -96,6 +100,8 @@ def prepare_scan(
         n_groups=data_config.n_groups if n_groups is None else n_groups,
         seed=data_config.seed,
     )
+    if with_physics and groups.channels > 1:
+        groups = _without_scattered_groups(groups, grid.N)
     return PreparedScan(
         inputs=inputs,
         groups=groups,
@@ -105,6 +111,49 @@ def prepare_scan(
         probe=probe.astype(np.complex64),
         bad_pixels=None if data.bad_pixels is None else data.bad_pixels.copy(),
     )
+
+
+def _refuse_collapsed_positions(data: PtychoData) -> None:
+    """Refuse a scan whose positions all lie within one pixel (positions in metres or nm
+    divided the wrong way): every patch would be stacked on one spot, without an error."""
+    if data.n_patterns < 2:
+        return
+    span = max(float(np.ptp(data.xcoords)), float(np.ptp(data.ycoords)))
+    if span < 1.0:
+        raise ValueError(
+            f"xcoords/ycoords: the {data.n_patterns} positions span {span:.3g} object pixels, "
+            "expected a scan spanning at least one pixel; positions must be in object pixels "
+            "(a scan in metres spans about 1e-6): divide them by the object's pixel size"
+        )
+
+
+def _without_scattered_groups(groups: Groups, n: int) -> Groups:
+    """Training groups whose members lie within ``n`` pixels of their centroid.
+
+    Why: a member farther off shares no object with the others, so the overlap merge cannot
+    constrain it, and the merge canvas of its whole batch grows to reach it (a stray position
+    3,000 px away asked for 8.5 GB per batch). Such groups come from isolated positions.
+    """
+    spread = np.abs(groups.offsets).max(axis=(1, 2))
+    scattered = spread > n
+    if not scattered.any():
+        return groups
+    if scattered.all():
+        raise ValueError(
+            f"xcoords/ycoords: every group's members lie more than N = {n} px apart (closest "
+            f"{spread.min():.0f} px), so their patches never overlap; use gridsize 1 for so "
+            "sparse a scan"
+        )
+    seeds = groups.positions[scattered, 0]
+    logger.warning(
+        "%d of %d groups left out of training: their members lie more than N = %d px apart "
+        "(isolated positions; groups seeded at (x, y) = %s); check the scan for stray positions",
+        int(scattered.sum()),
+        groups.n_groups,
+        n,
+        ", ".join(f"({x:.0f}, {y:.0f})" for x, y in seeds[:3]),
+    )
+    return groups.take(~scattered)
 
 
 class GroupDataset(Dataset):

@@ -147,3 +147,39 @@ def test_preparing_a_scan_makes_one_copy_of_its_patterns(masked):
         expected[:, 3, 5] = 0
     np.testing.assert_allclose(scan.inputs, expected, rtol=1e-6)
     assert scan.inputs.dtype == np.float32
+
+
+def test_positions_in_metres_are_refused(small_scan):
+    """A scan whose positions span less than a pixel (metres, or nm divided the wrong way)
+    stitched every patch onto one spot without a word."""
+    import dataclasses
+
+    metres = dataclasses.replace(
+        small_scan, xcoords=small_scan.xcoords * 1e-8, ycoords=small_scan.ycoords * 1e-8
+    )
+    payload = create_training_payload(tiny_overrides())
+    with pytest.raises(ValueError, match="xcoords/ycoords.*object pixels"):
+        prepare_scan(metres, payload.grid, payload.data)
+    with pytest.raises(ValueError, match="xcoords/ycoords"):
+        prepare_scan(metres, payload.grid, payload.data, with_physics=False)
+
+
+def test_a_stray_position_leaves_only_its_groups_out_of_training(small_scan, caplog):
+    """A group reaching a stray position shares no object with it and made every batch's
+    merge canvas reach out to it (GBs per batch); it is left out, and the log says where."""
+    import dataclasses
+
+    x, y = small_scan.xcoords.copy(), small_scan.ycoords.copy()
+    x[7], y[7] = 5000.0, 4000.0
+    stray = dataclasses.replace(small_scan, xcoords=x, ycoords=y)
+    payload = create_training_payload(tiny_overrides(gridsize=2))
+    whole = prepare_scan(small_scan, payload.grid, payload.data)
+    with caplog.at_level(logging.WARNING):
+        scan = prepare_scan(stray, payload.grid, payload.data)
+    assert "1 of" in caplog.text and "(5000, 4000)" in caplog.text
+    assert scan.n_groups == whole.n_groups - 1
+    assert 7 not in scan.groups.seeds
+    assert np.abs(scan.groups.offsets).max() <= payload.grid.N
+    # Inference keeps every group (each patch is stitched at its own position, no merge).
+    kept = prepare_scan(stray, payload.grid, payload.data, with_physics=False)
+    assert kept.n_groups == whole.n_groups
