@@ -97,19 +97,22 @@ class ModelSlot:
         self._model: TrainedModel | None = None
         self._model_file: Path | None = None  # the archive self._model was loaded from
         # ModelPath before adopt(): still means "the adopted model" until the host thread
-        # has stored the new archive's path (training runs on the worker thread).
+        # has stored the new archive's path (training runs on the worker thread); only while
+        # _awaiting_path, so an unset ModelPath (a settings file with none) means no model.
         self._superseded_path: Path | None = None
+        self._awaiting_path = False
 
     @property
     def path(self) -> Path | None:
         return self._settings.get_model_path()
 
     def is_loaded(self) -> bool:
-        """A model is in memory, or the remembered archive exists (it loads when needed)."""
-        with self._lock:
-            if self._model is not None:
-                return True
+        """The model ``ModelPath`` means is in memory, or its archive exists (loads when
+        needed): what the panel and Ptychodus's Infer button show must be what Infer runs."""
         path = self.path
+        with self._lock:
+            if self._holds_current(path):
+                return True
         if path is None:
             return False
         file = path / ARCHIVE_NAME if path.is_dir() else path
@@ -125,7 +128,7 @@ class ModelSlot:
             model = load_archive(file)
         with self._lock:
             self._model, self._model_file = model, (file if model is not None else None)
-            self._superseded_path = None
+            self._superseded_path, self._awaiting_path = None, False
         self._settings.set_model_path(file)
         logger.info("model archive selected: %s", file)
         return file
@@ -135,14 +138,14 @@ class ModelSlot:
         with self._lock:
             self._model = model
             self._model_file = Path(file).resolve()
-            self._superseded_path = self.path
+            self._superseded_path, self._awaiting_path = self.path, True
 
     def clear(self) -> None:
         """Forget the model: nothing in memory and no remembered archive (Infer disables)."""
         with self._lock:
             self._model = None
             self._model_file = None
-            self._superseded_path = None
+            self._superseded_path, self._awaiting_path = None, False
         self._settings.set_model_path(None)
 
     def remember_path(self, file: Path) -> None:
@@ -153,7 +156,7 @@ class ModelSlot:
         """
         self._settings.set_model_path(Path(file).resolve())
         with self._lock:
-            self._superseded_path = None
+            self._superseded_path, self._awaiting_path = None, False
 
     def get(self) -> TrainedModel:
         """The model, loading the remembered archive on first use."""
@@ -173,7 +176,7 @@ class ModelSlot:
             file = resolve_archive(path)
             model = load_archive(file)  # its errors name the file; the caller logs them
             self._model, self._model_file = model, file.resolve()
-            self._superseded_path = None
+            self._superseded_path, self._awaiting_path = None, False
             logger.info(
                 "model loaded from %s (N=%d, gridsize=%d, %d epochs trained on %s)",
                 file,
@@ -186,12 +189,11 @@ class ModelSlot:
 
     def _holds_current(self, path: Path | None) -> bool:
         """The model in memory is the one ``ModelPath`` (``path``) means (hold the lock)."""
-        return self._model is not None and (
-            path is None
-            or self._model_file is None
-            or path == self._superseded_path
-            or self._same(path, self._model_file)
-        )
+        if self._model is None:
+            return False
+        if self._awaiting_path and path == self._superseded_path:
+            return True
+        return path is not None and (self._model_file is None or self._same(path, self._model_file))
 
     @staticmethod
     def _same(path: Path, file: Path) -> bool:

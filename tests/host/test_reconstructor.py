@@ -705,3 +705,32 @@ def test_storing_the_same_model_path_again_tells_its_observers(library, trained_
     finally:
         settings.model_path.remove_observer(counter)
         settings.set_model_path(before)
+
+
+def test_a_settings_file_without_a_model_means_no_model_and_the_presets_keep_yours(
+    trained_archive, tmp_path
+):
+    """A settings file whose ModelPath is unset ('.') used to leave the old model live: the
+    panel said "No model loaded" while Infer ran it, and a saved settings file forgot it. The
+    shipped presets no longer name a ModelPath, so opening one keeps the model you have."""
+    from ptychodus.api.settings import SettingsRegistry
+
+    from ptychodus_torch_plugin.host.library import TorchPINNLibrary
+    from ptychodus_torch_plugin.host.shipped_settings import settings_folder
+
+    registry = SettingsRegistry()
+    library = TorchPINNLibrary(registry)
+    slot = library.model_slot
+    slot.select(trained_archive)
+    slot.get()
+    for preset in sorted(settings_folder().glob("torchpinn-*.ini")):
+        registry.open_settings(preset)
+        assert library.settings.get_model_path() is not None, preset.name
+        assert slot.is_loaded(), preset.name
+    unset = tmp_path / "unset.ini"
+    unset.write_text("[TorchPINNModel]\nModelPath = .\n")
+    registry.open_settings(unset)
+    assert library.settings.get_model_path() is None
+    assert not slot.is_loaded()
+    with pytest.raises(RuntimeError, match="No TorchPINN model is loaded"):
+        slot.get()
