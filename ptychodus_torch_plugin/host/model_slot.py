@@ -229,8 +229,13 @@ class ModelSlot:
         target = Path(destination)
         if target.is_dir():
             target = target / ARCHIVE_NAME
-        elif not target.name.endswith(".zip"):
-            target = target.with_name(target.name + MODEL_FILE_EXTENSION)
+        elif not target.name.lower().endswith(MODEL_FILE_EXTENSION):
+            # "run1.zip" or "run1.h5" become run1.h5.zip: Load Model's dialog lists *.h5.zip only
+            stem = target.name
+            for partial in (".zip", ".h5"):
+                if stem.lower().endswith(partial):
+                    stem = stem[: -len(partial)]
+            target = target.with_name(stem + MODEL_FILE_EXTENSION)
         if target.exists() and target.resolve() == source.resolve():
             return target
         check_not_replacing(Path(destination), target)

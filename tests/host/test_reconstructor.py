@@ -552,6 +552,11 @@ def test_model_path_set_back_to_an_older_archive_loads_that_archive(trained_arch
     # Save model as... in that window copies B (the model in use), not A
     copy = slot.save_copy(tmp_path / "copy")
     assert copy.read_bytes() == b.read_bytes() != a.read_bytes()
+    # Names that stop short of .h5.zip are completed (Load Model lists *.h5.zip only).
+    assert copy.name == "copy.h5.zip"
+    assert slot.save_copy(tmp_path / "run1.zip").name == "run1.h5.zip"
+    assert slot.save_copy(tmp_path / "run2.h5").name == "run2.h5.zip"
+    assert slot.save_copy(tmp_path / "run3.H5.ZIP").name == "run3.H5.ZIP"
     library.publish_model(b)  # ...and then on the host thread
     assert slot.get() is model_b and library.settings.get_model_path() == b.resolve()
 
