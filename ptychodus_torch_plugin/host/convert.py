@@ -118,7 +118,8 @@ def reconstruct_input_to_data(
         patterns,
         bad_pixel_mask(parameters),
         source="diffraction patterns",
-        advice="mark them in Ptychodus's bad-pixel mask or set its Value Upper Bound",
+        advice="mark them in Ptychodus's bad-pixel mask to silence this (a Value Upper Bound "
+        "would set them to 0, which the loss then takes as measured zeros)",
     )
     product = parameters.product
     if getattr(product.metadata, "far_field", True) is False:
