@@ -27,7 +27,7 @@ import inspect
 import logging
 import sys
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,8 @@ _CONTROLLER_PARAMETERS = [
 
 #: Libraries that did not load: casefolded name -> reason (read by the selection guard).
 FAILED_LIBRARIES: dict[str, str] = {}
+#: Why the processing core could not be patched (registration failed), if it could not.
+_NOT_REGISTERED: list[str] = []
 
 
 @dataclass
@@ -332,11 +334,20 @@ def patch_controller_module(module: Any) -> None:
         logger.warning("plugin parameter panels disabled: %s", exc)
 
 
-class _ControllerImportHook(importlib.abc.MetaPathFinder):
-    """Patches ``ptychodus.controller.core`` right after it is first imported (GUI only)."""
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Calls ``patch(module)`` right after ``fullname`` is first imported.
+
+    Why: importing ``ptychodus.model.core`` (pydantic_ai, openai) or the Qt controller just
+    to patch them would make every Ptychodus tool that loads plugins but never builds a
+    ``ModelCore`` (``ptychodus-reconstruct-*``, file converters) about 2 s slower.
+    """
+
+    def __init__(self, fullname: str, patch: Callable[[Any], None]) -> None:
+        self.fullname = fullname
+        self.patch = patch
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != _CONTROLLER_MODULE:
+        if fullname != self.fullname:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -350,25 +361,32 @@ class _ControllerImportHook(importlib.abc.MetaPathFinder):
         if loader is None or not hasattr(loader, "exec_module"):
             return spec
         original_exec = loader.exec_module
+        patch = self.patch
 
         def exec_module(module: Any) -> None:
             original_exec(module)
-            patch_controller_module(module)
+            patch(module)
 
         try:
             loader.exec_module = exec_module  # this spec's own loader instance
         except Exception as exc:
-            logger.warning("plugin parameter panels disabled: %s", exc)
+            logger.warning("%s plugin: %s not patched: %s", LIBRARY_NAME, fullname, exc)
         return spec
 
 
-def install_controller_hook() -> None:
-    module = sys.modules.get(_CONTROLLER_MODULE)
+def patch_on_import(fullname: str, patch: Callable[[Any], None]) -> None:
+    """``patch(module)`` now if ``fullname`` is imported, else right after its first import."""
+    module = sys.modules.get(fullname)
     if module is not None:
-        patch_controller_module(module)
+        patch(module)
         return
-    if not any(isinstance(finder, _ControllerImportHook) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _ControllerImportHook())
+    hooks = (f for f in sys.meta_path if isinstance(f, _PatchOnImport))
+    if not any(hook.fullname == fullname for hook in hooks):
+        sys.meta_path.insert(0, _PatchOnImport(fullname, patch))
+
+
+def install_controller_hook() -> None:
+    patch_on_import(_CONTROLLER_MODULE, patch_controller_module)
 
 
 # ----------------------------------------------------------------------------- selection guard
@@ -498,19 +516,32 @@ def bootstrap() -> bool:
     """Register the entry-point libraries with Ptychodus; True when active. Idempotent."""
     try:
         check_host_version()
-        module = importlib.import_module(_MODEL_MODULE)
+        # ptychodus.model.core is patched when it is imported (at once if it already is).
+        patch_on_import(_MODEL_MODULE, patch_model_module)
+        install_controller_hook()
+        return not _NOT_REGISTERED
+    except Exception as exc:
+        _not_registered(exc)
+        return False
+
+
+def patch_model_module(module: Any) -> None:
+    """Wrap ``module.ProcessingCore`` (``ptychodus.model.core``) once; never raises."""
+    try:
         original = module.ProcessingCore
         if not getattr(original, _MARK, False):
             _check_signature(original, _CORE_PARAMETERS)
             module.ProcessingCore = _wrap_processing_core(original)
-        install_controller_hook()
-        return True
     except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        logger.warning("%s plugin not registered: %s", LIBRARY_NAME, reason)
-        _mark_all_failed(reason)
-        try:
-            install_selection_guard()
-        except Exception:
-            pass
-        return False
+        _not_registered(exc)
+
+
+def _not_registered(exc: BaseException) -> None:
+    reason = f"{type(exc).__name__}: {exc}"
+    _NOT_REGISTERED.append(reason)
+    logger.warning("%s plugin not registered: %s", LIBRARY_NAME, reason)
+    _mark_all_failed(reason)
+    try:
+        install_selection_guard()
+    except Exception:
+        pass

@@ -191,6 +191,27 @@ def test_wrong_host_version_leaves_ptychodus_untouched_and_explains():
     assert "Ptychodus 9.0.0 is not supported" in output
 
 
+def test_loading_plugins_does_not_import_the_model_core_but_patches_it_when_imported():
+    """Ptychodus's file tools load plugins and never build a ModelCore: importing
+    ptychodus.model.core (pydantic_ai, openai) for them cost about 2 s per start."""
+    code = (
+        "import sys\n"
+        "from ptychodus.api.plugins import PluginRegistry\n"
+        "PluginRegistry.load_plugins()\n"
+        "print('CORE', 'ptychodus.model.core' in sys.modules, 'openai' in sys.modules)\n"
+        "import ptychodus.model.core as mc\n"
+        "print('WRAPPED', getattr(mc.ProcessingCore, '_ptychodus_torch_plugin_wrapped', False))\n"
+        "core = mc.ModelCore()\n"
+        "keys = list(core.processing_core.algorithm_parameter.available_reconstructors())\n"
+        "print('KEYS', [k for k in keys if k.startswith('torchpinn')])\n"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "CORE False False" in result.stdout
+    assert "WRAPPED True" in result.stdout
+    assert "KEYS ['torchpinn_pinn', 'torchpinn_supervised']" in result.stdout, result.stdout
+
+
 def test_missing_torch_still_registers_and_says_how_to_install(scan_dir):
     code = (
         "import importlib.abc, sys\n"
