@@ -455,13 +455,20 @@ def _check_selection(settings_file: Any, registry: Any = None) -> None:
         return
     library, _, _ = key.partition("_")
     if library in FAILED_LIBRARIES:
+        if (effective or "").casefold() == key:  # our stand-in library holds the key
+            outcome = (
+                f"{effective} stays selected, as a stand-in that stops every reconstruction "
+                "and training with this error"
+            )
+        else:
+            outcome = _what_runs_instead(effective)
         logger.error(
             "The settings file %s selects the %s library, which failed to load (%s): %s. "
             "See the warning logged at start-up.",
             settings_file,
             library,
             FAILED_LIBRARIES[library],
-            _what_runs_instead(effective),
+            outcome,
         )
         return
     keys = _plugin_algorithms().get(library)

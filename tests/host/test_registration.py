@@ -212,6 +212,33 @@ def test_loading_plugins_does_not_import_the_model_core_but_patches_it_when_impo
     assert "KEYS ['torchpinn_pinn', 'torchpinn_supervised']" in result.stdout, result.stdout
 
 
+def test_a_library_that_fails_to_build_leaves_a_stand_in_and_says_so(tmp_path):
+    """The stand-in keeps torchpinn_pinn selected; the ERROR used to say Ptychodus 'keeps
+    torchpinn_pinn, and ptychodus -b runs that instead', as if something else would run."""
+    settings = tmp_path / "settings.ini"
+    settings.write_text("[Processing]\nAlgorithm = torchpinn_pinn\n")
+    code = (
+        "import logging\n"
+        "from pathlib import Path\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "import ptychodus_torch_plugin.host.library as L\n"
+        "def boom(self, *a, **k):\n"
+        "    raise RuntimeError('simulated library failure')\n"
+        "L.TorchPINNLibrary.__init__ = boom\n"
+        "from ptychodus.model import ModelCore\n"
+        f"core = ModelCore(Path({str(settings)!r}))\n"
+        "p = core.processing_core.algorithm_parameter\n"
+        "print('SELECTED', p.get_value())\n"
+    )
+    result = run_python(code)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "SELECTED torchpinn_pinn" in result.stdout
+    assert "simulated library failure" in output
+    assert "as a stand-in that stops every reconstruction and training" in output
+    assert "runs that instead" not in output
+
+
 def test_missing_torch_still_registers_and_says_how_to_install(scan_dir):
     code = (
         "import importlib.abc, sys\n"
