@@ -158,7 +158,7 @@ def _add_train(sub: Any) -> None:
     p.add_argument(
         "--nphotons",
         type=float,
-        help="mean counts per pattern for the Poisson loss (default: measured from the data)",
+        help="mean counts per pattern for the Poisson loss (default, or 0: measured from the data)",
     )
     p.add_argument("--seed", type=_nonnegative_int, help=f"random seed (default: {_D.seed})")
     _add_accelerator(p)
@@ -461,8 +461,12 @@ def _naming_the_flag(message: str, option_names: dict[str, str]) -> str:
         return message
     owner, field = match.groups()
     dest = f"checkpoint_{field}" if owner == "Checkpoint" else field
-    flag = option_names.get(dest)
-    return message if flag is None else f"{flag}: {message}"
+    # A flag named unlike its field (--max_epochs sets epochs): look the flag up by field.
+    dest = next((d for d, f in _TRAIN_FLAGS.items() if f == dest and d != dest), dest)
+    flags = [option_names[dest]] if dest in option_names else []
+    if field == "neighbor_count" and "gridsize" in message and "gridsize" in option_names:
+        flags.insert(0, option_names["gridsize"])  # the pair is refused, not one of them
+    return message if not flags else f"{' / '.join(flags)}: {message}"
 
 
 def _version() -> str:
@@ -674,6 +678,8 @@ def training_overrides(args: argparse.Namespace, N: int) -> dict[str, Any]:  # n
     overrides: dict[str, Any] = {"N": N}
     for dest, key in _TRAIN_FLAGS.items():
         value = getattr(args, dest)
+        if dest == "nphotons" and value == 0:
+            value = None  # 0 means measured, as NPhotons = 0 in the settings files
         if value is not None:
             overrides[key] = value
     if args.quiet:
@@ -693,7 +699,11 @@ def _ctrl_c_stops_training(token: Any) -> Iterator[None]:
         yield  # signal handlers can only be set from the main thread
         return
 
+    owner = os.getpid()
+
     def stop(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:  # a DataLoader worker inherited the handler: not its call
+            return
         if token.cancelled:
             raise KeyboardInterrupt
         token.cancel()
@@ -737,12 +747,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     output_dir = _output_folder(args.output_dir, "--output_dir")
 
-    from .archive import ARCHIVE_NAME, save_archive
+    from .archive import ARCHIVE_NAME
     from .atomic import keep_earlier_file
     from .cancel import CancelToken
     from .data import load_npz
     from .devices import resolve_accelerator
     from .payload import create_training_payload
+    from .saving import save_trained_model
     from .training import TrainingDivergedError, train
 
     with _console_logging(bool(args.quiet)):
@@ -791,7 +802,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
             return 130
         keep_earlier_file(output_dir / ARCHIVE_NAME, ".h5.zip")
         keep_earlier_file(output_dir / "history.json", ".json", "training history")
-        archive = save_archive(result.model, output_dir)
+        # The folder was writable at the start; a full disk or a lost mount now must not
+        # discard the run: the model then goes to the model folder (or the temp folder).
+        saved = save_trained_model(result.model, output_dir / ARCHIVE_NAME)
+        archive = saved.file
+        history_file = output_dir / "history.json"
+        if saved.problem is not None:
+            print(f"{PROG} train: {saved.problem}", file=sys.stderr, flush=True)
+            history_file = archive.with_name(archive.name[: -len(".h5.zip")] + ".history.json")
         summary = {
             "backend": result.backend,
             "archive": str(archive),
@@ -813,7 +831,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "sources": dict(payload.sources),
             "history": [record.to_dict() for record in result.history],
         }
-        _atomic_save_json(output_dir / "history.json", summary)
+        try:
+            _atomic_save_json(history_file, summary)
+        except OSError as exc:  # the model is saved: say what is missing, do not fail the run
+            print(
+                f"{PROG} train: the training history could not be written to {history_file} "
+                f"({exc.strerror or exc}); the model is saved",
+                file=sys.stderr,
+                flush=True,
+            )
     refinement = result.probe_refinement
     if refinement is not None and refinement.epochs:
         fixed = refinement.misfit_fixed_probe
@@ -1055,6 +1081,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- main
+#: Top-level modules of the training/inference backend: missing, they get install advice.
+_BACKEND_MODULES = frozenset({"torch", "lightning", "pytorch_lightning", "lightning_fabric"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (argparse exits 2 on bad flags)."""
     parser = build_parser()
@@ -1079,6 +1109,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in _BACKEND_MODULES:
+            raise
+        print(
+            f"{PROG} {args.command}: error: {exc}: the PyTorch backend is not installed; "
+            f'install it into this environment: pip install "torch>=2.2" "lightning>=2.4"',
+            file=sys.stderr,
+        )
+        return 1
+    except MemoryError as exc:
+        print(
+            f"{PROG} {args.command}: error: out of memory ({exc or 'MemoryError'}); use a "
+            "smaller --batch_size or chunk, fewer patterns, or a machine with more memory",
+            file=sys.stderr,
+        )
+        return 1
     except Exception as exc:
         # Lightning's refusal of the hardware settings (devices the node does not have, ...)
         # is no ValueError; named by class so that the CLI does not import Lightning to start.

@@ -2,6 +2,7 @@
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,6 +170,15 @@ def test_unset_flags_are_not_overrides():
     )
     overrides = cli.training_overrides(args, 64)
     assert overrides["checkpoint_enable"] is False and overrides["deterministic"] is False
+
+
+def test_nphotons_0_means_measured_as_in_the_settings_files(data_file, tmp_path):
+    """Every shipped settings file has NPhotons = 0 ("measured"); the user guide says to pass
+    the same settings as flags, and --nphotons 0 was refused."""
+    args = cli.build_parser().parse_args(_train_argv(data_file, tmp_path, "--nphotons", "0"))
+    assert "nphotons" not in cli.training_overrides(args, 32)
+    args = cli.build_parser().parse_args(_train_argv(data_file, tmp_path, "--nphotons", "2e5"))
+    assert cli.training_overrides(args, 32)["nphotons"] == 2e5
 
 
 def test_model_loss_and_validation_settings_have_flags():
@@ -522,6 +532,70 @@ def test_a_second_train_into_a_folder_keeps_the_first_model(data_file, tmp_path,
     assert f"held an earlier model: kept as {kept.name}" in capsys.readouterr().err
 
 
+def test_a_folder_that_refuses_the_model_at_the_end_does_not_lose_it(
+    data_file, tmp_path, capsys, monkeypatch
+):
+    """A full disk or a lost mount at the end made `train` exit 1 and discard the model."""
+    from ptychodus_torch_plugin.engine import archive
+
+    out, fallback = tmp_path / "OUT", tmp_path / "models"
+    monkeypatch.setenv("PTYCHODUS_TORCH_MODEL_DIR", str(fallback))
+    original = archive.save_archive
+
+    def full_disk(model, target, *args, **kwargs):
+        if Path(target).parent == out or Path(target) == out:
+            raise OSError(28, "No space left on device")
+        return original(model, target, *args, **kwargs)
+
+    monkeypatch.setattr(archive, "save_archive", full_disk)
+    assert cli.main(_train_argv(data_file, out, "--disable-checkpointing")) == 0
+    (saved,) = fallback.glob("unsaved-*.h5.zip")
+    history = saved.with_name(saved.name.replace(".h5.zip", ".history.json"))
+    assert json.loads(history.read_text())["archive"] == str(saved)
+    assert archive.load_archive(saved).epochs_trained == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and f"saved to {saved} instead" in err
+    assert not (out / "wts.h5.zip").exists()
+
+
+def test_ctrl_c_in_a_dataloader_worker_is_left_to_the_main_process(monkeypatch, capsys):
+    """Workers inherit the handler: with --num-workers 2 the stop line was printed 3 times."""
+    import signal
+
+    from ptychodus_torch_plugin.engine.cancel import CancelToken
+
+    token = CancelToken()
+    with cli._ctrl_c_stops_training(token):
+        handler = signal.getsignal(signal.SIGINT)
+        real_pid = cli.os.getpid()
+        monkeypatch.setattr(cli.os, "getpid", lambda: real_pid + 1)  # as in a worker
+        handler(signal.SIGINT, None)
+        assert not token.cancelled and capsys.readouterr().err == ""
+        monkeypatch.undo()
+        handler(signal.SIGINT, None)
+        assert token.cancelled and "stopping after this batch" in capsys.readouterr().err
+
+
+def test_without_torch_the_command_line_says_how_to_install_it(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.abc, sys\n"
+        "class NoTorch(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "from ptychodus_torch_plugin.engine import cli\n"
+        f"sys.exit(cli.main(['inspect', {str(tmp_path / 'wts.h5.zip')!r}]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr
+    assert "the PyTorch backend is not installed" in result.stderr
+    assert 'pip install "torch>=2.2"' in result.stderr and "Traceback" not in result.stderr
+
+
 def test_ctrl_c_in_train_saves_the_finished_epochs_and_exits_130(
     data_file, tmp_path, capsys, monkeypatch
 ):
@@ -601,6 +675,13 @@ def test_refused_settings_name_the_flag_typed_and_folders_are_not_files(
     assert cli.main([*argv, "--validation-fraction", "0.9"]) == 1
     err = capsys.readouterr().err
     assert "error: --validation-fraction: DataConfig.validation_fraction = 0.9" in err
+    # A flag named unlike its field, and a refused pair named as a pair.
+    assert cli.main([*argv, "--max_epochs", "200000"]) == 1  # the last --max_epochs counts
+    assert "error: --max_epochs: TrainingConfig.epochs = 200000" in capsys.readouterr().err
+    assert cli.main([*argv, "--gridsize", "3"]) == 1
+    assert "error: --gridsize / --neighbor_count: GridConfig.neighbor_count = 4" in (
+        capsys.readouterr().err
+    )
     argv = ["train", "--train_data_file", str(tmp_path), "--output_dir", str(tmp_path / "o")]
     assert cli.main(argv) == 1
     assert f"training data file {tmp_path}: is a folder; give the .npz file" in (

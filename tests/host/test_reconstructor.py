@@ -630,12 +630,15 @@ def test_a_trained_model_the_output_folder_refuses_is_saved_elsewhere_not_lost(
 def test_when_no_folder_takes_the_model_the_error_names_them_all(
     trained_archive, tmp_path, monkeypatch
 ):
+    from ptychodus_torch_plugin.engine import saving as engine_saving
     from ptychodus_torch_plugin.engine.archive import load_archive
     from ptychodus_torch_plugin.host import saving
 
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    monkeypatch.setattr(saving, "fallback_directories", lambda: [blocker / "a", blocker / "b"])
+    monkeypatch.setattr(
+        engine_saving, "fallback_directories", lambda: [blocker / "a", blocker / "b"]
+    )
     model = load_archive(trained_archive)
     with pytest.raises(OSError, match=r"could not be saved to .*no fallback folder took it"):
         saving.save_trained_model(model, blocker / "out" / "wts.h5.zip")
