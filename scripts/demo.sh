@@ -13,12 +13,17 @@ OUT=$("$VENV/bin/python" -c 'import os, sys; print(os.path.abspath(sys.argv[1]))
 # edit of resources/settings/); a torchpinn-demo.ini in OUTPUT_DIR would be used instead
 SETTINGS=torchpinn-demo.ini
 # A rerun replaces the demo's own folders, and only those: each folder the demo makes holds its
-# marker, written before anything else goes in (so a run cut short is recognised too), and
-# in/ written by an earlier version holds ground_truth.npz. Folders of those names from
-# anything else are never deleted.
+# marker, written before anything else goes in (so a run cut short is recognised too); in/
+# written by an earlier version holds ground_truth.npz (which only vouches for in/ itself:
+# `host.demo simulate` writes it too, beside a train/ of the user's own). Folders of those
+# names from anything else are never deleted.
 MARK=.torchpinn-demo
 for sub in in train reconstruct; do
-  if [ -e "$OUT/$sub" ] && [ ! -f "$OUT/$sub/$MARK" ] && [ ! -f "$OUT/in/ground_truth.npz" ]; then
+  ours=no
+  if [ -f "$OUT/$sub/$MARK" ] || { [ "$sub" = in ] && [ -f "$OUT/in/ground_truth.npz" ]; }; then
+    ours=yes
+  fi
+  if [ -e "$OUT/$sub" ] && [ "$ours" = no ]; then
     echo "[demo] error: $OUT already holds $sub/, which the demo did not write; give the" \
       "demo another folder: bash scripts/demo.sh DIR" >&2
     exit 1

@@ -7,6 +7,8 @@ import sys
 from importlib.metadata import distribution
 from pathlib import Path
 
+import pytest
+
 import ptychodus_torch_plugin
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,9 +65,15 @@ def test_a_relative_ptt_venv_is_made_absolute_before_the_scripts_change_director
     assert shown == str(tmp_path / "venv-cpu")
 
 
-def test_the_demo_never_deletes_folders_it_did_not_write(tmp_path):
-    """`bash scripts/demo.sh ~/beamtime` used to rm -rf its in/, train/ and reconstruct/."""
-    precious = tmp_path / "in" / "scan_0001.h5"
+@pytest.mark.parametrize("beside_simulated_input", [False, True])
+def test_the_demo_never_deletes_folders_it_did_not_write(tmp_path, beside_simulated_input):
+    """`bash scripts/demo.sh ~/beamtime` used to rm -rf its in/, train/ and reconstruct/; and
+    an in/ground_truth.npz (which `host.demo simulate in` writes) vouched for all three."""
+    sub = "train" if beside_simulated_input else "in"
+    if beside_simulated_input:
+        (tmp_path / "in").mkdir()
+        (tmp_path / "in" / "ground_truth.npz").write_bytes(b"simulated")
+    precious = tmp_path / sub / "wts.h5.zip"
     precious.parent.mkdir()
     precious.write_bytes(b"measured data")
     venv = Path(sys.executable).parent.parent  # the environment running the tests
@@ -77,6 +85,6 @@ def test_the_demo_never_deletes_folders_it_did_not_write(tmp_path):
         timeout=600,
     )
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "holds in/, which the demo did not write" in done.stderr
+    assert f"holds {sub}/, which the demo did not write" in done.stderr
     assert precious.read_bytes() == b"measured data"
     assert not list(tmp_path.rglob(".torchpinn-demo"))  # refused before marking anything
