@@ -40,6 +40,7 @@ from .config import (
     AMP_ACTIVATIONS,
     CHECKPOINT_MODES,
     FINAL_WEIGHTS,
+    INPUT_NORMALIZATIONS,
     LOGGERS,
     LOSSES,
     MODES,
@@ -366,6 +367,20 @@ def _add_infer(sub: Any) -> None:
         help="placing patches at fractional positions: lanczos3 resamples each patch onto the "
         "image grid (sharp), bilinear splats it over four pixels (blurs up to half a pixel) "
         f"(default: {_I.subpixel})",
+    )
+    p.add_argument(
+        "--crop-fraction",
+        dest="crop_fraction",
+        type=float,
+        help="side of each patch's central box that is stitched, as a fraction of N "
+        f"(default: {_I.crop_fraction})",
+    )
+    p.add_argument(
+        "--input-normalization",
+        dest="input_normalization",
+        choices=INPUT_NORMALIZATIONS,
+        help="recompute the input scale from this scan, or use the one stored in the model "
+        f"(default: {_D.input_normalization})",
     )
     p.add_argument(
         "--no-phase-alignment",
@@ -951,6 +966,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
             "accelerator": args.accelerator,
             "patch_weighting": args.patch_weighting,
             "subpixel": args.subpixel,
+            "crop_fraction": args.crop_fraction,
+            "input_normalization": args.input_normalization,
             "phase_alignment": args.phase_alignment,
         }
         if data.N != model.N:

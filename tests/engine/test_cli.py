@@ -706,3 +706,34 @@ def test_a_model_folder_without_wts_names_the_archives_it_holds(
     (tmp_path / "model.h5.zip").write_bytes(untrained_archive.read_bytes())
     assert cli.main(["inspect", str(tmp_path)]) == 1
     assert "it holds model.h5.zip: give that file's path" in capsys.readouterr().err
+
+
+def test_infer_crop_fraction_and_input_normalization_reach_the_engine(
+    untrained_archive, data_file, tmp_path, monkeypatch, capsys
+):
+    """A GUI image made with either setting could not be reproduced from the command line."""
+    from ptychodus_torch_plugin.engine import inference
+
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def record(model, data, payload, canvas=None):
+        seen.append(payload)
+        raise Seen
+
+    monkeypatch.setattr(inference, "reconstruct", record)
+    argv = ["infer", "--model_path", str(untrained_archive), "--test_data", str(data_file)]
+    argv += ["--output_dir", str(tmp_path / "o"), "--quiet"]
+    with pytest.raises(Seen):
+        cli.main([*argv, "--crop-fraction", "0.625", "--input-normalization", "stored"])
+    assert seen[-1].inference.crop_fraction == 0.625
+    assert seen[-1].data.input_normalization == "stored"
+    with pytest.raises(Seen):
+        cli.main(argv)
+    assert seen[-1].inference.crop_fraction == 0.5
+    assert seen[-1].data.input_normalization == "recompute"
+    monkeypatch.undo()
+    assert cli.main([*argv, "--crop-fraction", "1.5"]) == 1
+    assert "--crop-fraction: InferenceConfig.crop_fraction = 1.5" in capsys.readouterr().err
