@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import io
 import itertools
 import logging
 import math
@@ -27,8 +28,10 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
+from .atomic import atomic_write_path
 from .cancel import CancelToken
 from .config import SUPPORTED_BACKEND, ExecutionConfig
 from .data import PtychoData
@@ -36,6 +39,7 @@ from .devices import resolve_accelerator, select_device
 from .model import EpochRecord, TrainedModel
 from .module import TRAIN_LOSS, VAL_LOSS, PINNModule, SupervisedModule
 from .payload import TrainingPayload
+from .physics import normalize_probe
 from .prepare import GroupDataset, PreparedScan, prepare_scan, split_for_validation
 from .probe_refinement import ProbeRefinement, refine_probe
 
@@ -112,6 +116,10 @@ class TrainingResult:
     #: Set when training stopped early because its loss stopped being finite; the model then
     #: holds weights from before that (an epoch that finished).
     divergence: Divergence | None = None
+    #: The settings training ran with: those given, except where training had to differ
+    #: (``16-mixed`` on the CPU trains in ``bf16-mixed``; without validation data the
+    #: training loss is monitored). The model's config records the same values.
+    payload: TrainingPayload | None = None
 
 
 # ----------------------------------------------------------------------------- callbacks
@@ -604,17 +612,16 @@ def _train(
     L.seed_everything(payload.data.seed, workers=True, verbose=False)
 
     given_probe = data.probe
-    data, refinement = _with_training_probe(data, payload, cancel)
+    # Everything that can refuse the scans runs before the probe refinement (minutes to
+    # hours): the mode count, grouping (n_groups, positions for the gridsize), blank
+    # patterns, the test scan and the validation split. Only the probe changes afterwards.
+    data = _with_probe_modes(data, payload)
     scan = prepare_scan(data, grid, payload.data)
     supervised = payload.training.mode == "supervised"
     targets = _supervised_targets(data, "training data") if supervised else None
     val_scan: PreparedScan | None = None
     if test_data is not None:
-        # Every group of the test scan: n_groups sizes the training scan's share (it refused
-        # a test scan with fewer patterns, and validated only part of a larger one).
-        val_scan = prepare_scan(
-            test_data, grid, payload.data, n_groups=0, input_scale=scan.input_scale
-        )
+        val_scan = _prepare_test_scan(test_data, payload, scan.input_scale)
         train_rows = np.arange(scan.n_groups)
         val_targets = _supervised_targets(test_data, "test data") if supervised else None
         val_set = GroupDataset(val_scan, targets=val_targets)
@@ -622,6 +629,9 @@ def _train(
         scan, train_rows, val_rows = split_for_validation(scan, data, grid, payload.data)
         val_set = GroupDataset(scan, val_rows, targets=targets) if len(val_rows) else None
     train_set = GroupDataset(scan, train_rows, targets=targets)
+    refinement = _refined_probe(data, payload, cancel)
+    if refinement is not None:  # the model is built with the refined probe
+        scan = dataclasses.replace(scan, probe=_prepared_probe(refinement.probe, payload))
 
     checkpointing = execution.checkpointing
     monitor = checkpointing.monitor
@@ -638,6 +648,10 @@ def _train(
                 TRAIN_LOSS,
             )
         monitor = TRAIN_LOSS
+        # The archive's config and the result say what really ran, not what was asked for.
+        checkpointing = dataclasses.replace(checkpointing, monitor=monitor)
+        execution = dataclasses.replace(execution, checkpointing=checkpointing)
+        payload = dataclasses.replace(payload, execution=execution)
 
     model = TrainedModel.build(
         payload.to_flat(),
@@ -747,6 +761,7 @@ def _train(
             enable_model_summary=False,
             callbacks=all_callbacks,
             default_root_dir=root,
+            plugins=[_AtomicCheckpointIO()],
             num_sanity_val_steps=0,
             log_every_n_steps=1,
         )
@@ -804,32 +819,79 @@ def _train(
         backend=model.backend,
         checkpoint_paths=checkpoint_paths,
         probe_refinement=refinement,
+        payload=payload,
     )
 
 
-def _with_training_probe(
-    data: PtychoData, payload: TrainingPayload, cancel: CancelToken | None
-) -> tuple[PtychoData, ProbeRefinement | None]:
-    """``data`` with the probe the model is trained with: refined and/or cut to its modes."""
-    epochs, modes = payload.training.probe_refinement_epochs, payload.training.probe_modes
-    present = data.probe.shape[0]
-    if epochs == 0:
-        if modes > present:
-            raise ValueError(
-                f"TrainingConfig.probe_modes = {modes} is invalid for data with {present} probe "
-                f"mode(s): allowed 0 to {present} without refinement; set "
-                "probe_refinement_epochs > 0 to fit the additional modes"
+def _with_probe_modes(data: PtychoData, payload: TrainingPayload) -> PtychoData:
+    """``data`` with its probe cut to ``probe_modes`` when no refinement will fit them.
+
+    Why here, before anything is prepared: a mode count the data cannot give is refused at
+    once, and the cut applies whenever the probe is not refined, supervised training
+    included (it ignores ``probe_refinement_epochs``, so that setting must not decide whether
+    its probe is cut). A refinement fits ``probe_modes`` modes itself (``refine_probe``).
+    """
+    training = payload.training
+    modes, present = training.probe_modes, data.probe.shape[0]
+    if training.refines_probe:
+        return data
+    if modes > present:
+        if training.mode == "supervised":
+            advice = (
+                "supervised training does not refine the probe, so it cannot add modes; "
+                f"set probe_modes to 0 (all) or at most {present}"
             )
-        if 0 < modes < present:
-            return dataclasses.replace(data, probe=data.probe[:modes].copy()), None
-        return data, None
-    if not payload.training.refines_probe:  # supervised training: no physics model
+        else:
+            advice = (
+                f"allowed 0 to {present} without refinement; set probe_refinement_epochs > 0 "
+                "to fit the additional modes"
+            )
+        raise ValueError(
+            f"TrainingConfig.probe_modes = {modes} is invalid for data with {present} probe "
+            f"mode(s): {advice}"
+        )
+    if 0 < modes < present:
+        return dataclasses.replace(data, probe=data.probe[:modes].copy())
+    return data
+
+
+def _prepare_test_scan(
+    test_data: PtychoData, payload: TrainingPayload, input_scale: float
+) -> PreparedScan:
+    """The test scan prepared for validation; its errors say that they are about it.
+
+    Why the prefix: the checks are the training scan's (too few positions for the gridsize,
+    blank patterns), so a bare message read as if the training data were at fault and gave
+    its advice ("use a gridsize-1 model") where dropping or fixing the test data is the cure.
+    Every group of the test scan is used: n_groups sizes the training scan's share (it
+    refused a test scan with fewer patterns, and validated only part of a larger one).
+    """
+    try:
+        return prepare_scan(
+            test_data, payload.grid, payload.data, n_groups=0, input_scale=input_scale
+        )
+    except ValueError as exc:
+        raise ValueError(
+            f"test data: {exc} (or train without this test scan: a validation_fraction of "
+            "the training data is then held out instead)"
+        ) from exc
+
+
+def _refined_probe(
+    data: PtychoData, payload: TrainingPayload, cancel: CancelToken | None
+) -> ProbeRefinement | None:
+    """The probe refinement asked for (``probe_refinement_epochs > 0``), or None."""
+    training = payload.training
+    epochs = training.probe_refinement_epochs
+    if epochs == 0:
+        return None
+    if not training.refines_probe:  # supervised training: no physics model
         logger.warning(
             "probe_refinement_epochs = %d ignored: supervised training has no physics model "
             "that the probe would enter",
             epochs,
         )
-        return data, None
+        return None
     _check_trainer_settings(payload.execution)
     device = select_device(payload.execution.accelerator)
     if device.type == "mps":  # complex autograd on MPS is incomplete; the CPU does it
@@ -837,11 +899,21 @@ def _with_training_probe(
     elif device.type == "cuda":  # each process of a multi-GPU run refines on its own GPU
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     refinement = refine_probe(
-        data, epochs, modes, seed=payload.data.seed, cancel=cancel, device=device
+        data, epochs, training.probe_modes, seed=payload.data.seed, cancel=cancel, device=device
     )
     if device.type == "cuda":  # hand the refinement's cached blocks back before training
         torch.cuda.empty_cache()
-    return dataclasses.replace(data, probe=refinement.probe), refinement
+    return refinement
+
+
+def _prepared_probe(probe: np.ndarray, payload: TrainingPayload) -> np.ndarray:
+    """A refined probe normalised as ``prepare_scan`` normalises a scan's probe.
+
+    Why not prepare the scan again: everything else ``prepare_scan`` computes (inputs,
+    scales, groups) does not depend on the probe and was checked before the refinement.
+    """
+    tensor = torch.from_numpy(np.asarray(probe))
+    return normalize_probe(tensor, payload.data.probe_scale).numpy().astype(np.complex64)
 
 
 def _check_trainer_settings(execution: ExecutionConfig) -> None:
@@ -870,6 +942,58 @@ def _check_trainer_settings(execution: ExecutionConfig) -> None:
         )
     finally:
         quiet.setLevel(level)
+
+
+class _AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint beside its target and renames it into place; a failed write
+    is logged and training goes on.
+
+    Why: Lightning stages a checkpoint in the system temp folder and moves it; where that is
+    another file system (output on NFS or GPFS, as on beamline and cluster machines) the
+    move copies onto ``last.ckpt`` in place, so a crash or a second Ctrl-C during the copy
+    left a truncated one. And checkpoints are a by-product: the model is kept in memory and
+    returned at the end, so a full disk, a quota or a network file system error while one is
+    written must not end training and throw the finished epochs away.
+
+    After a failed write the checkpoint that it would have replaced is not removed (Lightning
+    asks right after the save), so the folder keeps the last checkpoint that was written.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last_save_failed = False
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:  # TorchCheckpointIO's TypeError: nothing uses them
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        # Serialised in memory first, as Lightning does: a write error is then an OSError
+        # (torch.save onto a file reports a full disk as a RuntimeError).
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        try:
+            with atomic_write_path(path) as tmp, open(tmp, "wb") as handle:
+                handle.write(buffer.getbuffer())
+        except OSError as exc:
+            self._last_save_failed = True
+            logger.warning(
+                "checkpoint %s not written (%s): training goes on and keeps its model in "
+                "memory; free space in %s for later checkpoints, or turn checkpointing off "
+                "(checkpoint_enable = false, --disable-checkpointing)",
+                path,
+                exc.strerror or exc,
+                Path(path).parent,
+            )
+            return
+        self._last_save_failed = False
+
+    def remove_checkpoint(self, path: str | Path) -> None:
+        if self._last_save_failed:
+            logger.info("%s kept: the checkpoint meant to replace it was not written", path)
+            return
+        super().remove_checkpoint(path)
 
 
 def _checkpoint_files(checkpoint_cb: ModelCheckpoint | None) -> list[Path]:

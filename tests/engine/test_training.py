@@ -230,18 +230,58 @@ def test_plateau_scheduler_halves_the_rate_when_the_monitored_loss_stalls(
     assert spy.rates[:3] == [1e-12] * 3 and spy.rates[-1] == pytest.approx(0.5e-12)
 
 
+class _ValidateUntrained(Callback):
+    """Validates the given epochs (0-based, as Lightning counts) with the untrained weights.
+
+    Their validation loss is then the untrained network's, worse than that of any epoch that
+    learned, while their training (and training loss) go on as usual: the best epoch by
+    validation loss then differs from the best by training loss, and from the worst.
+    """
+
+    def __init__(self, epochs) -> None:
+        self.epochs = set(epochs)
+        self._initial: dict[str, torch.Tensor] | None = None
+        self._trained: dict[str, torch.Tensor] | None = None
+
+    @staticmethod
+    def _copy(module):
+        return {k: v.detach().clone() for k, v in module.autoencoder.state_dict().items()}
+
+    def on_train_start(self, trainer, pl_module):
+        self._initial = self._copy(pl_module)
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch in self.epochs:
+            self._trained = self._copy(pl_module)
+            pl_module.autoencoder.load_state_dict(self._initial)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if self._trained is not None:
+            pl_module.autoencoder.load_state_dict(self._trained)
+            self._trained = None
+
+
 def test_checkpoints_and_csv_logs_on_the_real_metric(small_scan, tmp_path):
     payload = create_training_payload(
-        tiny_overrides(logger="csv", n_groups=64, checkpoint_save_top_k=1)
+        tiny_overrides(logger="csv", epochs=3, n_groups=64, checkpoint_save_top_k=1)
     )
-    result = train(payload, small_scan, output_dir=tmp_path)
+    result = train(payload, small_scan, output_dir=tmp_path, callbacks=[_ValidateUntrained({2})])
     names = [p.name for p in result.checkpoint_paths]
     assert "last.ckpt" in names and any("epoch" in n for n in names), names
     metrics = list(tmp_path.glob("logs/*/metrics.csv"))
     assert metrics, list(tmp_path.rglob("*"))
     header = metrics[0].read_text().splitlines()[0]
     assert "val_loss" in header and "train_loss_epoch" in header
-    assert result.best_epoch in (1, 2)
+    # The kept top-1 checkpoint is the epoch with the lowest validation loss: not the one with
+    # the lowest training loss (epoch 3, validated untrained), nor the worst.
+    val_losses = [r.val_loss for r in result.history]
+    train_losses = [r.train_loss for r in result.history]
+    best = int(np.argmin(val_losses)) + 1
+    assert int(np.argmin(train_losses)) + 1 == 3 and best != 3, (train_losses, val_losses)
+    (kept,) = [n for n in names if n.startswith("epoch")]
+    assert int(kept[len("epoch") : len("epoch") + 3]) + 1 == best, (kept, val_losses)
+    assert kept.endswith(f"-{min(val_losses):.4f}.ckpt"), (kept, val_losses)
+    assert result.best_epoch == best
 
     # A second run into the same folder: its own last.ckpt (not last-v1.ckpt beside the first
     # run's), and only its own files listed.
@@ -302,11 +342,20 @@ def test_final_weights_is_validated():
 
 
 def test_early_stopping_uses_the_monitored_metric(small_scan):
-    payload = create_training_payload(
-        tiny_overrides(epochs=3, early_stop_patience=1, n_groups=48, learning_rate=1e-9)
+    """Patience 2: epochs 2 and 3 do not beat epoch 1, so training ends after epoch 3."""
+    overrides = tiny_overrides(epochs=5, n_groups=48)
+    later = range(1, 5)  # from epoch 2 on the validation loss is the untrained network's
+    stopping = create_training_payload(dict(overrides, early_stop_patience=2))
+    result = train(stopping, small_scan, callbacks=[_ValidateUntrained(later)])
+    losses = [r.val_loss for r in result.history]
+    assert len(result.history) == 3, losses
+    assert min(losses[1:]) > losses[0], losses  # the later epochs really were worse
+    assert result.best_epoch == 1 and not result.cancelled
+    # the same run without early stopping trains every epoch
+    without = train(
+        create_training_payload(overrides), small_scan, callbacks=[_ValidateUntrained(later)]
     )
-    result = train(payload, small_scan)
-    assert 1 <= len(result.history) <= 3
+    assert len(without.history) == 5
 
 
 class _ValidationCount(Callback):
@@ -609,3 +658,165 @@ def test_float16_mixed_on_the_cpu_trains_and_is_recorded_as_bfloat16(small_scan,
     assert "training in 'bf16-mixed' instead" in caplog.text
     assert result.model.config["precision"] == "bf16-mixed"
     assert len(result.history) == 1
+
+
+def test_the_archive_records_the_metric_really_monitored(small_scan):
+    """validation_fraction = 0: no validation data, so the training loss picks the weights;
+    the model's config (the archive's config.json) and the result say so, not "val_loss"."""
+    overrides = tiny_overrides(epochs=1, n_groups=16, validation_fraction=0)
+    payload = create_training_payload(overrides)
+    assert payload.execution.checkpointing.monitor == "val_loss"  # the default asked for
+    result = train(payload, small_scan)
+    assert result.model.config["checkpoint_monitor"] == "train_loss"
+    assert result.payload.execution.checkpointing.monitor == "train_loss"
+    # with validation data the configured metric stays
+    split = train(create_training_payload(dict(overrides, validation_fraction=0.2)), small_scan)
+    assert split.model.config["checkpoint_monitor"] == "val_loss"
+
+
+def _two_mode_scan(scan):
+    return dataclasses.replace(scan, probe=np.stack([scan.probe[0], 0.1 * scan.probe[0]]))
+
+
+@pytest.mark.parametrize("refinement_epochs", [0, 5])
+def test_supervised_training_cuts_the_probe_modes_whatever_the_refinement_setting(
+    small_scan, refinement_epochs
+):
+    """Supervised training ignores probe_refinement_epochs, so it must not decide the cut."""
+    payload = create_training_payload(
+        tiny_overrides(
+            epochs=1,
+            n_groups=16,
+            mode="supervised",
+            probe_modes=1,
+            probe_refinement_epochs=refinement_epochs,
+        )
+    )
+    result = train(payload, _two_mode_scan(small_scan))
+    assert result.model.probe.shape == (1, 32, 32) and result.probe_refinement is None
+
+
+def test_supervised_training_cannot_add_probe_modes(small_scan):
+    payload = create_training_payload(
+        tiny_overrides(epochs=1, mode="supervised", probe_modes=3, probe_refinement_epochs=5)
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"probe_modes = 3 is invalid for data with 2 probe mode\(s\): supervised training "
+        r"does not refine the probe, so it cannot add modes; set probe_modes to 0 \(all\) or at "
+        r"most 2",
+    ):
+        train(payload, _two_mode_scan(small_scan))
+
+
+def _three_patterns(scan):
+    return scan.subset(np.arange(3))
+
+
+def _blank(scan):
+    return dataclasses.replace(scan, amplitudes=np.zeros_like(scan.amplitudes))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "training", "test", "message"),
+    [
+        ({"n_groups": 500}, None, None, r"n_groups = 500"),
+        ({}, _blank, None, r"all zero"),
+        ({"gridsize": 2}, None, _three_patterns, r"^test data: xcoords: found 3 positions"),
+        ({}, None, _blank, r"^test data: input_normalization_factor"),
+    ],
+    ids=["n_groups", "blank-training-scan", "small-test-scan", "blank-test-scan"],
+)
+def test_the_scans_are_checked_before_the_probe_refinement(
+    small_scan, monkeypatch, overrides, training, test, message
+):
+    """A refinement can take hours: data it would end in an error for is refused first."""
+    from ptychodus_torch_plugin.engine import training as training_module
+
+    def refine_probe(*args, **kwargs):
+        raise AssertionError("the probe refinement ran before the scans were checked")
+
+    monkeypatch.setattr(training_module, "refine_probe", refine_probe)
+    payload = create_training_payload(
+        tiny_overrides(epochs=1, probe_refinement_epochs=5, **overrides)
+    )
+    data = small_scan if training is None else training(small_scan)
+    test_data = None if test is None else test(small_scan)
+    with pytest.raises(ValueError, match=message):
+        train(payload, data, test_data=test_data)
+
+
+@pytest.mark.parametrize(
+    ("gridsize", "make_test", "original"),
+    [
+        (2, _three_patterns, "xcoords: found 3 positions, expected at least gridsize**2 = 4"),
+        (1, _blank, "input_normalization_factor: the patterns are all zero"),
+    ],
+)
+def test_errors_about_the_test_scan_say_so(small_scan, gridsize, make_test, original):
+    """They read as the training scan's otherwise (and "use a gridsize-1 model" misleads)."""
+    payload = create_training_payload(tiny_overrides(epochs=1, gridsize=gridsize))
+    with pytest.raises(ValueError) as caught:
+        train(payload, small_scan, test_data=make_test(small_scan))
+    text = str(caught.value)
+    assert text.startswith(f"test data: {original}"), text
+    assert "train without this test scan" in text
+
+
+def test_the_mae_loss_is_the_one_trained(small_scan):
+    """loss = "mae": an amplitude misfit (well below 1 in normalised units), not the Poisson
+    NLL (tens of thousands of counts on this scan)."""
+    payload = create_training_payload(tiny_overrides(epochs=1, n_groups=32, loss="mae"))
+    result = train(payload, small_scan)
+    assert 0 < result.history[0].train_loss < 1, result.history
+    assert 0 < result.history[0].val_loss < 1, result.history
+
+
+def test_a_checkpoint_that_cannot_be_written_does_not_end_training(small_scan, tmp_path, caplog):
+    """From epoch 2 on, no file may grow past half a checkpoint (EFBIG, as a full disk gives
+    ENOSPC): training still finishes with its model, and the epoch-1 checkpoints stay whole."""
+    resource = pytest.importorskip("resource")
+    import signal
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    checkpoints = tmp_path / "checkpoints"
+
+    class FileSizeLimit(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                size = (checkpoints / "last.ckpt").stat().st_size
+                resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, limit[1]))
+
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a kill
+    # the training loss monitored (no validation data) falls every epoch: each one saves
+    payload = create_training_payload(tiny_overrides(epochs=3, n_groups=32, validation_fraction=0))
+    try:
+        with caplog.at_level("WARNING", logger="ptychodus_torch_plugin"):
+            result = train(payload, small_scan, output_dir=tmp_path, callbacks=[FileSizeLimit()])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert [r.epoch for r in result.history] == [1, 2, 3] and not result.cancelled
+    losses = [r.train_loss for r in result.history]
+    assert losses[2] < losses[1] < losses[0], losses  # epochs 2 and 3 did try to save
+    assert caplog.text.count("not written") == 4 and "training goes on" in caplog.text
+    # epoch 1's checkpoints are whole and loadable (the best one was not removed for a newer
+    # one that was never written), and nothing half-written lies beside them
+    names = sorted(p.name for p in checkpoints.iterdir())
+    assert len(names) == 2 and names[0].startswith("epoch000-") and names[1] == "last.ckpt"
+    for name in names:
+        assert torch.load(checkpoints / name, weights_only=False)["epoch"] == 0
+
+
+def test_checkpoints_are_written_beside_their_target(small_scan, tmp_path, monkeypatch):
+    """Not staged in the system temp folder and moved: across file systems that move copies
+    onto last.ckpt in place, and a crash during it left a truncated checkpoint."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-system-temp-folder"))
+    payload = create_training_payload(tiny_overrides(epochs=1, n_groups=16))
+    out = tmp_path / "run"
+    result = train(payload, small_scan, output_dir=out)
+    assert out / "checkpoints" / "last.ckpt" in result.checkpoint_paths
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0
+    assert not (tmp_path / "no-system-temp-folder").exists()
