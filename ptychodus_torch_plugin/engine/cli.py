@@ -763,7 +763,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     output_dir = _output_folder(args.output_dir, "--output_dir")
 
     from .archive import ARCHIVE_NAME
-    from .atomic import keep_earlier_file
+    from .atomic import path_for_new_file
     from .cancel import CancelToken
     from .data import load_npz
     from .devices import resolve_accelerator
@@ -815,13 +815,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 130
-        keep_earlier_file(output_dir / ARCHIVE_NAME, ".h5.zip")
-        keep_earlier_file(output_dir / "history.json", ".json", "training history")
+        # An earlier model (and history) is kept aside, or, when it cannot be, left as it is
+        # and the new one written under a dated name beside it.
+        archive_file = path_for_new_file(output_dir / ARCHIVE_NAME, ".h5.zip")
+        history_file = path_for_new_file(output_dir / "history.json", ".json", "training history")
         # The folder was writable at the start; a full disk or a lost mount now must not
         # discard the run: the model then goes to the model folder (or the temp folder).
-        saved = save_trained_model(result.model, output_dir / ARCHIVE_NAME)
+        saved = save_trained_model(result.model, archive_file)
         archive = saved.file
-        history_file = output_dir / "history.json"
         if saved.problem is not None:
             print(f"{PROG} train: {saved.problem}", file=sys.stderr, flush=True)
             history_file = archive.with_name(archive.name[: -len(".h5.zip")] + ".history.json")

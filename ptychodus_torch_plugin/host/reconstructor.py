@@ -324,8 +324,8 @@ class TorchPINNReconstructor(TrainableReconstructor):
             )
             return
         try:
-            keep_earlier_archive(output_path / ARCHIVE_NAME)
-            saved = save_trained_model(result.model, output_path / ARCHIVE_NAME)
+            target = keep_earlier_archive(output_path / ARCHIVE_NAME)
+            saved = save_trained_model(result.model, target)
         except Exception as exc:
             if raise_errors:
                 raise

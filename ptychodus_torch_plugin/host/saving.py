@@ -24,16 +24,18 @@ from ..engine.saving import (  # noqa: F401 - re-exported
 from .names import MODEL_FILE_EXTENSION
 
 
-def keep_earlier_archive(target: Path) -> Path | None:
-    """Keep the archive at ``target`` as ``wts-<its mtime>.h5.zip`` before a new one replaces it.
+def keep_earlier_archive(target: Path) -> Path:
+    """Keep the archive at ``target`` as ``wts-<its mtime>.h5.zip``; return where to save.
 
     Why: Ptychodus's Train always saves as ``wts.h5.zip`` in the folder it is given (the data
-    folder, in the GUI); see :func:`..engine.atomic.keep_earlier_file`, which the CLI's
-    ``train`` uses too.
+    folder, in the GUI). Returns ``target``, or, when the earlier archive could not be kept
+    (a full disk, a colleague's unreadable file), a dated name beside it, so the earlier one
+    is never replaced (:func:`..engine.atomic.path_for_new_file`, which the CLI's ``train``
+    uses too).
     """
-    from ..engine.atomic import keep_earlier_file
+    from ..engine.atomic import path_for_new_file
 
-    return keep_earlier_file(target, MODEL_FILE_EXTENSION)
+    return path_for_new_file(target, MODEL_FILE_EXTENSION)
 
 
 def check_not_replacing(chosen: Path, target: Path) -> None:
