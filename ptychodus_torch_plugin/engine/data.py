@@ -287,8 +287,10 @@ class PtychoData:
             raise _bad(key, f"minimum {amplitudes.min():g}", "non-negative amplitudes")
 
         given_probe = np.asarray(probe)
+        if not np.issubdtype(given_probe.dtype, np.number):
+            raise _bad("probeGuess", f"dtype {given_probe.dtype}", "complex (or real) numbers")
         probe = given_probe[np.newaxis] if given_probe.ndim == 2 else given_probe
-        if probe.ndim != 3 or probe.shape[1:] != (n, n):
+        if probe.ndim != 3 or probe.shape[0] == 0 or probe.shape[1:] != (n, n):
             raise _bad(
                 "probeGuess", f"shape {given_probe.shape}", f"({n}, {n}) or (modes, {n}, {n})"
             )
@@ -297,6 +299,10 @@ class PtychoData:
 
         if object_guess is not None:
             object_guess = np.asarray(object_guess)
+            if not np.issubdtype(object_guess.dtype, np.number):
+                raise _bad(
+                    "objectGuess", f"dtype {object_guess.dtype}", "complex (or real) numbers"
+                )
             if object_guess.ndim != 2:
                 raise _bad("objectGuess", f"shape {object_guess.shape}", "a 2-D array (H, W)")
             if not np.all(np.isfinite(object_guess)):
@@ -423,7 +429,10 @@ class PtychoData:
 # --------------------------------------------------------------------- NPZ I/O
 def _detect_units(arrays: dict[str, np.ndarray], key: str, raw: np.ndarray) -> str:
     if "diff3d_units" in arrays:
-        value = np.asarray(arrays["diff3d_units"]).item()
+        stored = np.asarray(arrays["diff3d_units"])
+        if stored.size != 1:
+            raise _bad("diff3d_units", f"an array of shape {stored.shape}", "one string")
+        value = stored.item()
         if isinstance(value, bytes):  # h5py and MATLAB pipelines store byte strings
             value = value.decode("utf-8", "replace")
         units = str(value).strip().lower()
@@ -587,9 +596,39 @@ def _from_arrays(arrays: dict[str, np.ndarray], key: str) -> PtychoData:
         )
     else:
         amplitudes = _bad_pixels_zeroed(raw, _pattern_mask(optional["bad_pixels"], raw))
+    warn_if_not_centred(amplitudes, key)
     return PtychoData.from_amplitudes(
         amplitudes, arrays["xcoords"], arrays["ycoords"], arrays["probeGuess"], key=key, **optional
     )
+
+
+def warn_if_not_centred(amplitudes: np.ndarray, key: str = "diff3d", sample: int = 512) -> bool:
+    """Warn (and return True) when the patterns are brightest in their corners.
+
+    Why: the forward model puts the zero spatial frequency at pixel (N/2, N/2); a file written
+    from an unshifted FFT has it at (0, 0), and trains on without an error to a wrong image.
+    Compares the mean intensity (of the first ``sample`` patterns) in the central N/4 box with
+    that in the four N/8 corner boxes; a real far-field pattern is brightest at its centre.
+    """
+    if amplitudes.ndim != 3 or min(amplitudes.shape[1:]) < 16:
+        return False
+    n = amplitudes.shape[-1]
+    mean = np.square(np.asarray(amplitudes[:sample], dtype=np.float64)).mean(axis=0)
+    q, e = n // 8, n // 16
+    centre = mean[n // 2 - q : n // 2 + q, n // 2 - q : n // 2 + q].mean()
+    corners = np.mean([mean[:e, :e], mean[:e, -e:], mean[-e:, :e], mean[-e:, -e:]])
+    if not corners > 4.0 * centre:
+        return False
+    logger.warning(
+        "%s: the patterns are brightest in their corners (mean intensity %.3g there, %.3g at "
+        "the centre): their zero frequency seems to be at pixel (0, 0), where this engine "
+        "expects it at (N/2, N/2); apply numpy.fft.fftshift over the last two axes and save "
+        "the file again",
+        key,
+        corners,
+        centre,
+    )
+    return True
 
 
 def _bad_pixels_zeroed(amplitudes: np.ndarray, mask: np.ndarray | None) -> np.ndarray:

@@ -407,3 +407,32 @@ def test_detector_flag_values_in_memory_counts_join_the_mask():
     stack[1, 2, 3] = 65535  # pixel (1, 2) of pattern 3
     data = PtychoData.from_counts(stack, np.zeros(5), np.zeros(5), np.ones((4, 4), np.complex64))
     assert data.bad_pixels[1, 2] and int(data.bad_pixels.sum()) == 1
+
+
+def test_patterns_with_the_zero_frequency_in_the_corner_are_reported(tmp_path, caplog):
+    """An unshifted FFT's patterns trained on without a word to a wrong image."""
+    from ptychodus_torch_plugin.engine.simulate import simulate_dataset
+
+    scan = simulate_dataset(N=32, nphotons=1e5, seed=0)
+    centred = save_npz(scan, tmp_path / "centred.npz")
+    with caplog.at_level(logging.WARNING):
+        load_npz(centred)
+    assert "brightest in their corners" not in caplog.text
+    arrays = dict(np.load(centred))
+    arrays["diff3d"] = np.fft.ifftshift(arrays["diff3d"], axes=(-2, -1))
+    with caplog.at_level(logging.WARNING):
+        load_npz(_write(tmp_path, **arrays))
+    assert "brightest in their corners" in caplog.text and "fftshift" in caplog.text
+
+
+def test_probes_and_objects_of_no_numbers_or_no_modes_are_named(tmp_path):
+    arrays = _arrays()
+    with pytest.raises(ValueError, match=r"probeGuess: found shape \(0, 16, 16\)"):
+        load_npz(_write(tmp_path, **{**arrays, "probeGuess": np.zeros((0, N, N), np.complex64)}))
+    with pytest.raises(ValueError, match="probeGuess: found dtype <U"):
+        load_npz(_write(tmp_path, **{**arrays, "probeGuess": np.full((N, N), "a")}))
+    with pytest.raises(ValueError, match="objectGuess: found dtype <U"):
+        load_npz(_write(tmp_path, **{**arrays, "objectGuess": np.full((9, 9), "a")}))
+    units = np.array(["counts", "counts"])
+    with pytest.raises(ValueError, match=r"diff3d_units: found an array of shape \(2,\)"):
+        load_npz(_write(tmp_path, **{**arrays, "diff3d_units": units}))
