@@ -285,7 +285,11 @@ def normalize_probe(probe: Tensor, probe_scale: float = 4.0) -> Tensor:
     disk = disk_mask(probe.shape[-1], device=probe.device)
     norm = (mode0.abs() * disk).mean()
     if float(norm) <= 0:
-        raise ValueError("normalize_probe: the probe is zero inside the central disk (radius N/4)")
+        raise ValueError(
+            "probeGuess: the probe is zero inside the patch's central disk (radius N/4), which "
+            "it must illuminate: centre the probe in its array (numpy.fft.fftshift if it was "
+            "stored shifted), or use the scan's own probe"
+        )
     return probe / (probe_scale * norm)
 
 
@@ -498,7 +502,10 @@ def input_normalization_factor(amplitudes: Tensor | np.ndarray) -> float:
     """
     power, n = _mean_pattern_power(amplitudes)
     if power <= 0:
-        raise ValueError("input_normalization_factor: the patterns are all zero")
+        raise ValueError(
+            "diff3d: the patterns are all zero on their good pixels, so there is nothing to "
+            "learn or reconstruct: check the data file and the bad-pixel mask"
+        )
     return math.sqrt((n / 2) ** 2 / power)
 
 

@@ -723,7 +723,7 @@ def _blank(scan):
         ({"n_groups": 500}, None, None, r"n_groups = 500"),
         ({}, _blank, None, r"all zero"),
         ({"gridsize": 2}, None, _three_patterns, r"^test data: xcoords: found 3 positions"),
-        ({}, None, _blank, r"^test data: input_normalization_factor"),
+        ({}, None, _blank, r"^test data: diff3d: the patterns are all zero"),
     ],
     ids=["n_groups", "blank-training-scan", "small-test-scan", "blank-test-scan"],
 )
@@ -750,7 +750,7 @@ def test_the_scans_are_checked_before_the_probe_refinement(
     ("gridsize", "make_test", "original"),
     [
         (2, _three_patterns, "xcoords: found 3 positions, expected at least gridsize**2 = 4"),
-        (1, _blank, "input_normalization_factor: the patterns are all zero"),
+        (1, _blank, "diff3d: the patterns are all zero"),
     ],
 )
 def test_errors_about_the_test_scan_say_so(small_scan, gridsize, make_test, original):
