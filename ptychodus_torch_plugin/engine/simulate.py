@@ -298,11 +298,28 @@ def scan_for_object(
     if kind == "fermat":
         rmax = min(x1 - x0, y1 - y0) / 2.0
         n_points = int(math.floor((rmax / step) ** 2 + 1e-9)) + 1
+        _check_scan_size(n_points, step, N)
         return fermat_scan(n_points, step, ((x0 + x1) / 2, (y0 + y1) / 2), jitter, seed)
     nx = int(math.floor((x1 - x0) / step + 1e-9)) + 1
     ny = int(math.floor((y1 - y0) / step + 1e-9)) + 1
+    _check_scan_size(nx * ny, step, N)
     origin = (x0 + (x1 - x0 - (nx - 1) * step) / 2, y0 + (y1 - y0 - (ny - 1) * step) / 2)
     return make_scan(kind, nx, ny, step, origin, jitter, seed)
+
+
+#: The most patterns a simulated scan may hold (N = 64: ~3 GB of float32 amplitudes).
+MAX_SIMULATED_PATTERNS = 200_000
+
+
+def _check_scan_size(n_patterns: int, step: float, n: int) -> None:
+    """Refuse a scan too dense to simulate (``--step 0.25`` read as "N/4": 591,361 patterns)."""
+    if n_patterns > MAX_SIMULATED_PATTERNS:
+        gib = n_patterns * n * n * 4 / 2**30
+        raise ValueError(
+            f"step = {step:g} gives {n_patterns:,} patterns ({gib:.1f} GiB of patterns at N = "
+            f"{n}): allowed at most {MAX_SIMULATED_PATTERNS:,}; the step is in pixels (the "
+            f"default N/4 is {n / 4:g}): use a larger step or a smaller object"
+        )
 
 
 # --------------------------------------------------------------------- patches

@@ -130,6 +130,16 @@ def test_an_unsupported_patch_size_says_to_crop_or_bin():
         create_training_payload({"N": 48})
 
 
+def test_a_numpy_number_is_refused_with_the_reason():
+    """GridConfig(N=np.int64(64)) said "64 is invalid: allowed ... 64"."""
+    import numpy as np
+
+    with pytest.raises(ValueError, match=r"as a Python int: pass int\(value\)"):
+        GridConfig(N=np.int64(64))
+    with pytest.raises(ValueError, match=r"as a Python float: pass float\(value\)"):
+        create_training_payload({"learning_rate": np.float32(1e-3)})
+
+
 def test_unknown_setting_is_rejected_by_name():
     with pytest.raises(ValueError, match="unknown training setting.*'gridsise'"):
         create_training_payload({"gridsise": 2})

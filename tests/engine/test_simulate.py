@@ -119,6 +119,14 @@ def test_bad_scan_settings_are_named(step, jitter, message):
         sim.scan_for_object((90, 110), 32, step, kind="raster", jitter=jitter)
 
 
+@pytest.mark.parametrize("kind", ["raster", "fermat"])
+def test_a_step_too_small_to_simulate_is_refused_before_any_work(kind):
+    """--step 0.25 (read as "N/4") asked for 591,361 patterns, ~10 GB, without a word."""
+    with pytest.raises(ValueError, match=r"step = 0.2 gives .* patterns.*at most 200,000"):
+        sim.scan_for_object((256, 256), 64, 0.2, kind=kind)
+    assert len(sim.scan_for_object((256, 256), 64, 1.0, kind=kind)[0]) <= 200_000
+
+
 @pytest.mark.parametrize("nphotons", [float("nan"), float("inf"), 0.0])
 def test_a_photon_count_that_is_no_count_is_named(nphotons):
     with pytest.raises(ValueError, match=f"nphotons = {nphotons} is invalid"):
