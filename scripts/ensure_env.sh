@@ -75,7 +75,7 @@ if [ "$(cat "$VENV/.deps-stamp" 2>/dev/null || true)" != "$deps_hash" ]; then
   if [ -n "${PTT_TORCH_INDEX:-}" ]; then
     torch_index=(--extra-index-url "$PTT_TORCH_INDEX")
   fi
-  quiet_pip install -q ${torch_index[@]+"${torch_index[@]}"} -c "$ROOT/constraints.txt" "setuptools>=69" wheel torch
+  quiet_pip install -q ${torch_index[@]+"${torch_index[@]}"} -c "$ROOT/constraints.txt" "setuptools>=77" wheel torch
   quiet_pip install -q -c "$ROOT/constraints.txt" "$ROOT[test]"
   echo "$deps_hash" > "$VENV/.deps-stamp"
   rm -f "$VENV/.pkg-stamp"

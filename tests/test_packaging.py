@@ -88,3 +88,12 @@ def test_the_demo_never_deletes_folders_it_did_not_write(tmp_path, beside_simula
     assert f"holds {sub}/, which the demo did not write" in done.stderr
     assert precious.read_bytes() == b"measured data"
     assert not list(tmp_path.rglob(".torchpinn-demo"))  # refused before marking anything
+
+
+def test_the_distribution_carries_its_license():
+    """The BSD-3 notice shipped in neither the sdist nor the wheel; the license table form is
+    deprecated (setuptools stops building it after 2027-02-18)."""
+    dist = distribution("ptychodus-torch-plugin")
+    assert dist.metadata["License-Expression"] == "BSD-3-Clause"
+    (license_file,) = [f for f in dist.files if f.name == "LICENSE"]
+    assert "BSD 3-Clause License" in license_file.read_text()
