@@ -128,9 +128,17 @@ def test_train_then_infer(data_file, tmp_path, gridsize, capsys):
     for png in ("amplitude.png", "phase.png"):
         assert (inf / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((inf / "metrics.json").read_text())
-    for key in ("amplitude_ssim", "phase_ssim", "amplitude_psnr", "phase_psnr", "frc50"):
-        assert isinstance(metrics[key], float)
     assert metrics["n_groups"] == 169 and metrics["region_pixels"] > 0
+    # The scores are those of the image written, against objectGuess, on the eroded region.
+    from ptychodus_torch_plugin.engine.metrics import evaluate, scanned_region
+
+    with np.load(inf / "reconstruction.npz", allow_pickle=False) as npz:
+        region = scanned_region(npz["weights"], erode=32 // 8)
+    assert metrics["region_pixels"] == int(region.sum())
+    expected = evaluate(obj, truth, region).to_dict()
+    for key in ("amplitude_ssim", "phase_ssim", "amplitude_psnr", "phase_psnr", "frc50"):
+        assert isinstance(metrics[key], float) and np.isfinite(metrics[key])
+        assert metrics[key] == pytest.approx(expected[key], rel=1e-6), key
 
 
 def test_device_alias_maps_to_accelerator_without_overriding():
