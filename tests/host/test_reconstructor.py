@@ -743,3 +743,56 @@ def test_a_settings_file_without_a_model_means_no_model_and_the_presets_keep_you
     assert not slot.is_loaded()
     with pytest.raises(RuntimeError, match="No TorchPINN model is loaded"):
         slot.get()
+
+
+def test_training_data_is_found_in_the_documented_order(tmp_path, caplog):
+    """train_data.npz (+ test_data.npz as validation), else the only or newest *.npz; a folder
+    holding only test_data.npz has no training data."""
+    import os
+
+    from ptychodus_torch_plugin.engine.simulate import simulate_dataset
+    from ptychodus_torch_plugin.host.convert import find_training_data
+
+    def scan(seed, folder, name):
+        folder.mkdir(exist_ok=True)
+        return save_npz(simulate_dataset(N=32, nphotons=1e4, seed=seed), folder / name)
+
+    pair = tmp_path / "pair"
+    scan(0, pair, "train_data.npz")
+    scan(1, pair, "test_data.npz")
+    scan(2, pair, "other.npz")
+    data, test, description = find_training_data(pair)
+    assert data.xcoords.tolist() == load_npz(pair / "train_data.npz").xcoords.tolist()
+    assert test is not None
+    np.testing.assert_array_equal(test.amplitudes, load_npz(pair / "test_data.npz").amplitudes)
+    assert "(validation: " in description and "test_data.npz" in description
+
+    several = tmp_path / "several"
+    old = scan(3, several, "b_old.npz")
+    new = scan(4, several, "a_new.npz")
+    os.utime(old, (1_000_000_000, 1_000_000_000))
+    with caplog.at_level(logging.WARNING):
+        data, test, description = find_training_data(several)
+    assert test is None and description == str(new)
+    np.testing.assert_array_equal(data.amplitudes, load_npz(new).amplitudes)
+    assert "2 NPZ files" in caplog.text and "training on the newest, a_new.npz" in caplog.text
+
+    only_test = tmp_path / "only_test"
+    scan(5, only_test, "test_data.npz")
+    with pytest.raises(FileNotFoundError, match="no training data in"):
+        find_training_data(only_test)
+
+
+def test_training_and_validation_losses_reach_ptychodus_each_as_itself():
+    """Ptychodus plots TrainOutput.training_loss and .validation_loss; a swap, or a NaN or a
+    missing validation value in the log-scale plot, would pass every other test."""
+    from ptychodus_torch_plugin.engine.model import EpochRecord
+    from ptychodus_torch_plugin.host.convert import losses_from_history, validation_losses
+
+    history = [
+        EpochRecord(1, 300.0, 310.0, 1e-3, 1.0),
+        EpochRecord(2, 200.0, None, 1e-3, 1.0),
+        EpochRecord(3, float("nan"), 250.0, 1e-3, 1.0),
+    ]
+    assert [(v.epoch, v.value) for v in losses_from_history(history)] == [(1, 300.0), (2, 200.0)]
+    assert [(v.epoch, v.value) for v in validation_losses(history)] == [(1, 310.0), (3, 250.0)]
