@@ -127,8 +127,9 @@ def _refuse_collapsed_positions(data: PtychoData) -> None:
         )
 
 
-def _without_scattered_groups(groups: Groups, n: int) -> Groups:
-    """Training groups whose members lie within ``n`` pixels of their centroid.
+def _without_scattered_groups(groups: Groups, n: int, quiet: bool = False) -> Groups:
+    """Training groups whose members lie within ``n`` pixels of their centroid (per axis);
+    ``quiet``: without the warning (the scan's stray positions have been reported already).
 
     Why: a member farther off shares no object with the others, so the overlap merge cannot
     constrain it, and the merge canvas of its whole batch grows to reach it (a stray position
@@ -140,14 +141,17 @@ def _without_scattered_groups(groups: Groups, n: int) -> Groups:
         return groups
     if scattered.all():
         raise ValueError(
-            f"xcoords/ycoords: every group's members lie more than N = {n} px apart (closest "
-            f"{spread.min():.0f} px), so their patches never overlap; use gridsize 1 for so "
-            "sparse a scan"
+            f"xcoords/ycoords: every group has a member more than N = {n} px from the group's "
+            f"centre (the least {spread.min():.0f} px), so its patches barely overlap; use "
+            "gridsize 1 for so sparse a scan"
         )
+    if quiet:
+        return groups.take(~scattered)
     seeds = groups.positions[scattered, 0]
     logger.warning(
-        "%d of %d groups left out of training: their members lie more than N = %d px apart "
-        "(isolated positions; groups seeded at (x, y) = %s); check the scan for stray positions",
+        "%d of %d groups left out of training: each has a member more than N = %d px from the "
+        "group's centre (isolated positions; groups seeded at (x, y) = %s); check the scan for "
+        "stray positions",
         int(scattered.sum()),
         groups.n_groups,
         n,
@@ -237,6 +241,13 @@ def split_for_validation(
         _group_subset(x, y, kept, grid, train_groups, seed),
         _group_subset(x, y, held_out, grid, val_groups, seed),
     ]
+    # As in prepare_scan (which has said where the stray positions are): no group whose
+    # members lie too far apart to overlap, in either part.
+    parts[0] = _without_scattered_groups(parts[0], grid.N, quiet=True)
+    close = np.abs(parts[1].offsets).max(axis=(1, 2)) <= grid.N
+    if not close.any():  # held out around a stray position: validate on nothing
+        return no_validation
+    parts[1] = parts[1].take(close)
     groups = Groups(
         **{
             field.name: np.concatenate([getattr(part, field.name) for part in parts])

@@ -180,6 +180,12 @@ def test_a_stray_position_leaves_only_its_groups_out_of_training(small_scan, cap
     assert scan.n_groups == whole.n_groups - 1
     assert 7 not in scan.groups.seeds
     assert np.abs(scan.groups.offsets).max() <= payload.grid.N
+    # The validation split regroups each part: no scattered group there either.
+    payload = create_training_payload(tiny_overrides(gridsize=2, validation_fraction=0.1))
+    scan = prepare_scan(stray, payload.grid, payload.data)
+    split, train_rows, val_rows = split_for_validation(scan, stray, payload.grid, payload.data)
+    assert len(train_rows) and len(val_rows)
+    assert np.abs(split.groups.offsets).max() <= payload.grid.N
     # Inference keeps every group (each patch is stitched at its own position, no merge).
     kept = prepare_scan(stray, payload.grid, payload.data, with_physics=False)
     assert kept.n_groups == whole.n_groups
