@@ -24,8 +24,9 @@ for sub in in train reconstruct; do
     ours=yes
   fi
   if [ -e "$OUT/$sub" ] && [ "$ours" = no ]; then
-    echo "[demo] error: $OUT already holds $sub/, which the demo did not write; give the" \
-      "demo another folder: bash scripts/demo.sh DIR" >&2
+    echo "[demo] error: $OUT already holds $sub/, which holds no mark of this demo (another" \
+      "program's folder, or an older demo's: delete it if so); or give the demo another" \
+      "folder: bash scripts/demo.sh DIR" >&2
     exit 1
   fi
 done

@@ -85,7 +85,7 @@ def test_the_demo_never_deletes_folders_it_did_not_write(tmp_path, beside_simula
         timeout=600,
     )
     assert done.returncode == 1, done.stdout + done.stderr
-    assert f"holds {sub}/, which the demo did not write" in done.stderr
+    assert f"holds {sub}/, which holds no mark of this demo" in done.stderr
     assert precious.read_bytes() == b"measured data"
     assert not list(tmp_path.rglob(".torchpinn-demo"))  # refused before marking anything
 

@@ -736,6 +736,11 @@ def _ctrl_c_stops_training(token: Any) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _kept_copies(output_dir: Path) -> set[Path]:
+    """The dated copies of earlier models and histories in ``output_dir``."""
+    return set(output_dir.glob("wts-*.h5.zip")) | set(output_dir.glob("history-*.json"))
+
+
 class _TrainPrinter:
     """One line per epoch when there is no progress bar and the run is not quiet."""
 
@@ -817,6 +822,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             return 130
         # An earlier model (and history) is kept aside, or, when it cannot be, left as it is
         # and the new one written under a dated name beside it.
+        kept_before = _kept_copies(output_dir)
         archive_file = path_for_new_file(output_dir / ARCHIVE_NAME, ".h5.zip")
         history_file = path_for_new_file(output_dir / "history.json", ".json", "training history")
         # The folder was writable at the start; a full disk or a lost mount now must not
@@ -826,6 +832,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if saved.problem is not None:
             print(f"{PROG} train: {saved.problem}", file=sys.stderr, flush=True)
             history_file = archive.with_name(archive.name[: -len(".h5.zip")] + ".history.json")
+            # Nothing replaced the earlier files there: their dated copies are not needed.
+            for copy in _kept_copies(output_dir) - kept_before:
+                copy.unlink(missing_ok=True)
         summary = {
             "backend": result.backend,
             "archive": str(archive),
@@ -1137,9 +1146,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     except MemoryError as exc:
+        smaller = {
+            "train": "a smaller --batch_size, ",
+            "infer": "a smaller --inference-batch-size, ",
+        }
         print(
-            f"{PROG} {args.command}: error: out of memory ({exc or 'MemoryError'}); use a "
-            "smaller --batch_size or chunk, fewer patterns, or a machine with more memory",
+            f"{PROG} {args.command}: error: out of memory ({exc or 'MemoryError'}); use "
+            f"{smaller.get(args.command, '')}fewer patterns, or a machine with more memory",
             file=sys.stderr,
         )
         return 1

@@ -12,7 +12,6 @@ value found and the allowed range, so a bad setting fails where it is made, not 
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,8 +53,7 @@ LOGGER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
 
 def _fail(owner: str, name: str, value: Any, allowed: str) -> None:
     if type(value).__module__ == "numpy":  # np.int64(64) is refused where 64 is allowed: say why
-        python = "int" if isinstance(value, numbers.Integral) else "float"
-        allowed += f" (as a Python {python}: pass {python}(value), not a numpy number)"
+        allowed += " (as a plain Python value: pass value.item(), not a numpy value)"
     raise ValueError(f"{owner}.{name} = {value!r} is invalid: allowed {allowed}")
 
 

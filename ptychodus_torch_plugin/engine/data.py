@@ -613,7 +613,12 @@ def warn_if_not_centred(amplitudes: np.ndarray, key: str = "diff3d", sample: int
     if amplitudes.ndim != 3 or min(amplitudes.shape[1:]) < 16:
         return False
     n = amplitudes.shape[-1]
-    mean = np.square(np.asarray(amplitudes[:sample], dtype=np.float64)).mean(axis=0)
+    count = min(sample, amplitudes.shape[0])
+    total = np.zeros(amplitudes.shape[1:], dtype=np.float64)
+    for begin in range(0, count, 32):  # blocks: 512 float64 patterns of 256^2 are 256 MB
+        block = np.asarray(amplitudes[begin : min(begin + 32, count)], dtype=np.float64)
+        total += np.square(block).sum(axis=0)
+    mean = total / max(count, 1)
     q, e = n // 8, n // 16
     centre = mean[n // 2 - q : n // 2 + q, n // 2 - q : n // 2 + q].mean()
     corners = np.mean([mean[:e, :e], mean[:e, -e:], mean[-e:, :e], mean[-e:, -e:]])

@@ -53,6 +53,7 @@ def prepare_scan(
     n_groups: int | None = None,
     input_scale: float | None = None,
     with_physics: bool = True,
+    role: str = "training",
 ) -> PreparedScan:
     """Normalise and group a scan for a network of geometry ``grid``.
 
@@ -63,6 +64,9 @@ def prepare_scan(
 
     ``input_scale``: reuse a stored normalisation (``input_normalization = "stored"``) instead
     of recomputing it from this scan (the default, since dose varies between scans).
+
+    With physics (training) at gridsize > 1, groups with a member more than N px from their
+    centre are left out, with a warning naming ``role`` (what the groups were for).
     """
     if data.N != grid.N:
         raise ValueError(
@@ -101,7 +105,7 @@ def prepare_scan(
         seed=data_config.seed,
     )
     if with_physics and groups.channels > 1:
-        groups = _without_scattered_groups(groups, grid.N)
+        groups = _without_scattered_groups(groups, grid.N, role=role)
     return PreparedScan(
         inputs=inputs,
         groups=groups,
@@ -127,7 +131,9 @@ def _refuse_collapsed_positions(data: PtychoData) -> None:
         )
 
 
-def _without_scattered_groups(groups: Groups, n: int, quiet: bool = False) -> Groups:
+def _without_scattered_groups(
+    groups: Groups, n: int, quiet: bool = False, role: str = "training"
+) -> Groups:
     """Training groups whose members lie within ``n`` pixels of their centroid (per axis);
     ``quiet``: without the warning (the scan's stray positions have been reported already).
 
@@ -149,11 +155,12 @@ def _without_scattered_groups(groups: Groups, n: int, quiet: bool = False) -> Gr
         return groups.take(~scattered)
     seeds = groups.positions[scattered, 0]
     logger.warning(
-        "%d of %d groups left out of training: each has a member more than N = %d px from the "
+        "%d of %d groups left out of %s: each has a member more than N = %d px from the "
         "group's centre (isolated positions; groups seeded at (x, y) = %s); check the scan for "
         "stray positions",
         int(scattered.sum()),
         groups.n_groups,
+        role,
         n,
         ", ".join(f"({x:.0f}, {y:.0f})" for x, y in seeds[:3]),
     )

@@ -868,7 +868,12 @@ def _prepare_test_scan(
     """
     try:
         return prepare_scan(
-            test_data, payload.grid, payload.data, n_groups=0, input_scale=input_scale
+            test_data,
+            payload.grid,
+            payload.data,
+            n_groups=0,
+            input_scale=input_scale,
+            role="validation (the test data)",
         )
     except ValueError as exc:
         raise ValueError(

@@ -548,6 +548,8 @@ def test_a_folder_that_refuses_the_model_at_the_end_does_not_lose_it(
 
     out, fallback = tmp_path / "OUT", tmp_path / "models"
     monkeypatch.setenv("PTYCHODUS_TORCH_MODEL_DIR", str(fallback))
+    assert cli.main(_train_argv(data_file, out, "--disable-checkpointing")) == 0  # an earlier run
+    earlier = (out / "wts.h5.zip").read_bytes()
     original = archive.save_archive
 
     def full_disk(model, target, *args, **kwargs):
@@ -563,7 +565,9 @@ def test_a_folder_that_refuses_the_model_at_the_end_does_not_lose_it(
     assert archive.load_archive(saved).epochs_trained == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and f"saved to {saved} instead" in err
-    assert not (out / "wts.h5.zip").exists()
+    # The earlier run's files stay as they were, without dated duplicates beside them.
+    assert (out / "wts.h5.zip").read_bytes() == earlier and (out / "history.json").is_file()
+    assert not list(out.glob("wts-*")) and not list(out.glob("history-*"))
 
 
 def test_ctrl_c_in_a_dataloader_worker_is_left_to_the_main_process(monkeypatch, capsys):
@@ -745,3 +749,15 @@ def test_infer_crop_fraction_and_input_normalization_reach_the_engine(
     monkeypatch.undo()
     assert cli.main([*argv, "--crop-fraction", "1.5"]) == 1
     assert "--crop-fraction: InferenceConfig.crop_fraction = 1.5" in capsys.readouterr().err
+
+
+def test_out_of_memory_is_one_line_naming_the_commands_own_flag(tmp_path, capsys, monkeypatch):
+    def exhausted(args):
+        raise MemoryError("Unable to allocate 13.4 TiB")
+
+    monkeypatch.setattr(cli, "_cmd_infer", exhausted)  # the parser binds it when main runs
+    argv = ["infer", "--model_path", "m", "--test_data", "t.npz"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "infer: error: out of memory (Unable to allocate 13.4 TiB)" in err
+    assert "--inference-batch-size" in err and "Traceback" not in err

@@ -436,3 +436,17 @@ def test_probes_and_objects_of_no_numbers_or_no_modes_are_named(tmp_path):
     units = np.array(["counts", "counts"])
     with pytest.raises(ValueError, match=r"diff3d_units: found an array of shape \(2,\)"):
         load_npz(_write(tmp_path, **{**arrays, "diff3d_units": units}))
+
+
+def test_the_centring_check_reads_the_patterns_in_blocks():
+    """It made two float64 copies of 512 patterns: 512 MB per load at N = 256."""
+    from ptychodus_torch_plugin.engine.data import warn_if_not_centred
+
+    patterns = np.ones((512, 128, 128), np.float32)  # 32 MB
+    tracemalloc.start()
+    try:
+        assert not warn_if_not_centred(patterns)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < patterns.nbytes / 2, peak  # was 8x: two float64 copies

@@ -134,10 +134,14 @@ def test_a_numpy_number_is_refused_with_the_reason():
     """GridConfig(N=np.int64(64)) said "64 is invalid: allowed ... 64"."""
     import numpy as np
 
-    with pytest.raises(ValueError, match=r"as a Python int: pass int\(value\)"):
+    hint = r"as a plain Python value: pass value.item\(\)"
+    with pytest.raises(ValueError, match=hint):
         GridConfig(N=np.int64(64))
-    with pytest.raises(ValueError, match=r"as a Python float: pass float\(value\)"):
+    with pytest.raises(ValueError, match=hint):
         create_training_payload({"learning_rate": np.float32(1e-3)})
+    with pytest.raises(ValueError, match=hint):
+        create_training_payload({"deterministic": np.bool_(True)})
+    assert GridConfig(N=np.int64(64).item()).N == 64  # the advice works
 
 
 def test_unknown_setting_is_rejected_by_name():

@@ -176,7 +176,12 @@ def test_a_stray_position_leaves_only_its_groups_out_of_training(small_scan, cap
     whole = prepare_scan(small_scan, payload.grid, payload.data)
     with caplog.at_level(logging.WARNING):
         scan = prepare_scan(stray, payload.grid, payload.data)
-    assert "1 of" in caplog.text and "(5000, 4000)" in caplog.text
+    assert "1 of" in caplog.text and "left out of training" in caplog.text
+    assert "(5000, 4000)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        prepare_scan(stray, payload.grid, payload.data, role="validation (the test data)")
+    assert "left out of validation (the test data)" in caplog.text
     assert scan.n_groups == whole.n_groups - 1
     assert 7 not in scan.groups.seeds
     assert np.abs(scan.groups.offsets).max() <= payload.grid.N
