@@ -92,7 +92,7 @@ def prepare_scan(
         nphotons = data_config.nphotons if data_config.nphotons is not None else data.mean_photons()
         if not nphotons > 0:
             raise ValueError("diff3d: the patterns hold no counts; nothing to reconstruct")
-        probe = normalize_probe(torch.from_numpy(data.probe), data_config.probe_scale).numpy()
+        probe = prepared_probe(data.probe, data_config.probe_scale)
         scale = intensity_scale(inputs, nphotons)
     else:
         nphotons, probe, scale = math.nan, data.probe, math.nan
@@ -115,6 +115,20 @@ def prepare_scan(
         probe=probe.astype(np.complex64),
         bad_pixels=None if data.bad_pixels is None else data.bad_pixels.copy(),
     )
+
+
+def prepared_probe(probe: np.ndarray, probe_scale: float) -> np.ndarray:
+    """The probe as the physics uses it: normalised (``physics.normalize_probe``), complex64.
+
+    Training calls it again for a probe refined after the scan was prepared.
+    """
+    tensor = torch.from_numpy(np.asarray(probe))
+    return normalize_probe(tensor, probe_scale).numpy().astype(np.complex64)
+
+
+def _scattered(groups: Groups, n: int) -> np.ndarray:
+    """(G,) bool: the group has a member more than ``n`` px (per axis) from its centre."""
+    return np.abs(groups.offsets).max(axis=(1, 2)) > n
 
 
 def _refuse_collapsed_positions(data: PtychoData) -> None:
@@ -141,15 +155,15 @@ def _without_scattered_groups(
     constrain it, and the merge canvas of its whole batch grows to reach it (a stray position
     3,000 px away asked for 8.5 GB per batch). Such groups come from isolated positions.
     """
-    spread = np.abs(groups.offsets).max(axis=(1, 2))
-    scattered = spread > n
+    scattered = _scattered(groups, n)
     if not scattered.any():
         return groups
     if scattered.all():
+        least = float(np.abs(groups.offsets).max(axis=(1, 2)).min())
         raise ValueError(
             f"xcoords/ycoords: every group has a member more than N = {n} px from the group's "
-            f"centre (the least {spread.min():.0f} px), so its patches barely overlap; use "
-            "gridsize 1 for so sparse a scan"
+            f"centre (the least {least:.0f} px), so its patches barely overlap; use gridsize 1 "
+            "for so sparse a scan"
         )
     if quiet:
         return groups.take(~scattered)
@@ -251,7 +265,7 @@ def split_for_validation(
     # As in prepare_scan (which has said where the stray positions are): no group whose
     # members lie too far apart to overlap, in either part.
     parts[0] = _without_scattered_groups(parts[0], grid.N, quiet=True)
-    close = np.abs(parts[1].offsets).max(axis=(1, 2)) <= grid.N
+    close = ~_scattered(parts[1], grid.N)
     if not close.any():  # held out around a stray position: validate on nothing
         return no_validation
     parts[1] = parts[1].take(close)

@@ -39,8 +39,13 @@ from .devices import resolve_accelerator, select_device
 from .model import EpochRecord, TrainedModel
 from .module import TRAIN_LOSS, VAL_LOSS, PINNModule, SupervisedModule
 from .payload import TrainingPayload
-from .physics import normalize_probe
-from .prepare import GroupDataset, PreparedScan, prepare_scan, split_for_validation
+from .prepare import (
+    GroupDataset,
+    PreparedScan,
+    prepare_scan,
+    prepared_probe,
+    split_for_validation,
+)
 from .probe_refinement import ProbeRefinement, refine_probe
 
 logger = logging.getLogger(__name__)
@@ -631,7 +636,9 @@ def _train(
     train_set = GroupDataset(scan, train_rows, targets=targets)
     refinement = _refined_probe(data, payload, cancel)
     if refinement is not None:  # the model is built with the refined probe
-        scan = dataclasses.replace(scan, probe=_prepared_probe(refinement.probe, payload))
+        scan = dataclasses.replace(
+            scan, probe=prepared_probe(refinement.probe, payload.data.probe_scale)
+        )
 
     checkpointing = execution.checkpointing
     monitor = checkpointing.monitor
@@ -909,16 +916,6 @@ def _refined_probe(
     if device.type == "cuda":  # hand the refinement's cached blocks back before training
         torch.cuda.empty_cache()
     return refinement
-
-
-def _prepared_probe(probe: np.ndarray, payload: TrainingPayload) -> np.ndarray:
-    """A refined probe normalised as ``prepare_scan`` normalises a scan's probe.
-
-    Why not prepare the scan again: everything else ``prepare_scan`` computes (inputs,
-    scales, groups) does not depend on the probe and was checked before the refinement.
-    """
-    tensor = torch.from_numpy(np.asarray(probe))
-    return normalize_probe(tensor, payload.data.probe_scale).numpy().astype(np.complex64)
 
 
 def _check_trainer_settings(execution: ExecutionConfig) -> None:
