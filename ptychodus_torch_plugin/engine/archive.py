@@ -22,6 +22,15 @@ used, and the model is rebuilt from ``config.json`` alone and loaded strictly.
 
 Saving is atomic: the zip is written to a temp file beside the target and renamed into place
 only when complete, so an interrupted save never leaves a ``wts.h5.zip`` behind.
+
+Every member is read with a size cap checked against the zip's declared (uncompressed) size,
+which zipfile also enforces while inflating: a few kilobytes of zeros can inflate to
+gigabytes, and an archive is data from elsewhere.
+
+Importing this module does not import torch (torch, safetensors.torch and the model are
+imported by the functions that need them): the host's Load Model check
+(``host/model_slot.check_archive``) runs on the Qt thread and shares :data:`FORMAT_VERSION`,
+:data:`MAX_TEXT_MEMBER` and :func:`check_format_version` with this loader.
 """
 
 from __future__ import annotations
@@ -32,33 +41,36 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import zipfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as _safetensors_load
-from safetensors.torch import save as _safetensors_save
 
 from .atomic import atomic_write_path
-from .config import SUPPORTED_BACKEND, GridConfig, ModelConfig
+from .config import MAX_PROBE_MODES, PATCH_SIZES, SUPPORTED_BACKEND, GridConfig, ModelConfig
 from .data import pixel_size_from
-from .model import EpochRecord, TrainedModel
 from .payload import create_training_payload
+
+if TYPE_CHECKING:  # imported at run time by the functions that use them (see the docstring)
+    import torch
+
+    from .model import TrainedModel
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ARCHIVE_NAME",
     "FORMAT_VERSION",
+    "MAX_TEXT_MEMBER",
     "MODEL_NAMES",
     "archive_path",
+    "check_format_version",
     "inspect_archive",
     "load_archive",
     "read_manifest",
@@ -78,8 +90,20 @@ MODEL_NAMES = (GENERATOR_MODEL, AUTOENCODER_MODEL)
 WEIGHTS_FILE = "weights.safetensors"
 #: safetensors metadata key listing tensors stored as view_as_real (complex -> (..., 2) real).
 _COMPLEX_KEYS = "complex_keys"
-#: Manifest and config members are small; refuse to inflate anything bigger (zip bombs).
-_MAX_TEXT_MEMBER = 16 * 1024 * 1024
+#: Manifest and config members are small (kilobytes); refuse to inflate anything bigger.
+MAX_TEXT_MEMBER = 16 * 1024 * 1024
+#: Most probe modes a stored probe may hold. Not MAX_PROBE_MODES: that bounds the modes a
+#: refinement fits, while ``probe_modes = 0`` keeps all of a scan's modes, which may be more.
+_MAX_STORED_PROBE_MODES = 16 * MAX_PROBE_MODES
+#: A .npy probe: (modes, N, N) complex64 at the largest patch size, plus its header.
+_MAX_PROBE_MEMBER = _MAX_STORED_PROBE_MODES * max(PATCH_SIZES) ** 2 * 8 + 64 * 1024
+#: Weights when no network is at hand to size them (inspect, members this loader does not
+#: know): the largest network (N = 256, n_filters_scale = 8) stores about 0.2 GB.
+_MAX_WEIGHTS_MEMBER = 2 * 1024**3
+#: safetensors header allowance for a state dict: a fixed part plus some per tensor (its
+#: name twice, dtype, shape and offsets, and its name in the complex_keys metadata).
+_WEIGHTS_HEADER_BYTES = 1024 * 1024
+_WEIGHTS_HEADER_BYTES_PER_TENSOR = 1024
 
 SIGN_CONVENTIONS = (
     "positions: probe centres in object pixels, x = column, y = row; "
@@ -92,6 +116,18 @@ SIGN_CONVENTIONS = (
 
 def _weights_member(model_name: str) -> str:
     return f"{model_name}/{WEIGHTS_FILE}"
+
+
+def _member_cap(name: str) -> tuple[int, str]:
+    """The most bytes member ``name`` may inflate to without a network to size it, and why."""
+    if name in (MANIFEST_JSON, MANIFEST_DILL, CONFIG_JSON):
+        return MAX_TEXT_MEMBER, "manifests and config.json hold a few kilobytes"
+    if name in (PROBE_NPY, STARTING_PROBE_NPY):
+        return _MAX_PROBE_MEMBER, (
+            f"a probe of up to {_MAX_STORED_PROBE_MODES} modes of "
+            f"{max(PATCH_SIZES)} x {max(PATCH_SIZES)} complex64"
+        )
+    return _MAX_WEIGHTS_MEMBER, "the weights of the largest network are about 0.2 GB"
 
 
 # ----------------------------------------------------------------------------- paths
@@ -135,6 +171,9 @@ def _json_bytes(value: Any) -> bytes:
 
 def _tensor_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
     """A state dict as safetensors bytes; complex tensors go in as ``view_as_real``."""
+    import torch
+    from safetensors.torch import save as _safetensors_save
+
     tensors: dict[str, torch.Tensor] = {}
     complex_keys: list[str] = []
     for key, value in state.items():
@@ -144,6 +183,18 @@ def _tensor_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
             tensor = torch.view_as_real(tensor.resolve_conj())
         tensors[key] = tensor.contiguous()
     return _safetensors_save(tensors, metadata={_COMPLEX_KEYS: json.dumps(complex_keys)})
+
+
+def _first_non_finite(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point or complex tensor holding NaN or inf, if any."""
+    import torch
+
+    for key, value in state.items():
+        if (value.is_floating_point() or value.is_complex()) and not bool(
+            torch.isfinite(value).all()
+        ):
+            return key
+    return None
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -177,8 +228,12 @@ def save_archive(model: TrainedModel, path: str | os.PathLike[str]) -> Path:
     """Write ``model`` to ``path`` (a ``.zip`` file, or a directory that gets ``wts.h5.zip``).
 
     Returns the archive's path. The write is atomic: on any error nothing is left at the
-    target (an existing archive there is kept unchanged).
+    target (an existing archive there is kept unchanged). Raises ``ValueError`` for weights
+    holding NaN or inf: :func:`load_archive` refuses them, so such an archive is never written
+    (training keeps its last finite weights when it diverges, so it never saves them).
     """
+    import torch
+
     if model.backend != SUPPORTED_BACKEND:
         raise ValueError(
             f"model.backend = {model.backend!r}: this writer stores {SUPPORTED_BACKEND} models only"
@@ -186,6 +241,17 @@ def save_archive(model: TrainedModel, path: str | os.PathLike[str]) -> Path:
     target = archive_path(path)
     autoencoder_state = model.autoencoder.state_dict()
     generator_state = model.generator.state_dict()
+    for model_name, state in (
+        (GENERATOR_MODEL, generator_state),
+        (AUTOENCODER_MODEL, autoencoder_state),
+    ):
+        bad = _first_non_finite(state)
+        if bad is not None:
+            raise ValueError(
+                f"not saving {target}: weight '{bad}' of '{model_name}' holds NaN or inf, so "
+                "training diverged and the model is unusable (no loader would accept it); "
+                "retrain, e.g. with a lower learning rate"
+            )
     members: dict[str, bytes] = {}
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -289,51 +355,90 @@ class _Archive:
     def has(self, name: str) -> bool:
         return name in self.names
 
-    def read(self, name: str, max_size: int | None = None) -> bytes:
+    def _checked_info(self, name: str, max_size: int, why: str) -> zipfile.ZipInfo:
+        """Member ``name``'s entry, refused when missing, encrypted or over ``max_size`` bytes.
+
+        The declared (uncompressed) size bounds what a read inflates: zipfile stops at it and
+        then checks the CRC, so a member cannot inflate past the size it was admitted with.
+        """
         if name not in self.names:
             raise ValueError(
                 f"{self.path}: archive member '{name}' is missing; found {sorted(self.names)}"
             )
+        info = self._zip.getinfo(name)
+        if info.file_size > max_size:
+            raise ValueError(
+                f"{self.path}: member '{name}' inflates to {info.file_size} bytes, more than the "
+                f"{max_size} allowed ({why}): the member is damaged or does not belong in this "
+                "archive; re-save the model, or re-copy the archive from where it was written"
+            )
+        if info.flag_bits & 0x1:  # zipfile would raise a bare RuntimeError
+            raise ValueError(
+                f"{self.path}: member '{name}' is encrypted; model archives are never "
+                "password-protected: unpack it with its password and load the original "
+                "wts.h5.zip, or re-save the model"
+            )
+        return info
+
+    def read(self, name: str, max_size: int, why: str) -> bytes:
+        """Member ``name``'s bytes; ``max_size`` caps it (``why`` says where the cap comes from)."""
         try:
-            info = self._zip.getinfo(name)
-            if max_size is not None and info.file_size > max_size:
-                raise ValueError(
-                    f"{self.path}: member '{name}' is {info.file_size} bytes, larger than "
-                    f"the {max_size} allowed"
-                )
-            if info.flag_bits & 0x1:  # zipfile would raise a bare RuntimeError
-                raise ValueError(
-                    f"{self.path}: member '{name}' is encrypted; model archives are never "
-                    "password-protected: unpack it with its password and load the original "
-                    "wts.h5.zip, or re-save the model"
-                )
-            return self._zip.read(name)
+            info = self._checked_info(name, max_size, why)
+            return self._zip.read(info)
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
             raise _invalid_archive(self.path, exc) from exc
 
-    def read_verified(self, name: str, manifest: Mapping[str, Any]) -> bytes:
-        expected = manifest.get("sha256", {}).get(name)
-        if expected is None:
+    def read_verified(
+        self, name: str, manifest: Mapping[str, Any], max_size: int, why: str
+    ) -> bytes:
+        """Member ``name``'s bytes, checked against the manifest's sha256."""
+        expected = self._expected_sha(name, manifest)
+        data = self.read(name, max_size, why)
+        self._compare_sha(name, expected, _sha256(data))
+        return data
+
+    def verify(self, name: str, manifest: Mapping[str, Any], max_size: int, why: str) -> None:
+        """Check member ``name`` against the manifest's sha256 without holding it in memory.
+
+        For members that are verified but not used here: a member a newer version added, or
+        every member when ``inspect`` describes an archive.
+        """
+        expected = self._expected_sha(name, manifest)
+        digest = hashlib.sha256()
+        try:
+            info = self._checked_info(name, max_size, why)
+            with self._zip.open(info) as stream:
+                while chunk := stream.read(1 << 20):
+                    digest.update(chunk)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
+            raise _invalid_archive(self.path, exc) from exc
+        self._compare_sha(name, expected, digest.hexdigest())
+
+    def _expected_sha(self, name: str, manifest: Mapping[str, Any]) -> str:
+        table = manifest.get("sha256")
+        expected = table.get(name) if isinstance(table, Mapping) else None
+        if not isinstance(expected, str):
             raise ValueError(f"{self.path}: manifest.json lists no sha256 for member '{name}'")
-        data = self.read(name)
-        found = _sha256(data)
+        return expected
+
+    def _compare_sha(self, name: str, expected: str, found: str) -> None:
         if found != expected:
             raise ValueError(
                 f"{self.path}: sha256 mismatch for member '{name}' (manifest {expected[:12]}..., "
                 f"found {found[:12]}...): the archive was modified or damaged"
             )
-        return data
 
 
 def _read_manifest(archive: _Archive) -> dict[str, Any]:
     if archive.has(MANIFEST_JSON):
         try:
-            manifest = json.loads(archive.read(MANIFEST_JSON, _MAX_TEXT_MEMBER).decode("utf-8"))
+            data = archive.read(MANIFEST_JSON, *_member_cap(MANIFEST_JSON))
+            manifest = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{archive.path}: manifest.json is not valid JSON ({exc})") from exc
         source = MANIFEST_JSON
     elif archive.has(MANIFEST_DILL):
-        data = archive.read(MANIFEST_DILL, _MAX_TEXT_MEMBER)
+        data = archive.read(MANIFEST_DILL, *_member_cap(MANIFEST_DILL))
         manifest = _restricted_loads(data, f"{archive.path}: {MANIFEST_DILL}")
         source = MANIFEST_DILL
     else:
@@ -368,15 +473,39 @@ def _check_backend(path: Path, manifest: Mapping[str, Any]) -> None:
             f"({path}): retrain the model with ptychodus-torch-plugin, or load it with the "
             f"{backend} PtychoPINN package"
         )
+    check_format_version(path, manifest)
+
+
+def _newer_format(manifest: Mapping[str, Any]) -> int | None:
+    """The manifest's format_version when it is a valid one newer than this loader reads."""
     version = manifest.get("format_version")
-    if (
-        isinstance(version, bool)
-        or not isinstance(version, int)
-        or not 1 <= version <= FORMAT_VERSION
-    ):
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        return version
+    return None
+
+
+def check_format_version(path: Path, manifest: Mapping[str, Any]) -> None:
+    """Refuse a PyTorch manifest whose ``format_version`` this loader cannot read.
+
+    Two cases, two remedies: a newer version needs a newer plugin; a missing, non-integer or
+    non-positive one means the archive is damaged or was written by something else, which no
+    upgrade helps. Standard library only: ``host/model_slot.check_archive`` calls it on the
+    Qt thread, so Load Model refuses what Reconstruct would refuse, with the same words.
+    """
+    version = manifest.get("format_version")
+    newer = _newer_format(manifest)
+    if newer is not None:
         raise ValueError(
-            f"{path}: archive format_version {version!r} is not supported by this loader "
-            f"(reads up to {FORMAT_VERSION}); upgrade ptychodus-torch-plugin"
+            f"{path}: archive format_version {newer} is newer than this loader reads (1 to "
+            f"{FORMAT_VERSION}): upgrade ptychodus-torch-plugin to load it"
+        )
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        found = "is missing" if "format_version" not in manifest else f"= {version!r}"
+        raise ValueError(
+            f"{path}: the manifest's format_version {found}, expected an integer from 1 to "
+            f"{FORMAT_VERSION}: the archive is damaged or was not written by "
+            "ptychodus-torch-plugin; re-save the model, or re-copy the archive from where it "
+            "was written"
         )
 
 
@@ -404,15 +533,45 @@ def _parse_json(path: Path, name: str, data: bytes) -> dict[str, Any]:
 
 
 def _parse_tensors(path: Path, name: str, data: bytes) -> dict[str, Any]:
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load as _safetensors_load
+
     try:
         tensors = _safetensors_load(data)
-        metadata = _safetensors_metadata(data)
+        complex_keys = _complex_keys(_safetensors_metadata(data), tensors)
+        for key in complex_keys:
+            tensors[key] = torch.view_as_complex(tensors[key].contiguous())
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise ValueError(f"{path}: member '{name}' is not valid safetensors ({exc})") from exc
-    for key in json.loads(metadata.get(_COMPLEX_KEYS, "[]")):
-        if key in tensors:
-            tensors[key] = torch.view_as_complex(tensors[key].contiguous())
     return tensors
+
+
+def _complex_keys(metadata: Mapping[str, str], tensors: Mapping[str, Any]) -> list[str]:
+    """The tensors stored as ``view_as_real`` (``complex_keys`` metadata), checked.
+
+    Why checked: the metadata is text from the archive; a malformed entry used to surface as
+    a bare TypeError or RuntimeError instead of naming the member.
+    """
+    raw = metadata.get(_COMPLEX_KEYS, "[]")
+    keys = json.loads(raw)  # a JSONDecodeError is a ValueError: the caller names the member
+    if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+        raise ValueError(
+            f"metadata '{_COMPLEX_KEYS}' = {raw[:80]!r} is not a JSON list of tensor names"
+        )
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"metadata '{_COMPLEX_KEYS}' names a tensor twice: {raw[:80]!r}")
+    for key in keys:
+        tensor = tensors.get(key)
+        if tensor is None:
+            raise ValueError(f"metadata '{_COMPLEX_KEYS}' names '{key}', which is not stored")
+        if tensor.ndim < 1 or tensor.shape[-1] != 2 or not tensor.is_floating_point():
+            raise ValueError(
+                f"metadata '{_COMPLEX_KEYS}' names '{key}', stored as {tensor.dtype} "
+                f"{tuple(tensor.shape)}: a complex tensor is stored as real numbers with a "
+                "last dimension of 2"
+            )
+    return keys
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
@@ -421,7 +580,9 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
         raise ValueError("truncated safetensors header")
     length = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + length].decode("utf-8"))
-    metadata = header.get("__metadata__") or {}
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict):
+        return {}
     return {str(k): str(v) for k, v in metadata.items()}
 
 
@@ -454,10 +615,20 @@ def _load_strict(module: torch.nn.Module, state: Mapping[str, Any], where: str) 
         raise ValueError(f"{where}: the stored weights do not fit the network ({exc})") from exc
 
 
-def _number(document: Mapping[str, Any], key: str, path: Path) -> float:
+def _positive_number(document: Mapping[str, Any], key: str, path: Path) -> float:
+    """A normalisation constant: a finite number > 0 (JSON also reads NaN and Infinity)."""
     value = document.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{path}: config.json field '{key}' = {value!r}, expected a number")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(
+            f"{path}: config.json field '{key}' = {value!r}, expected a finite number > 0 "
+            "(training always stores one): the archive is damaged or was edited; re-save the "
+            "model, or re-copy the archive from where it was written"
+        )
     return float(value)
 
 
@@ -513,8 +684,9 @@ def load_archive(path: str | os.PathLike[str]) -> TrainedModel:
     """Rebuild a ``TrainedModel`` from an archive file or a directory holding ``wts.h5.zip``.
 
     Raises ``FileNotFoundError`` (naming the path) when there is no archive, and ``ValueError``
-    for another backend's archive, a refused pickle, a corrupt or truncated zip, a missing
-    member, a sha256 mismatch, or weights that do not fit the rebuilt network.
+    for another backend's archive, an unreadable format_version, a refused pickle, a corrupt or
+    truncated zip, a missing member, a member larger than it can be, a sha256 mismatch,
+    weights holding NaN or inf, or weights that do not fit the rebuilt network.
     """
     file = _existing_archive(path)
     with _Archive(file) as archive:
@@ -525,49 +697,47 @@ def load_archive(path: str | os.PathLike[str]) -> TrainedModel:
         listed = manifest.get("sha256")
         if not isinstance(listed, dict):
             raise ValueError(f"{file}: manifest.json has no 'sha256' table of members")
-        required = [CONFIG_JSON, PROBE_NPY, *(_weights_member(m) for m in MODEL_NAMES)]
+        weights = {name: _weights_member(name) for name in MODEL_NAMES}
+        required = [CONFIG_JSON, PROBE_NPY, *weights.values()]
         for member in [*required, *listed]:
             if not archive.has(member):
                 raise ValueError(f"{file}: archive member '{member}' is missing")
-        # Verify every listed member, also the ones this loader does not otherwise use.
-        blobs = {member: archive.read_verified(member, manifest) for member in [*listed, *required]}
-    document = _parse_json(file, CONFIG_JSON, blobs[CONFIG_JSON])
-    probe_bytes = blobs[PROBE_NPY]
-    generator_name = _weights_member(GENERATOR_MODEL)
-    autoencoder_name = _weights_member(AUTOENCODER_MODEL)
-    generator_state = _parse_tensors(file, generator_name, blobs[generator_name])
-    autoencoder_state = _parse_tensors(file, autoencoder_name, blobs[autoencoder_name])
 
-    probe = _probe_member(file, PROBE_NPY, probe_bytes)
-    starting_probe = None
-    if STARTING_PROBE_NPY in blobs:
-        starting_probe = _probe_member(file, STARTING_PROBE_NPY, blobs[STARTING_PROBE_NPY])
-    config = document.get("config")
-    if not isinstance(config, dict):
-        raise ValueError(f"{file}: config.json has no 'config' mapping")
-    history_raw = document.get("history") or []
-    try:
-        history = [EpochRecord.from_dict(item) for item in history_raw]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{file}: config.json 'history' is malformed ({exc})") from exc
-    try:
-        config = _loadable_config(config, file)
-        model = TrainedModel.build(
-            config,
-            probe,
-            input_scale=_number(document, "input_scale", file),
-            intensity_scale=_number(document, "intensity_scale", file),
-            nphotons=_number(document, "nphotons", file),
-            history=history,
-            training_device=str(document.get("training_device", "cpu")),
-        )
-    except ValueError as exc:
-        raise ValueError(f"{file}: config.json cannot rebuild the model: {exc}") from exc
-    _load_strict(model.generator, generator_state, f"{file}: {GENERATOR_MODEL}")
-    _load_strict(model.autoencoder, autoencoder_state, f"{file}: {AUTOENCODER_MODEL}")
+        def read(member: str) -> bytes:
+            return archive.read_verified(member, manifest, *_member_cap(member))
+
+        # Config and probe first: the network they rebuild says how large its weights are,
+        # which caps what the weights members may inflate to.
+        document = _parse_json(file, CONFIG_JSON, read(CONFIG_JSON))
+        probe = _probe_member(file, PROBE_NPY, read(PROBE_NPY))
+        starting_probe = None
+        if STARTING_PROBE_NPY in listed:  # optional; an unlisted copy is not trusted
+            starting_probe = _probe_member(file, STARTING_PROBE_NPY, read(STARTING_PROBE_NPY))
+        model = _rebuilt_model(file, document, probe)
+        modules = {GENERATOR_MODEL: model.generator, AUTOENCODER_MODEL: model.autoencoder}
+        states = {}
+        for model_name, member in weights.items():
+            cap, why = _weights_cap(modules[model_name])
+            states[model_name] = state = _parse_tensors(
+                file, member, archive.read_verified(member, manifest, cap, why)
+            )
+            bad = _first_non_finite(state)
+            if bad is not None:
+                raise ValueError(
+                    f"{file}: member '{member}' holds non-finite weights (NaN or inf, first in "
+                    f"'{bad}'): the training that wrote it diverged, so the model is unusable; "
+                    "retrain it, e.g. with a lower learning rate"
+                )
+        # Verify every listed member, also the ones this loader does not otherwise use.
+        for member in listed:
+            if member not in required and member != STARTING_PROBE_NPY:
+                archive.verify(member, manifest, *_member_cap(member))
+    _load_strict(model.generator, states[GENERATOR_MODEL], f"{file}: {GENERATOR_MODEL}")
+    _load_strict(model.autoencoder, states[AUTOENCODER_MODEL], f"{file}: {AUTOENCODER_MODEL}")
     # The autoencoder holds the generator too: both stored copies must agree.
-    for key, value in generator_state.items():
-        if not torch.equal(model.generator.state_dict()[key], value):
+    loaded = model.generator.state_dict()
+    for key, value in states[GENERATOR_MODEL].items():
+        if not _same_bits(loaded[key], value):
             raise ValueError(
                 f"{file}: '{GENERATOR_MODEL}' and '{AUTOENCODER_MODEL}' disagree on weight "
                 f"'{key}': the archive is inconsistent"
@@ -577,6 +747,63 @@ def load_archive(path: str | os.PathLike[str]) -> TrainedModel:
         model.starting_probe = starting_probe.reshape(-1, *starting_probe.shape[-2:])
     model.pixel_size_m = _pixel_size(document, file)
     return model
+
+
+def _rebuilt_model(file: Path, document: Mapping[str, Any], probe: np.ndarray) -> TrainedModel:
+    """The (untrained) network that ``config.json`` describes, ready for its weights."""
+    from .model import EpochRecord, TrainedModel
+
+    config = document.get("config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: config.json has no 'config' mapping")
+    history_raw = document.get("history") or []
+    try:
+        history = [EpochRecord.from_dict(item) for item in history_raw]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{file}: config.json 'history' is malformed ({exc})") from exc
+    scales = {
+        key: _positive_number(document, key, file)
+        for key in ("input_scale", "intensity_scale", "nphotons")
+    }
+    try:
+        config = _loadable_config(config, file)
+        return TrainedModel.build(
+            config,
+            probe,
+            **scales,
+            history=history,
+            training_device=str(document.get("training_device", "cpu")),
+        )
+    except ValueError as exc:
+        raise ValueError(f"{file}: config.json cannot rebuild the model: {exc}") from exc
+
+
+def _weights_cap(module: torch.nn.Module) -> tuple[int, str]:
+    """The most bytes ``module``'s stored state dict may inflate to, and why."""
+    state = module.state_dict()
+    data = sum(tensor.numel() * tensor.element_size() for tensor in state.values())
+    cap = data + _WEIGHTS_HEADER_BYTES + _WEIGHTS_HEADER_BYTES_PER_TENSOR * len(state)
+    return cap, (
+        f"the network rebuilt from config.json stores {len(state)} tensors of {data} bytes, "
+        "plus their header"
+    )
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality: ``torch.equal`` says NaN != NaN, so it would call two identical
+    copies of a non-finite weight different."""
+    import torch
+
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+
+    def raw(tensor: torch.Tensor) -> torch.Tensor:
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        if flat.is_complex():
+            flat = torch.view_as_real(flat).reshape(-1)
+        return flat.view(torch.uint8)
+
+    return torch.equal(raw(a), raw(b))
 
 
 def _pixel_size(document: Mapping[str, Any], file: Path) -> tuple[float, float] | None:
@@ -604,7 +831,8 @@ def inspect_archive(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Manifest, config and integrity of an archive, for ``ptychodus-torch inspect``.
 
     A PyTorch archive has every member's sha256 verified (``"verified": true``); an archive of
-    another backend is described (manifest only) instead of being refused.
+    another backend, or of a format_version newer than this loader reads, is described
+    (manifest only, with a ``note`` saying why) instead of being refused.
     """
     file = _existing_archive(path)
     with _Archive(file) as archive:
@@ -625,10 +853,20 @@ def inspect_archive(path: str | os.PathLike[str]) -> dict[str, Any]:
                 f"{SUPPORTED_BACKEND} and cannot load it"
             )
             return result
+        newer = _newer_format(manifest)
+        if newer is not None:  # described, as another backend's archive is, not refused
+            result["note"] = (
+                f"archive format_version {newer} is newer than this loader reads (1 to "
+                f"{FORMAT_VERSION}): its members are neither verified nor described; upgrade "
+                "ptychodus-torch-plugin to load it"
+            )
+            return result
         _check_backend(file, manifest)
-        blobs = {m: archive.read_verified(m, manifest) for m in manifest.get("sha256", {})}
-        if CONFIG_JSON not in blobs:
-            blobs[CONFIG_JSON] = archive.read_verified(CONFIG_JSON, manifest)
-        result["config"] = _parse_json(file, CONFIG_JSON, blobs[CONFIG_JSON])
+        listed = manifest.get("sha256")
+        for member in listed if isinstance(listed, Mapping) else {}:
+            if member != CONFIG_JSON:  # streamed: inspect holds no weights in memory
+                archive.verify(member, manifest, *_member_cap(member))
+        config = archive.read_verified(CONFIG_JSON, manifest, *_member_cap(CONFIG_JSON))
+        result["config"] = _parse_json(file, CONFIG_JSON, config)
         result["verified"] = True
     return result

@@ -1,7 +1,8 @@
 """The library's current model: a remembered archive path and, once needed, the loaded model.
 
-``load_model_from_file`` runs on the Qt thread, so it must be quick: it checks the archive with
-the standard library only (a readable zip holding a PyTorch manifest) and remembers the path.
+``load_model_from_file`` runs on the Qt thread, so it must be quick: it checks the archive
+without importing torch (a readable zip holding a PyTorch manifest of a format this plugin
+reads: ``engine/archive.py`` is torch-free at import for this) and remembers the path.
 The weights are loaded on the worker thread when inference first needs them (or at once when
 torch is already imported, which makes loading cheap). The path lives in the ``ModelPath``
 setting, so it is saved with the settings and reused after a restart and by batch mode.
@@ -42,12 +43,27 @@ def resolve_archive(path: Path) -> Path:
 
 
 def check_archive(path: Path) -> Path:
-    """Quick stdlib check that ``path`` is a readable PyTorch model archive; returns the file."""
+    """Quick check that ``path`` is a PyTorch model archive this plugin reads; returns the file.
+
+    Standard library plus the engine's archive module, which imports no torch: its format
+    check and manifest size cap are the loader's own, so Load Model refuses (in the same
+    words) what Reconstruct would refuse later, and never on the Qt thread imports torch.
+    """
+    from ..engine.archive import MAX_TEXT_MEMBER, check_format_version
+
     file = resolve_archive(path)
     try:
         with zipfile.ZipFile(file) as archive:
             names = set(archive.namelist())
             if "manifest.json" in names:
+                size = archive.getinfo("manifest.json").file_size
+                if size > MAX_TEXT_MEMBER:  # a few kilobytes of zeros can inflate to gigabytes
+                    raise ValueError(
+                        f"{file}: member 'manifest.json' inflates to {size} bytes, more than "
+                        f"the {MAX_TEXT_MEMBER} allowed (a manifest holds a few kilobytes): the "
+                        "archive is damaged or is not a model archive; re-save the model, or "
+                        "re-copy the archive from where it was written"
+                    )
                 manifest = json.loads(archive.read("manifest.json").decode("utf-8"))
             elif "manifest.dill" in names:
                 # The TensorFlow PtychoPINN layout: its manifest is a pickle, which the Qt
@@ -85,7 +101,22 @@ def check_archive(path: Path) -> Path:
             "PyTorch archives only (train a model with TorchPINN, or use the PtychoPINN "
             "library for TensorFlow models)"
         )
+    check_format_version(file, manifest)
     return file
+
+
+def _fingerprint(file: Path) -> tuple[int, int, int] | None:
+    """Inode, size and mtime (ns) of ``file``, or None when it cannot be read.
+
+    Why: ``save_copy`` copies the archive the model in use came from, and must notice when
+    another run has replaced that file since (an atomic save gives a new inode, a copy in
+    place a new mtime) instead of copying a different model.
+    """
+    try:
+        status = Path(file).stat()
+    except OSError:
+        return None
+    return (status.st_ino, status.st_size, status.st_mtime_ns)
 
 
 class ModelSlot:
@@ -96,6 +127,9 @@ class ModelSlot:
         self._lock = threading.RLock()
         self._model: TrainedModel | None = None
         self._model_file: Path | None = None  # the archive self._model was loaded from
+        # _fingerprint(_model_file) when self._model came from it: a change means the file
+        # no longer holds the model in use.
+        self._model_fingerprint: tuple[int, int, int] | None = None
         # ModelPath before adopt(): still means "the adopted model" until the host thread
         # has stored the new archive's path (training runs on the worker thread); only while
         # _awaiting_path, so an unset ModelPath (a settings file with none) means no model.
@@ -122,12 +156,14 @@ class ModelSlot:
         """Check and remember an archive; load it now when torch is already imported."""
         file = check_archive(Path(path)).resolve()
         model = None
+        fingerprint = _fingerprint(file)  # before reading: a later change then shows
         if "torch" in sys.modules:  # loading is cheap now: verify the weights at once
             from ..engine.archive import load_archive
 
             model = load_archive(file)
         with self._lock:
             self._model, self._model_file = model, (file if model is not None else None)
+            self._model_fingerprint = fingerprint if model is not None else None
             self._superseded_path, self._awaiting_path = None, False
         self._settings.set_model_path(file)
         logger.info("model archive selected: %s", file)
@@ -138,6 +174,7 @@ class ModelSlot:
         with self._lock:
             self._model = model
             self._model_file = Path(file).resolve()
+            self._model_fingerprint = _fingerprint(self._model_file)
             self._superseded_path, self._awaiting_path = self.path, True
 
     def clear(self) -> None:
@@ -145,6 +182,7 @@ class ModelSlot:
         with self._lock:
             self._model = None
             self._model_file = None
+            self._model_fingerprint = None
             self._superseded_path, self._awaiting_path = None, False
         self._settings.set_model_path(None)
 
@@ -174,8 +212,10 @@ class ModelSlot:
             from ..engine.archive import load_archive
 
             file = resolve_archive(path)
+            fingerprint = _fingerprint(file)  # before reading: a later change then shows
             model = load_archive(file)  # its errors name the file; the caller logs them
             self._model, self._model_file = model, file.resolve()
+            self._model_fingerprint = fingerprint
             self._superseded_path, self._awaiting_path = None, False
             logger.info(
                 "model loaded from %s (N=%d, gridsize=%d, %d epochs trained on %s)",
@@ -204,8 +244,11 @@ class ModelSlot:
             return False
 
     def save_copy(self, destination: Path) -> Path:
-        """Copy the current archive to ``destination`` (a file, or a folder gets wts.h5.zip).
+        """Save the model in use to ``destination`` (a file, or a folder gets wts.h5.zip).
 
+        Copies the archive the model came from; when that file has changed since the model
+        was loaded or adopted (another run saved over it), the model in memory is saved
+        instead (atomically, by the engine's writer), so the copy is always the model in use.
         A name completed here (a folder's ``wts.h5.zip``, an added ``.h5.zip``) never replaces
         an existing file: ``FileExistsError`` says so (``saving.check_not_replacing``).
         """
@@ -215,11 +258,15 @@ class ModelSlot:
 
         path = self.path
         source: Path | None = None
+        in_use: TrainedModel | None = None  # set when the file no longer holds it
         with self._lock:
             # Right after training, ModelPath still names the previous archive until the host
             # thread stores the new one: the adopted model's own file is the current one.
             if self._holds_current(path) and self._model_file is not None:
                 source = self._model_file
+                fingerprint = self._model_fingerprint
+                if fingerprint is None or _fingerprint(source) != fingerprint:
+                    in_use = self._model
         if source is None and path is not None:
             source = resolve_archive(path)
         if source is None:
@@ -236,9 +283,25 @@ class ModelSlot:
                 if stem.lower().endswith(partial):
                     stem = stem[: -len(partial)]
             target = target.with_name(stem + MODEL_FILE_EXTENSION)
-        if target.exists() and target.resolve() == source.resolve():
+        if in_use is None and target.exists() and target.resolve() == source.resolve():
             return target
         check_not_replacing(Path(destination), target)
+        if in_use is not None:
+            from ..engine.archive import save_archive
+
+            logger.warning(
+                "%s has changed since the model in use was loaded from it (another run saved "
+                "over it?): saving the model in use to %s instead of copying that file",
+                source,
+                target,
+            )
+            save_archive(in_use, target)  # atomic, like the copy
+            if target.resolve() == source.resolve():  # the file holds the model in use again
+                with self._lock:
+                    if self._model is in_use:
+                        self._model_fingerprint = _fingerprint(source)
+            logger.info("model in use saved to %s", target)
+            return target
         with atomic_write_path(target) as tmp:
             shutil.copyfile(source, tmp)
         logger.info("model archive copied to %s", target)

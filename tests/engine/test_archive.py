@@ -1,5 +1,6 @@
 """Model archive wts.h5.zip: round trip, integrity, refusal of foreign or unsafe content."""
 
+import copy
 import dataclasses
 import io
 import json
@@ -51,8 +52,13 @@ def saved(tmp_path_factory):
     return model, path
 
 
-def _rewrite(src, dst, *, replace=None, drop=(), update_sha=True, extra=None):
-    """Copy an archive, replacing/dropping members; optionally keep the manifest consistent."""
+def _rewrite(
+    src, dst, *, replace=None, drop=(), update_sha=True, extra=None, compression=zipfile.ZIP_STORED
+):
+    """Copy an archive, replacing/dropping members; optionally keep the manifest consistent.
+
+    A name in ``replace`` that the archive lacks is added (and listed, with ``update_sha``).
+    """
     replace = dict(replace or {})
     with zipfile.ZipFile(src) as zin:
         members = {name: zin.read(name) for name in zin.namelist()}
@@ -65,7 +71,7 @@ def _rewrite(src, dst, *, replace=None, drop=(), update_sha=True, extra=None):
         for name in replace:
             manifest["sha256"][name] = archive_module._sha256(members[name])
         members["manifest.json"] = json.dumps(manifest).encode()
-    with zipfile.ZipFile(dst, "w") as zout:
+    with zipfile.ZipFile(dst, "w", compression=compression) as zout:
         for name, data in members.items():
             zout.writestr(name, data)
     return dst
@@ -404,6 +410,193 @@ def test_a_model_trained_with_a_logger_missing_here_still_loads(saved, tmp_path,
     # Training with it here still says what to install.
     with pytest.raises(ValueError, match=f"logger = '{logger}' needs"):
         create_training_payload(loaded.config)
+
+
+# ----------------------------------------------------------------------------- damaged content
+GENERATOR_MEMBER = "diffraction_to_obj/weights.safetensors"
+AUTOENCODER_MEMBER = "autoencoder/weights.safetensors"
+
+
+def _with_manifest(src, dst, change):
+    """A copy of archive ``src`` whose manifest.json is ``change(manifest)`` (it lists no hash
+    of itself, so the other members still verify)."""
+    manifest = json.loads(zipfile.ZipFile(src).read("manifest.json"))
+    return _rewrite(
+        src, dst, replace={"manifest.json": json.dumps(change(manifest)).encode()}, update_sha=False
+    )
+
+
+def _with_weights(src, dst, model):
+    """A copy of archive ``src`` holding ``model``'s weights (written as save_archive would,
+    also when save_archive would refuse them)."""
+    replace = {
+        GENERATOR_MEMBER: archive_module._tensor_bytes(model.generator.state_dict()),
+        AUTOENCODER_MEMBER: archive_module._tensor_bytes(model.autoencoder.state_dict()),
+    }
+    return _rewrite(src, dst, replace=replace)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_weights_are_refused_as_diverged_not_as_inconsistent(saved, tmp_path, bad):
+    """torch.equal(NaN, NaN) is False: such an archive was called 'inconsistent' before."""
+    diverged = copy.deepcopy(saved[0])
+    key, weight = next(iter(diverged.generator.named_parameters()))
+    with torch.no_grad():
+        weight[(0,) * weight.ndim] = bad  # the autoencoder holds this tensor: both copies agree
+    path = _with_weights(saved[1], tmp_path / "diverged.zip", diverged)
+    with pytest.raises(ValueError, match="non-finite weights") as info:
+        load_archive(path)
+    message = str(info.value)
+    assert f"'{GENERATOR_MEMBER}'" in message and f"'{key}'" in message
+    assert "diverged" in message and "lower learning rate" in message
+    assert "inconsistent" not in message
+    # ...and no such archive is written in the first place.
+    with pytest.raises(ValueError, match=f"weight '{key}'.*NaN or inf.*lower learning rate"):
+        save_archive(diverged, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_weight_copies_that_disagree_are_still_refused(saved, tmp_path):
+    changed = copy.deepcopy(saved[0])
+    key, weight = next(iter(changed.generator.named_parameters()))
+    with torch.no_grad():
+        weight[(0,) * weight.ndim] += 1.0
+    replace = {GENERATOR_MEMBER: archive_module._tensor_bytes(changed.generator.state_dict())}
+    path = _rewrite(saved[1], tmp_path / "x.zip", replace=replace)
+    with pytest.raises(ValueError, match=f"disagree on weight '{key}'.*inconsistent"):
+        load_archive(path)
+
+
+def test_weight_copies_compare_bit_for_bit_so_nan_equals_itself():
+    real = torch.tensor([1.0, float("nan"), -0.0])
+    assert not torch.equal(real, real.clone())  # why torch.equal cannot compare the copies
+    assert archive_module._same_bits(real, real.clone())
+    assert not archive_module._same_bits(real, torch.tensor([1.0, float("nan"), 0.0]))
+    packed = torch.tensor([[1 + 2j, complex("nan+1j")]], dtype=torch.complex64)
+    assert archive_module._same_bits(packed, packed.clone())
+    assert not archive_module._same_bits(packed, packed.conj().resolve_conj())
+    assert not archive_module._same_bits(real, real.double())
+
+
+def _zeros(size):
+    return bytes(size)  # zeros: a few kilobytes deflated, the cap's size inflated
+
+
+@pytest.mark.parametrize(
+    ("member", "also_inspect"),
+    [
+        ("config.json", True),
+        ("probe.npy", True),
+        (GENERATOR_MEMBER, False),  # sized by the network config.json rebuilds
+        ("notes/added_by_a_newer_version.bin", False),  # listed, not used: still capped
+    ],
+)
+def test_a_member_that_inflates_beyond_its_cap_is_refused_by_name(
+    saved, tmp_path, monkeypatch, member, also_inspect
+):
+    """A zip bomb: only the manifests were capped, every other member was inflated whole."""
+    if member == GENERATOR_MEMBER:
+        cap = archive_module._weights_cap(saved[0].generator)[0]
+    else:
+        if member.startswith("notes/"):  # the generic cap is 2 GiB: test a smaller one
+            monkeypatch.setattr(archive_module, "_MAX_WEIGHTS_MEMBER", 1 << 20)
+        cap = archive_module._member_cap(member)[0]
+    path = _rewrite(
+        saved[1],
+        tmp_path / "bomb.zip",
+        replace={member: _zeros(cap + 1)},
+        compression=zipfile.ZIP_DEFLATED,
+    )
+    assert zipfile.ZipFile(path).getinfo(member).compress_size < cap // 100  # small on disk
+    pattern = f"member '{member}' inflates to {cap + 1} bytes, more than the {cap} allowed"
+    with pytest.raises(ValueError, match=pattern):
+        load_archive(path)
+    if also_inspect:
+        with pytest.raises(ValueError, match=pattern):
+            inspect_archive(path)
+
+
+def test_a_member_at_its_cap_is_not_refused_for_its_size(saved, tmp_path):
+    """The caps leave room for what a real archive holds: the tiny network's own weights."""
+    cap, why = archive_module._weights_cap(saved[0].generator)
+    with zipfile.ZipFile(saved[1]) as zf:
+        stored = zf.getinfo(GENERATOR_MEMBER).file_size
+    assert stored <= cap and "config.json" in why
+    assert archive_module._MAX_PROBE_MEMBER > 8 * 256 * 256 * 8  # MAX_PROBE_MODES at N = 256
+
+
+@pytest.mark.parametrize(
+    "complex_keys",
+    ["5", '"weights"', "[1]", '["no.such.tensor"]', '["FIRST"]', '["FIRST", "FIRST"]', "{x"],
+)
+def test_malformed_complex_keys_metadata_is_refused_naming_the_member(
+    saved, tmp_path, complex_keys
+):
+    """It used to raise a bare TypeError or RuntimeError, or to be ignored."""
+    from safetensors.torch import save as safetensors_save
+
+    state = {k: v.contiguous() for k, v in saved[0].generator.state_dict().items()}
+    # FIRST: a real tensor whose last dimension is not 2 (a view_as_real tensor's always is)
+    first = next(k for k, v in state.items() if v.ndim and v.shape[-1] != 2)
+    complex_keys = complex_keys.replace("FIRST", first)
+    blob = safetensors_save(state, metadata={"complex_keys": complex_keys})
+    path = _rewrite(saved[1], tmp_path / "x.zip", replace={GENERATOR_MEMBER: blob})
+    with pytest.raises(ValueError, match=f"member '{GENERATOR_MEMBER}' is not valid safetensors"):
+        load_archive(path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("input_scale", float("nan")),
+        ("intensity_scale", float("inf")),
+        ("input_scale", -1.25),
+        ("intensity_scale", 0.0),
+        ("nphotons", float("-inf")),
+    ],
+)
+def test_normalisation_constants_must_be_finite_and_positive(saved, tmp_path, field, value):
+    """JSON reads NaN and Infinity; they used to load and give NaN reconstructions."""
+    document = json.loads(zipfile.ZipFile(saved[1]).read("config.json"))
+    document[field] = value
+    path = _rewrite(
+        saved[1], tmp_path / "x.zip", replace={"config.json": json.dumps(document).encode()}
+    )
+    with pytest.raises(ValueError, match=f"field '{field}' = .*expected a finite number > 0"):
+        load_archive(path)
+
+
+@pytest.mark.parametrize(
+    "version", [None, "1", 0, 1.0, True], ids=["missing", "str", "zero", "float", "bool"]
+)
+def test_a_missing_or_malformed_format_version_says_damaged_not_upgrade(saved, tmp_path, version):
+    """'format_version None ... upgrade ptychodus-torch-plugin': no upgrade reads it."""
+
+    def change(manifest):
+        if version is None:
+            manifest.pop("format_version")
+        else:
+            manifest["format_version"] = version
+        return manifest
+
+    path = _with_manifest(saved[1], tmp_path / "x.zip", change)
+    expected = "is missing" if version is None else f"= {version!r}"
+    for read in (load_archive, inspect_archive):
+        with pytest.raises(ValueError, match=f"format_version {expected}.*damaged") as info:
+            read(path)
+        assert "upgrade" not in str(info.value)
+
+
+def test_a_newer_format_is_refused_by_the_loader_and_described_by_inspect(saved, tmp_path):
+    newer = archive_module.FORMAT_VERSION + 1
+    path = _with_manifest(saved[1], tmp_path / "x.zip", lambda m: {**m, "format_version": newer})
+    with pytest.raises(ValueError, match=f"format_version {newer} is newer.*upgrade"):
+        load_archive(path)
+    described = inspect_archive(path)
+    assert described["manifest"]["format_version"] == newer
+    assert described["backend"] == "pytorch" and described["verified"] is False
+    assert described["config"] is None and "upgrade ptychodus-torch-plugin" in described["note"]
+    json.dumps(described)  # printable as JSON
 
 
 # ----------------------------------------------------------------------------- atomic save

@@ -588,24 +588,36 @@ def test_ctrl_c_in_a_dataloader_worker_is_left_to_the_main_process(monkeypatch, 
         assert token.cancelled and "stopping after this batch" in capsys.readouterr().err
 
 
-def test_without_torch_the_command_line_says_how_to_install_it(tmp_path):
+def test_without_torch_inspect_still_works_and_infer_says_how_to_install_it(
+    untrained_archive, data_file
+):
+    """Reading an archive's manifest needs no torch; running the model does, and says so."""
     import subprocess
     import sys
 
-    code = (
-        "import importlib.abc, sys\n"
-        "class NoTorch(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] == 'torch':\n"
-        "            raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
-        "sys.meta_path.insert(0, NoTorch())\n"
-        "from ptychodus_torch_plugin.engine import cli\n"
-        f"sys.exit(cli.main(['inspect', {str(tmp_path / 'wts.h5.zip')!r}]))\n"
+    def run_without_torch(argv):
+        code = (
+            "import importlib.abc, sys\n"
+            "class NoTorch(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'torch':\n"
+            "            raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
+            "sys.meta_path.insert(0, NoTorch())\n"
+            "from ptychodus_torch_plugin.engine import cli\n"
+            f"sys.exit(cli.main({argv!r}))\n"
+        )
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+    inspected = run_without_torch(["inspect", str(untrained_archive)])
+    assert inspected.returncode == 0, inspected.stderr
+    assert '"backend": "pytorch"' in inspected.stdout
+
+    inferred = run_without_torch(
+        ["infer", "--model_path", str(untrained_archive), "--test_data", str(data_file)]
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 1, result.stderr
-    assert "the PyTorch backend is not installed" in result.stderr
-    assert 'pip install "torch>=2.2"' in result.stderr and "Traceback" not in result.stderr
+    assert inferred.returncode == 1, inferred.stderr
+    assert "the PyTorch backend is not installed" in inferred.stderr
+    assert 'pip install "torch>=2.2"' in inferred.stderr and "Traceback" not in inferred.stderr
 
 
 def test_ctrl_c_in_train_saves_the_finished_epochs_and_exits_130(
