@@ -125,48 +125,181 @@ def amplitudes_from_counts(
     return out.reshape(np.shape(counts))
 
 
+def _flag_masks(
+    counts: np.ndarray, bad_pixels: np.ndarray | None = None, chunk: int = 1024
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(N, N) masks of the detector's flag values in ``counts`` (M, N, N), not yet masked.
+
+    First: pixels at the integer dtype's largest value in any pattern. Second (signed dtypes
+    only): pixels negative in every pattern. Each is None when empty (both are for floating
+    point). Why "every pattern" for negatives: Pilatus and Eiger write gap and dead pixels as
+    -1 and -2 in every frame of an int32 scan, while background-subtracted counts dip below 0
+    in some patterns of many dim pixels; masking a pixel for one such dip would throw away
+    much of the detector, so those stay with the clipping (or refusal) of negative counts.
+    """
+    if not np.issubdtype(counts.dtype, np.integer) or counts.ndim != 3 or counts.shape[0] == 0:
+        return None, None
+    top = np.iinfo(counts.dtype).max
+    signed = np.issubdtype(counts.dtype, np.signedinteger)
+    at_top = np.zeros(counts.shape[1:], dtype=bool)
+    negative = np.full(counts.shape[1:], signed, dtype=bool)
+    for start in range(0, counts.shape[0], chunk):
+        block = counts[start : start + chunk]
+        at_top |= (block == top).any(axis=0)
+        if signed:
+            negative &= (block < 0).all(axis=0)
+    if bad_pixels is not None:
+        known = np.asarray(bad_pixels, dtype=bool)
+        at_top &= ~known
+        negative &= ~known
+    return (at_top if at_top.any() else None), (negative if negative.any() else None)
+
+
 def flagged_pixels(
     counts: np.ndarray, bad_pixels: np.ndarray | None = None, chunk: int = 1024
 ) -> np.ndarray | None:
-    """Detector pixels at the integer dtype's largest value in any pattern, not yet masked.
+    """Detector pixels holding the integer dtype's flag values, not yet masked.
 
-    Why: detectors write their gap, dead or overflowed pixels as that value (0xFFFFFFFF on a
-    32-bit Eiger, 65535 on 16 bits). Unmasked, one such column held 99.999% of a scan's
-    normalised input power and set the photon count 10^5 too high, which wrecks training
-    without an error. ``counts`` is (M, N, N); returns an (N, N) mask, or None when there are
+    Those are pixels at the dtype's largest value in any pattern and, for signed dtypes,
+    pixels negative in every pattern (:func:`_flag_masks` says why every). Why: detectors
+    write their gap, dead or overflowed pixels as such values (0xFFFFFFFF on a 32-bit Eiger,
+    65535 on 16 bits, -1 and -2 in int32 on a Pilatus or an Eiger). Unmasked, one such column
+    held 99.999% of a scan's normalised input power and set the photon count 10^5 too high,
+    which wrecks training without an error; a negative flag, clipped to 0, became a measured
+    zero in the loss. ``counts`` is (M, N, N); returns an (N, N) mask, or None when there are
     none (or the counts are floating point).
     """
-    if not np.issubdtype(counts.dtype, np.integer):
-        return None
-    top = np.iinfo(counts.dtype).max
-    flagged = np.zeros(counts.shape[1:], dtype=bool)
-    for start in range(0, counts.shape[0], chunk):
-        flagged |= (counts[start : start + chunk] == top).any(axis=0)
-    if bad_pixels is not None:
-        flagged &= ~np.asarray(bad_pixels, dtype=bool)
-    return flagged if flagged.any() else None
+    at_top, negative = _flag_masks(counts, bad_pixels, chunk)
+    if at_top is None or negative is None:
+        return at_top if negative is None else negative
+    return at_top | negative
+
+
+# How the loaders read a stack (_stack_order): as (M, N, N), transposed from (N, N, M), or as
+# (M, N, N) with a warning when an (N, N, N) stack's content does not tell.
+_ORDER_MNN, _ORDER_NNM, _ORDER_AMBIGUOUS = "(M, N, N)", "(N, N, M)", "ambiguous"
+#: For an (N, N, N) stack's order to count as clear, the detector axis's centre-to-edge
+#: contrast (|log ratio|) must reach log(4) and this many times that of the other candidate.
+_ORDER_MARGIN = 3.0
+
+
+def _centre_contrast(profile: np.ndarray) -> float:
+    """|log| of the mean of ``profile``'s central quarter over that of its outer eighths.
+
+    Large along a detector axis: far-field patterns are bright at their zero frequency, in
+    the middle (or, stored unshifted, at both ends); small along the pattern axis, whose
+    total counts vary far less from one pattern to the next.
+    """
+    n = profile.size
+    q = max(1, n // 8)
+    centre = float(profile[n // 2 - q : n // 2 + q].mean())
+    edges = float(np.concatenate([profile[:q], profile[-q:]]).mean())
+    tiny = 1e-12 * float(profile.max()) + 1e-300  # all-dark data: ratio 1, contrast 0
+    return abs(float(np.log((centre + tiny) / (edges + tiny))))
+
+
+def _cube_order(array: np.ndarray, chunk: int = 32) -> str:
+    """The order of an (N, N, N) stack, from the axes along which its patterns peak.
+
+    Axis 1 is a detector axis in either order; axis 0 or axis 2 holds the patterns, and is
+    the flat one. Read in float64 blocks of ``chunk`` planes; NaN, inf, negatives and an
+    integer dtype's flag value (bad pixels, not masked yet) count as 0, so that they cannot
+    fake a peak.
+    """
+    n = array.shape[0]
+    if n < 4:
+        return _ORDER_AMBIGUOUS
+    top = np.iinfo(array.dtype).max if np.issubdtype(array.dtype, np.integer) else None
+    profile0 = np.zeros(n)
+    profile2 = np.zeros(n)
+    for start in range(0, n, chunk):
+        raw = array[start : start + chunk]
+        block = np.array(raw, dtype=np.float64)
+        if top is not None:
+            block[raw == top] = 0.0
+        np.nan_to_num(block, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        np.maximum(block, 0.0, out=block)
+        profile0[start : start + chunk] = block.sum(axis=(1, 2))
+        profile2 += block.sum(axis=(0, 1))
+    contrast0, contrast2 = _centre_contrast(profile0), _centre_contrast(profile2)
+    if contrast2 >= np.log(4.0) and contrast2 >= _ORDER_MARGIN * contrast0:
+        return _ORDER_MNN
+    if contrast0 >= np.log(4.0) and contrast0 >= _ORDER_MARGIN * contrast2:
+        return _ORDER_NNM
+    return _ORDER_AMBIGUOUS
+
+
+def _stack_order(array: np.ndarray, m: int) -> str:
+    """How the loaders read ``array`` for ``m`` scan positions (the ``_ORDER_*`` values).
+
+    An (N, N, M) stack with M != N is told by its shape; with M = N the shape says nothing,
+    and an (N, N, M) stack read as (M, N, N) trains on wrong patterns without an error, so
+    the content decides (:func:`_cube_order`).
+    """
+    if array.ndim != 3 or array.shape[0] != array.shape[1] or array.shape[2] != m:
+        return _ORDER_MNN
+    if array.shape[1] != m:
+        return _ORDER_NNM
+    return _cube_order(array)
 
 
 def _is_nnm_stack(array: np.ndarray, m: int) -> bool:
-    """True for an (N, N, M) stack of M patterns (M != N), which the loaders transpose."""
-    return array.ndim == 3 and array.shape[0] == array.shape[1] != array.shape[2] == m
+    """True for an (N, N, M) stack of M patterns, which the loaders transpose.
+
+    M != N is told by the shape, M = N by the content when it is clear (:func:`_stack_order`).
+    """
+    return _stack_order(array, m) == _ORDER_NNM
 
 
 def _patterns_first(array: np.ndarray, m: int, key: str) -> np.ndarray:
     """``array`` as (M, N, N): an (N, N, M) stack (MATLAB order) is transposed, and logged."""
-    if not _is_nnm_stack(array, m):
+    order = _stack_order(array, m)
+    if order == _ORDER_AMBIGUOUS:
+        logger.warning(
+            "%s has shape %s: with as many patterns as pixels per side it may be an (M, N, N) "
+            "or an (N, N, M) stack, and its patterns show no clear zero-frequency peak to tell "
+            "which: reading it as (M, N, N); if it is (N, N, M) (MATLAB order), move the "
+            "pattern axis first (numpy.moveaxis(array, 2, 0)) before loading it",
+            key,
+            array.shape,
+        )
         return array
+    if order != _ORDER_NNM:
+        return array
+    cube = array.shape[0] == array.shape[2]
     logger.warning(
-        "%s has shape %s, an (N, N, M) stack: transposing to (M, N, N)", key, array.shape
+        "%s has shape %s, an (N, N, M) stack: transposing to (M, N, N)%s",
+        key,
+        array.shape,
+        " (M = N: its patterns peak along axes 0 and 1)" if cube else "",
     )
     return np.moveaxis(array, 2, 0)
+
+
+def _check_mask_shape(bad_pixels: np.ndarray | None, patterns: np.ndarray) -> None:
+    """Refuse a bad-pixel mask that is not one (N, N) mask for the (M, N, N) ``patterns``.
+
+    Why before any conversion: a mask of another shape (e.g. one per frame, (M, N, N)) masked
+    nothing, and the NaN or flag values it was meant to hide were then blamed on "good
+    detector pixels". Patterns of a wrong shape are left for ``from_amplitudes`` to name.
+    """
+    if bad_pixels is None or patterns.ndim != 3 or patterns.shape[1] != patterns.shape[2]:
+        return
+    n = patterns.shape[1]
+    if np.shape(bad_pixels) != (n, n):
+        raise _bad(
+            "bad_pixels",
+            f"shape {np.shape(bad_pixels)}",
+            f"({n}, {n}), one mask for every pattern (True = bad pixel); combine per-pattern "
+            "masks (M, N, N) into one with mask.any(axis=0)",
+        )
 
 
 def _pattern_mask(bad_pixels: np.ndarray | None, patterns: np.ndarray) -> np.ndarray | None:
     """``bad_pixels`` as a boolean (N, N) mask when it fits ``patterns`` (M, N, N), else None.
 
-    A mask of the wrong shape is left for ``from_amplitudes`` to name; until then it masks
-    nothing.
+    A mask of the wrong shape masks nothing here: the loaders refuse it first
+    (:func:`_check_mask_shape`), and only patterns of a wrong shape get this far with one.
     """
     if bad_pixels is None or patterns.ndim != 3 or np.shape(bad_pixels) != patterns.shape[1:]:
         return None
@@ -195,18 +328,32 @@ def with_flagged_pixels(
         return bad_pixels
     if bad_pixels is not None and np.shape(bad_pixels) != counts.shape[1:]:
         return bad_pixels
-    flagged = flagged_pixels(counts, bad_pixels)
-    if flagged is None:
+    at_top, negative = _flag_masks(counts, bad_pixels)
+    if at_top is not None:
+        logger.warning(
+            "%s: %d detector pixel(s) hold %d, the largest %s value (a detector's mark for gap, "
+            "dead or overflowed pixels), and are not in the bad-pixel mask: treating them as "
+            "bad; %s",
+            source,
+            int(at_top.sum()),
+            np.iinfo(counts.dtype).max,
+            counts.dtype,
+            advice,
+        )
+    if negative is not None:
+        logger.warning(
+            "%s: %d detector pixel(s) are negative in every pattern (a detector's mark for gap "
+            "or dead pixels in signed %s counts, e.g. -1 and -2 on a Pilatus or an Eiger), and "
+            "are not in the bad-pixel mask: treating them as bad; %s",
+            source,
+            int(negative.sum()),
+            counts.dtype,
+            advice,
+        )
+    found = [mask for mask in (at_top, negative) if mask is not None]
+    if not found:
         return bad_pixels
-    logger.warning(
-        "%s: %d detector pixel(s) hold %d, the largest %s value (a detector's mark for gap, "
-        "dead or overflowed pixels), and are not in the bad-pixel mask: treating them as bad; %s",
-        source,
-        int(flagged.sum()),
-        np.iinfo(counts.dtype).max,
-        counts.dtype,
-        advice,
-    )
+    flagged = np.logical_or.reduce(found)
     return flagged if bad_pixels is None else (np.asarray(bad_pixels, dtype=bool) | flagged)
 
 
@@ -256,8 +403,14 @@ class PtychoData:
         bad_pixels: np.ndarray | None = None,
         pixel_size_m: Any = None,
         key: str = "diff3d",
+        patterns_first: bool = False,
     ) -> PtychoData:
-        """Validate in-memory arrays whose patterns are amplitudes (sqrt of counts)."""
+        """Validate in-memory arrays whose patterns are amplitudes (sqrt of counts).
+
+        ``patterns_first``: the caller has already read the stack as (M, N, N) (the loaders
+        and ``from_counts`` do), so an (N, N, M) stack is not looked for again: with M = N
+        that check reads every pattern, and would repeat its warning.
+        """
         amplitudes = np.asarray(amplitudes)
         _check_finite_real(key, amplitudes)
         if amplitudes.ndim != 3:
@@ -271,7 +424,8 @@ class PtychoData:
         m = len(xcoords)
         if len(ycoords) != m:
             raise _bad("ycoords", f"shape {ycoords.shape}", f"({m},) to match xcoords")
-        amplitudes = _patterns_first(amplitudes, m, key)
+        if not patterns_first:
+            amplitudes = _patterns_first(amplitudes, m, key)
         n = amplitudes.shape[1]
         if amplitudes.shape[2] != n:
             raise _bad(key, f"shape {amplitudes.shape}", "square patterns (M, N, N)")
@@ -296,6 +450,7 @@ class PtychoData:
             )
         if not np.all(np.isfinite(probe)):
             raise _bad("probeGuess", "NaN/inf values", "finite values")
+        warn_if_probe_not_centred(probe)
 
         if object_guess is not None:
             object_guess = np.asarray(object_guess)
@@ -321,9 +476,8 @@ class PtychoData:
                     raise _bad(name, f"shape {value.shape}", f"({m},)")
             optional_1d[name] = value
         if bad_pixels is not None:
+            _check_mask_shape(bad_pixels, amplitudes)
             bad_pixels = np.asarray(bad_pixels, dtype=bool)
-            if bad_pixels.shape != (n, n):
-                raise _bad("bad_pixels", f"shape {bad_pixels.shape}", f"({n}, {n})")
             if bad_pixels.all():
                 raise ValueError(
                     "bad_pixels: every detector pixel is marked bad, so nothing is measured; "
@@ -349,21 +503,23 @@ class PtychoData:
     ) -> PtychoData:
         """Validate arrays whose patterns are detector counts (intensities, e.g. uint16).
 
-        Bad pixels (``bad_pixels``, and pixels at the integer dtype's flag value) are zeroed
-        before any check, whatever they hold: a NaN or a -1 gap marker there is what the mask
-        is for. ``clip_negative``: see :func:`amplitudes_from_counts`.
+        Bad pixels (``bad_pixels``, and pixels at the integer dtype's flag values: see
+        :func:`flagged_pixels`) are zeroed before any check, whatever they hold: a NaN or a -1
+        gap marker there is what the mask is for. ``bad_pixels`` must be one (N, N) mask.
+        ``clip_negative``: see :func:`amplitudes_from_counts`.
         """
         counts = np.asarray(counts)
         _check_real("counts", counts)
         xcoords = args[0] if args else kwargs.get("xcoords")
         m = int(np.size(xcoords)) if xcoords is not None else -1
         counts = _patterns_first(counts, m, "counts")
-        bad_pixels = with_flagged_pixels(counts, kwargs.get("bad_pixels"), source="counts", m=m)
+        _check_mask_shape(kwargs.get("bad_pixels"), counts)
+        bad_pixels = with_flagged_pixels(counts, kwargs.get("bad_pixels"), source="counts")
         kwargs["bad_pixels"] = bad_pixels
         amplitudes = amplitudes_from_counts(
             counts, bad_pixels=_pattern_mask(bad_pixels, counts), clip_negative=clip_negative
         )
-        return cls.from_amplitudes(amplitudes, *args, key="counts", **kwargs)
+        return cls.from_amplitudes(amplitudes, *args, key="counts", patterns_first=True, **kwargs)
 
     # ----------------------------------------------------------------- views
     @property
@@ -454,7 +610,8 @@ def _detect_units(arrays: dict[str, np.ndarray], key: str, raw: np.ndarray) -> s
             raw.dtype,
         )
         return UNITS_COUNTS
-    if _whole_numbers(raw, arrays.get("bad_pixels")):
+    whole = _whole_numbers(raw, arrays.get("bad_pixels"))
+    if whole:
         # Ptychodus's own training export keeps float counts and names no units; amplitudes
         # (square roots of counts) are almost never all whole numbers. Its inpainted bad
         # pixels (listed in bad_pixels) are not whole numbers, so they are left out.
@@ -463,6 +620,17 @@ def _detect_units(arrays: dict[str, np.ndarray], key: str, raw: np.ndarray) -> s
             key,
         )
         return UNITS_COUNTS
+    if whole is None:
+        # Dark frames only: the square root changes neither 0 nor 1, so either reading gives
+        # the same patterns; the file still says nothing, which the user should know.
+        logger.warning(
+            "%s holds no fractional value and none above 1 in its good pixels (dark patterns?) "
+            "and no diff3d_units key: counts and amplitudes read alike there; reading it as "
+            "amplitudes (square roots of counts); add diff3d_units='counts' or 'amplitude' to "
+            "the file to say which",
+            key,
+        )
+        return UNITS_AMPLITUDE
     # Said as loudly as the other guesses: read the wrong way, every pattern is squared (or
     # rooted) once too often and the Poisson loss is wrong without an error.
     logger.warning(
@@ -476,16 +644,40 @@ def _detect_units(arrays: dict[str, np.ndarray], key: str, raw: np.ndarray) -> s
 
 def _whole_numbers(
     values: np.ndarray, bad_pixels: np.ndarray | None = None, sample_size: int = 1_000_000
-) -> bool:
-    """True for float patterns (sampled) whose good pixels are all whole numbers, some > 1."""
-    # The first patterns only, sliced before the mask (which copies): a large scan is never
-    # copied whole to look at a million values.
+) -> bool | None:
+    """Whether float patterns look like counts, from their good pixels (sampled).
+
+    True: all whole numbers, some > 1. False: some fractional. None: undecided, no good
+    pixel of any pattern being fractional or above 1 (dark frames: 0 and 1 read alike as
+    counts and as amplitudes).
+
+    About ``sample_size`` values are read at a time, a whole number of patterns: first
+    patterns spread evenly over the scan (why: the first ones alone are often dark frames,
+    taken before the beam or the sample is in, and all zero), then, while nothing above 1 has
+    been seen, the others in order. Patterns are picked before the mask is applied (which
+    copies): a large scan is never copied whole.
+    """
+    if values.ndim == 0:
+        values = values.reshape(1)
+    total = values.shape[0]
     per_pattern = max(1, int(np.prod(values.shape[1:])))
-    values = values[: max(1, -(-sample_size // per_pattern))]
-    if bad_pixels is not None and np.shape(bad_pixels) == values.shape[-2:]:
-        values = values[:, ~np.asarray(bad_pixels, dtype=bool)]
-    sample = values.reshape(-1)[:sample_size]
-    return bool(sample.size and sample.max() > 1.0 and np.all(sample == np.round(sample)))
+    step = max(1, -(-sample_size // per_pattern))  # patterns per look
+    good = None
+    if values.ndim == 3 and bad_pixels is not None and np.shape(bad_pixels) == values.shape[1:]:
+        good = ~np.asarray(bad_pixels, dtype=bool)
+    spread = np.unique(np.linspace(0, total - 1, min(step, total)).round().astype(np.intp))
+    rest = np.setdiff1d(np.arange(total), spread)
+    for indices in [spread] + [rest[i : i + step] for i in range(0, rest.size, step)]:
+        if indices.size == 0:
+            continue
+        sample = values[indices]
+        if good is not None:
+            sample = sample[..., good]
+        if not np.all(sample == np.round(sample)):  # NaN counts as fractional
+            return False
+        if sample.size and sample.max() > 1.0:
+            return True
+    return None
 
 
 def load_npz(path: str | os.PathLike[str]) -> PtychoData:
@@ -576,6 +768,7 @@ def _from_arrays(arrays: dict[str, np.ndarray], key: str) -> PtychoData:
     raw = arrays[key]
     _check_real(key, raw)
     raw = _patterns_first(raw, m, key)
+    _check_mask_shape(arrays.get("bad_pixels"), raw)
     units = _detect_units(arrays, key, raw)
     optional = {
         name: arrays.get(src)
@@ -589,30 +782,48 @@ def _from_arrays(arrays: dict[str, np.ndarray], key: str) -> PtychoData:
         )
     }
     if units == UNITS_COUNTS:
-        bad_pixels = with_flagged_pixels(raw, optional["bad_pixels"], source=key, m=m)
+        bad_pixels = with_flagged_pixels(raw, optional["bad_pixels"], source=key)
         optional["bad_pixels"] = bad_pixels
         amplitudes = amplitudes_from_counts(
             raw, bad_pixels=_pattern_mask(bad_pixels, raw), clip_negative=True
         )
     else:
         amplitudes = _bad_pixels_zeroed(raw, _pattern_mask(optional["bad_pixels"], raw))
-    warn_if_not_centred(amplitudes, key)
+    warn_if_not_centred(amplitudes, key, bad_pixels=_pattern_mask(optional["bad_pixels"], raw))
     return PtychoData.from_amplitudes(
-        amplitudes, arrays["xcoords"], arrays["ycoords"], arrays["probeGuess"], key=key, **optional
+        amplitudes,
+        arrays["xcoords"],
+        arrays["ycoords"],
+        arrays["probeGuess"],
+        key=key,
+        patterns_first=True,
+        **optional,
     )
 
 
-def warn_if_not_centred(amplitudes: np.ndarray, key: str = "diff3d", sample: int = 512) -> bool:
+def warn_if_not_centred(
+    amplitudes: np.ndarray,
+    key: str = "diff3d",
+    sample: int = 512,
+    *,
+    bad_pixels: np.ndarray | None = None,
+) -> bool:
     """Warn (and return True) when the patterns are brightest in their corners.
 
     Why: the forward model puts the zero spatial frequency at pixel (N/2, N/2); a file written
     from an unshifted FFT has it at (0, 0), and trains on without an error to a wrong image.
     Compares the mean intensity (of the first ``sample`` patterns) in the central N/4 box with
-    that in the four N/8 corner boxes; a real far-field pattern is brightest at its centre.
+    that in the four N/16 corner boxes; a real far-field pattern is brightest at its centre.
+    Only good pixels count (``bad_pixels`` (N, N), True = bad): a masked beamstop is zero
+    there, and made centred data look unshifted (with advice that would have broken them).
+    With the central box or the corners (almost) all masked there is nothing to compare.
     """
     if amplitudes.ndim != 3 or min(amplitudes.shape[1:]) < 16:
         return False
     n = amplitudes.shape[-1]
+    good = np.ones(amplitudes.shape[1:], dtype=bool)
+    if bad_pixels is not None and np.shape(bad_pixels) == good.shape:
+        good = ~np.asarray(bad_pixels, dtype=bool)
     count = min(sample, amplitudes.shape[0])
     total = np.zeros(amplitudes.shape[1:], dtype=np.float64)
     for begin in range(0, count, 32):  # blocks: 512 float64 patterns of 256^2 are 256 MB
@@ -620,8 +831,22 @@ def warn_if_not_centred(amplitudes: np.ndarray, key: str = "diff3d", sample: int
         total += np.square(block).sum(axis=0)
     mean = total / max(count, 1)
     q, e = n // 8, n // 16
-    centre = mean[n // 2 - q : n // 2 + q, n // 2 - q : n // 2 + q].mean()
-    corners = np.mean([mean[:e, :e], mean[:e, -e:], mean[-e:, :e], mean[-e:, -e:]])
+    box = (slice(n // 2 - q, n // 2 + q),) * 2
+    corner_boxes = [
+        (slice(None, e), slice(None, e)),
+        (slice(None, e), slice(-e, None)),
+        (slice(-e, None), slice(None, e)),
+        (slice(-e, None), slice(-e, None)),
+    ]
+    centre_good = good[box]
+    corner_good = np.concatenate([good[c].reshape(-1) for c in corner_boxes])
+    # Fewer than a tenth of either region's pixels measured: a beamstop (or a detector gap)
+    # there, and too few pixels left to tell where the patterns are brightest.
+    if centre_good.mean() < 0.1 or corner_good.mean() < 0.1:
+        return False
+    centre = float(mean[box][centre_good].mean())
+    corner_values = np.concatenate([mean[c].reshape(-1) for c in corner_boxes])
+    corners = float(corner_values[corner_good].mean())
     if not corners > 4.0 * centre:
         return False
     logger.warning(
@@ -629,6 +854,40 @@ def warn_if_not_centred(amplitudes: np.ndarray, key: str = "diff3d", sample: int
         "the centre): their zero frequency seems to be at pixel (0, 0), where this engine "
         "expects it at (N/2, N/2); apply numpy.fft.fftshift over the last two axes and save "
         "the file again",
+        key,
+        corners,
+        centre,
+    )
+    return True
+
+
+def warn_if_probe_not_centred(probe: np.ndarray, key: str = "probeGuess") -> bool:
+    """Warn (and return True) when mode 0 of ``probe`` is brightest in its corners.
+
+    Why: the forward model, the stitching weights and the probe normalisation (mean |P| over
+    the central disk of radius N/4) expect the beam centred at pixel (N/2, N/2); a probe
+    stored fftshifted has it split over the four corners and trains on without an error to a
+    wrong image (``physics.normalize_probe`` only refuses a probe that is zero in that disk).
+    Compares the mean intensity in the central disk with that in the same disk moved to the
+    corners (the pixels within N/4 of one), which is where a shifted probe's centre lands.
+    ``probe`` is (N, N) or (modes, N, N); N < 8 is too small to tell.
+    """
+    mode0 = probe[0] if probe.ndim == 3 else probe
+    n = mode0.shape[-1]
+    if mode0.ndim != 2 or mode0.shape[0] != n or n < 8:
+        return False
+    coords = np.arange(n) - n // 2
+    disk = coords[:, np.newaxis] ** 2 + coords[np.newaxis, :] ** 2 <= (n / 4) ** 2
+    intensity = np.square(np.abs(mode0.astype(np.complex128)))
+    centre = float(intensity[disk].mean())
+    corners = float(intensity[np.fft.ifftshift(disk)].mean())  # disk centre moved to (0, 0)
+    if not corners > 4.0 * centre:
+        return False
+    logger.warning(
+        "%s: the probe (mode 0) is brightest in its corners (mean intensity %.3g within N/4 of "
+        "them, %.3g in the central disk of radius N/4): it seems stored fftshifted, centred at "
+        "pixel (0, 0), where this engine expects it at (N/2, N/2); apply numpy.fft.fftshift "
+        "over its last two axes and save it again",
         key,
         corners,
         centre,

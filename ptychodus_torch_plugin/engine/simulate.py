@@ -522,6 +522,7 @@ def simulate_from_object(
         object_guess=obj,
         xcoords_start=starts[0],
         ycoords_start=starts[1],
+        patterns_first=True,  # extract_patches returns (M, N, N)
     )
 
 

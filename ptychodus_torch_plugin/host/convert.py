@@ -118,8 +118,9 @@ def reconstruct_input_to_data(
         patterns,
         bad_pixel_mask(parameters),
         source="diffraction patterns",
-        advice="mark them in Ptychodus's bad-pixel mask to silence this (a Value Upper Bound "
-        "would set them to 0, which the loss then takes as measured zeros)",
+        advice="mark them in Ptychodus's bad-pixel mask to silence this (not with a Value "
+        "Upper Bound or by clipping: either sets them to 0, which the loss then takes as "
+        "measured zeros)",
     )
     product = parameters.product
     if getattr(product.metadata, "far_field", True) is False:
@@ -153,6 +154,7 @@ def reconstruct_input_to_data(
         bad_pixels=mask,
         pixel_size_m=(pixel.width_m, pixel.height_m),
         key="counts",
+        patterns_first=True,  # Ptychodus's diffraction arrays are (M, N, N) by contract
     )
 
 

@@ -331,22 +331,26 @@ def test_ptychodus_export_with_fractional_counts_is_read_as_counts(tmp_path):
     np.testing.assert_allclose(load_npz(_write(tmp_path, **export)).amplitudes, counts, rtol=1e-6)
 
 
-def test_whole_number_check_samples_the_first_patterns_only():
-    """The units guess looks at about a million values; it must not copy the whole scan."""
+def test_whole_number_check_samples_patterns_across_the_scan():
+    """The units guess looks at about a million values, spread over the scan; it must not
+    copy the whole scan. It looked at the first 1e6 / 4096 = 245 patterns only, so fractional
+    values after them, or dark frames filling them, decided it wrongly."""
     from ptychodus_torch_plugin.engine.data import _whole_numbers
 
     values = np.ones((1000, 64, 64), np.float32) * 3.0
-    values[400:] = 0.5  # beyond the first 1e6 / 4096 = 245 patterns: not sampled
+    values[900:] = 0.5  # amplitudes beyond the first 245 patterns
     bad = np.zeros((64, 64), bool)
     bad[0, 0] = True
     tracemalloc.start()
     try:
-        assert _whole_numbers(values, bad, sample_size=1_000_000)
+        assert _whole_numbers(values, bad, sample_size=1_000_000) is False
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert peak < values.nbytes  # a masked copy of the whole scan alone is ~values.nbytes
-    assert not _whole_numbers(values, bad, sample_size=2_000_000)
+    values[900:] = 3.0
+    values[:400] = 0.0  # dark frames first (the beam not yet on): still counts
+    assert _whole_numbers(values, bad, sample_size=1_000_000) is True
 
 
 def test_mean_pattern_power_in_chunks_equals_the_whole_float64_sum():
