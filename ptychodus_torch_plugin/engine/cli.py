@@ -1146,23 +1146,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     except MemoryError as exc:
-        smaller = {
-            "train": "a smaller --batch_size, ",
-            "infer": "a smaller --inference-batch-size, ",
-        }
-        print(
-            f"{PROG} {args.command}: error: out of memory ({exc or 'MemoryError'}); use "
-            f"{smaller.get(args.command, '')}fewer patterns, or a machine with more memory",
-            file=sys.stderr,
-        )
-        return 1
+        return _out_of_memory(args.command, exc)
     except Exception as exc:
-        # Lightning's refusal of the hardware settings (devices the node does not have, ...)
-        # is no ValueError; named by class so that the CLI does not import Lightning to start.
-        if not any(c.__name__ == "MisconfigurationException" for c in type(exc).__mro__):
+        # Torch's allocators raise torch.OutOfMemoryError (a RuntimeError, not a MemoryError)
+        # and Lightning refuses hardware settings (devices the node does not have, ...) with
+        # no ValueError; both named by class so that the CLI imports neither to start.
+        names = {c.__name__ for c in type(exc).__mro__}
+        if "OutOfMemoryError" in names:
+            return _out_of_memory(args.command, exc)
+        if "MisconfigurationException" not in names:
             raise
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _out_of_memory(command: str, exc: BaseException) -> int:
+    """One line naming the command's own knob, instead of a traceback ending in OOM."""
+    smaller = {
+        "train": "a smaller --batch_size, ",
+        "infer": "a smaller --inference-batch-size, ",
+    }
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    print(
+        f"{PROG} {command}: error: out of memory ({detail}); use "
+        f"{smaller.get(command, '')}fewer patterns, or a machine with more memory",
+        file=sys.stderr,
+    )
+    return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

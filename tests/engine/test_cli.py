@@ -773,3 +773,17 @@ def test_out_of_memory_is_one_line_naming_the_commands_own_flag(tmp_path, capsys
     err = capsys.readouterr().err
     assert "infer: error: out of memory (Unable to allocate 13.4 TiB)" in err
     assert "--inference-batch-size" in err and "Traceback" not in err
+
+
+def test_torch_out_of_memory_is_one_line_too(capsys, monkeypatch):
+    # torch.OutOfMemoryError is a RuntimeError, not a MemoryError: it used to end in a traceback.
+    import torch
+
+    def exhausted(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore")
+
+    monkeypatch.setattr(cli, "_cmd_train", exhausted)
+    assert cli.main(["train", "--train_data_file", "t.npz", "--output_dir", "o"]) == 1
+    err = capsys.readouterr().err
+    assert "train: error: out of memory (CUDA out of memory. Tried to allocate 20.00 GiB)" in err
+    assert "--batch_size" in err and "Traceback" not in err
