@@ -45,6 +45,7 @@ from .config import (
     LOSSES,
     MODES,
     NORMALIZATIONS,
+    OPTIMIZERS,
     PATCH_WEIGHTINGS,
     PRECISIONS,
     SCHEDULERS,
@@ -190,10 +191,16 @@ def _add_train(sub: Any) -> None:
         "--learning-rate",
         dest="learning_rate",
         type=float,
-        help=f"Adam learning rate (default: {_E.learning_rate:g})",
+        help=f"learning rate (default: {_E.learning_rate:g})",
     )
     p.add_argument(
         "--scheduler", choices=SCHEDULERS, help=f"learning-rate schedule (default: {_E.scheduler})"
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        help="adam, or muon: Muon for the hidden convolutions and Adam for the rest (fewer "
+        f"epochs to the same loss; docs/performance.md) (default: {_E.optimizer})",
     )
     p.add_argument(
         "--accumulate-grad-batches",
@@ -632,6 +639,7 @@ _TRAIN_FLAGS = {
     "num_workers": "num_workers",
     "learning_rate": "learning_rate",
     "scheduler": "scheduler",
+    "optimizer": "optimizer",
     "accumulate_grad_batches": "accumulate_grad_batches",
     "gradient_clip_val": "gradient_clip_val",
     "checkpoint_enable": "checkpoint_enable",

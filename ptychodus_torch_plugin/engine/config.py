@@ -21,6 +21,8 @@ KNOWN_BACKENDS = ("pytorch", "tensorflow")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
 SCHEDULERS = ("constant", "exponential", "cosine", "plateau")
+#: "muon": Muon for the hidden convolutions, Adam for the rest (``optimizers.py``).
+OPTIMIZERS = ("adam", "muon")
 LOGGERS = ("csv", "tensorboard", "mlflow", "none")
 #: Only "min": every metric that can be monitored (CHECKPOINT_MONITORS) is a loss, and "max"
 #: handed back the worst epoch, kept the worst checkpoints and stopped once the loss stopped
@@ -314,6 +316,7 @@ class ExecutionConfig:
     num_workers: int = 0
     learning_rate: float = 1e-3
     scheduler: str = "constant"
+    optimizer: str = "adam"
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
     checkpointing: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -339,6 +342,7 @@ class ExecutionConfig:
         _check_int(owner, "num_workers", self.num_workers, 0)
         _check_real(owner, "learning_rate", self.learning_rate, 0.0, exclusive_minimum=True)
         _check_choice(owner, "scheduler", self.scheduler, SCHEDULERS)
+        _check_choice(owner, "optimizer", self.optimizer, OPTIMIZERS)
         _check_int(owner, "accumulate_grad_batches", self.accumulate_grad_batches, 1)
         if self.gradient_clip_val is not None:
             _check_real(owner, "gradient_clip_val", self.gradient_clip_val, 0.0, True)

@@ -15,6 +15,7 @@ import torch
 
 from .config import CHECKPOINT_MONITORS
 from .model import Autoencoder
+from .optimizers import build_optimizer
 from .physics import mae_loss, poisson_nll
 
 VAL_LOSS, TRAIN_LOSS = CHECKPOINT_MONITORS  # the metric names config validates monitors against
@@ -45,11 +46,13 @@ class _ReconstructionModule(L.LightningModule):
         scheduler: str,
         max_epochs: int,
         monitor: str = VAL_LOSS,
+        optimizer: str = "adam",
     ) -> None:
         super().__init__()
         self.autoencoder = autoencoder
         self.learning_rate = learning_rate
         self.scheduler_name = scheduler
+        self.optimizer_name = optimizer
         self.max_epochs = max_epochs
         self.monitor = monitor
 
@@ -81,7 +84,9 @@ class _ReconstructionModule(L.LightningModule):
         self.log(VAL_LOSS, loss, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.learning_rate)
+        optimizer = build_optimizer(
+            self.optimizer_name, self, self.autoencoder.generator, self.learning_rate
+        )
         epochs = max(1, self.max_epochs)
         if self.scheduler_name == "constant":
             return optimizer

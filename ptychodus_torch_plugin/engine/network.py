@@ -205,6 +205,21 @@ class Generator(nn.Module):
         box = pad_to(torch.ones(1, 1, self.N // 2, self.N // 2), self.N).to(torch.bool)
         self.register_buffer("central_box", box, persistent=False)
 
+    def hidden_weights(self) -> list[nn.Parameter]:
+        """Weights of the convolutions from hidden features to hidden features.
+
+        Why: ``optimizers.MuonWithAdam`` orthogonalises the updates of exactly these. The
+        encoder's first convolution (reading the C input channels) and the output heads
+        (writing C channels) are left out: they connect the network to the data, not
+        feature to feature, and a few channels make a poor matrix to orthogonalise.
+        """
+        convolutions = [m for m in self.encoder if isinstance(m, nn.Conv2d)][1:]
+        for decoder in (self.amplitude_decoder, self.phase_decoder):
+            convolutions += [m for m in decoder.body if isinstance(m, nn.Conv2d)]
+            if decoder.border is not None:
+                convolutions.append(decoder.border[0])  # its head, border[-1], is an output
+        return [c.weight for c in convolutions]
+
     def _assemble(self, central: Tensor, border: Tensor | None) -> Tensor:
         """Central logits padded to N, with the border branch outside the box when present."""
         padded = pad_to(central, self.N)

@@ -673,6 +673,7 @@ def _train(
     module_kwargs: dict[str, Any] = {
         "learning_rate": execution.learning_rate,
         "scheduler": execution.scheduler,
+        "optimizer": execution.optimizer,
         "max_epochs": payload.training.epochs,
         "monitor": monitor,
     }

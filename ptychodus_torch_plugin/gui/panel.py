@@ -155,13 +155,20 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         "learning_rate",
         "Learning rate:",
         "Training",
-        "Initial step size of the Adam optimiser.",
+        "Initial step size of the optimiser.",
     ),
     ParameterSpec(
         "scheduler",
         "LR scheduler:",
         "Training",
         "How the learning rate changes over the epochs.",
+    ),
+    ParameterSpec(
+        "optimizer",
+        "Optimiser:",
+        "Training",
+        "adam, or muon: Muon for the hidden convolutions and Adam for the rest, which reaches "
+        "the same loss in fewer epochs (docs/performance.md).",
     ),
     ParameterSpec(
         "final_weights",

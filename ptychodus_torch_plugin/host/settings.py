@@ -43,6 +43,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "Normalization": engine_config.NORMALIZATIONS,
     "Loss": engine_config.LOSSES,
     "Scheduler": engine_config.SCHEDULERS,
+    "Optimizer": engine_config.OPTIMIZERS,
     "FinalWeights": engine_config.FINAL_WEIGHTS,
     "PatchWeighting": engine_config.PATCH_WEIGHTINGS,
     "Subpixel": engine_config.SUBPIXEL_METHODS,
@@ -137,6 +138,7 @@ class TorchPINNSettings(Observable, Observer):
             "LearningRate", 1e-3, minimum=1e-12, maximum=10.0
         )
         self.scheduler = training.create_string_parameter("Scheduler", "constant")
+        self.optimizer = training.create_string_parameter("Optimizer", "adam")
         self.final_weights = training.create_string_parameter("FinalWeights", "best")
         # Not engine_config.MAX_SEED (2**32 - 1): Ptychodus edits integers in Qt spin boxes,
         # which hold signed 32-bit values, and a larger bound stops the panel from building.
@@ -301,6 +303,7 @@ class TorchPINNSettings(Observable, Observer):
             "batch_size": self.batch_size.get_value(),
             "learning_rate": self.learning_rate.get_value(),
             "scheduler": _choice(self.scheduler.get_value()),
+            "optimizer": _choice(self.optimizer.get_value()),
             "final_weights": _choice(self.final_weights.get_value()),
             "seed": self.seed.get_value(),
             "n_groups": self.n_groups.get_value(),

@@ -106,6 +106,7 @@ def test_the_quality_file_sets_what_the_benchmark_scored():
         "batch_size": 16,
         "learning_rate": 5e-3,
         "scheduler": "cosine",
+        "optimizer": "muon",
         "final_weights": "last",
         "validation_fraction": 0.0,
     }

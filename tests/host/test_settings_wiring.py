@@ -41,6 +41,7 @@ WIRING: dict[str, tuple[object, dict, dict]] = {
     "batch_size": (5, {"batch_size": 5}, {}),
     "learning_rate": (1.2345678901234567e-4, {"learning_rate": 1.2345678901234567e-4}, {}),
     "scheduler": ("cosine", {"scheduler": "cosine"}, {}),
+    "optimizer": ("muon", {"optimizer": "muon"}, {}),
     "final_weights": ("last", {"final_weights": "last"}, {}),
     "seed": (123, {"seed": 123}, {}),
     "n_groups": (11, {"n_groups": 11}, {}),
