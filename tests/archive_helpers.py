@@ -1,5 +1,6 @@
 """Damaged model archives made on purpose, for the engine's and the host's refusal tests."""
 
+import struct
 from pathlib import Path
 
 
@@ -17,3 +18,19 @@ def encrypted_copy(source: Path, target: Path) -> Path:
             start = found + 4
     target.write_bytes(bytes(data))
     return target
+
+
+def with_declared_size(source: Path, target: Path, member: str, size: int) -> Path:
+    """A copy of the zip ``source`` whose central directory declares ``member`` to inflate to
+    ``size`` bytes, whatever it really holds: a zip bomb that passes a declared-size check."""
+    data = bytearray(Path(source).read_bytes())
+    name = member.encode()
+    start = 0
+    while (found := data.find(b"PK\x01\x02", start)) >= 0:
+        name_length = struct.unpack_from("<H", data, found + 28)[0]
+        if data[found + 46 : found + 46 + name_length] == name:
+            struct.pack_into("<I", data, found + 24, size)  # uncompressed size
+            target.write_bytes(bytes(data))
+            return target
+        start = found + 4
+    raise ValueError(f"{source} has no member {member!r}")

@@ -23,9 +23,10 @@ used, and the model is rebuilt from ``config.json`` alone and loaded strictly.
 Saving is atomic: the zip is written to a temp file beside the target and renamed into place
 only when complete, so an interrupted save never leaves a ``wts.h5.zip`` behind.
 
-Every member is read with a size cap checked against the zip's declared (uncompressed) size,
-which zipfile also enforces while inflating: a few kilobytes of zeros can inflate to
-gigabytes, and an archive is data from elsewhere.
+Every member is read with a size cap, checked against the zip's declared (uncompressed) size
+and again while it inflates, a megabyte at a time: a few kilobytes of zeros can inflate to
+gigabytes, and an archive is data from elsewhere. Only the stored and deflated methods this
+writer uses are read (zipfile inflates bzip2 and LZMA members without any bound).
 
 Importing this module does not import torch (torch, safetensors.torch and the model are
 imported by the functions that need them): the host's Load Model check
@@ -46,7 +47,7 @@ import os
 import pickle
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -104,6 +105,8 @@ _MAX_WEIGHTS_MEMBER = 2 * 1024**3
 #: name twice, dtype, shape and offsets, and its name in the complex_keys metadata).
 _WEIGHTS_HEADER_BYTES = 1024 * 1024
 _WEIGHTS_HEADER_BYTES_PER_TENSOR = 1024
+#: Members are inflated this much at a time, so a forged declared size overshoots by at most this.
+_READ_CHUNK = 1024 * 1024
 
 SIGN_CONVENTIONS = (
     "positions: probe centres in object pixels, x = column, y = row; "
@@ -356,11 +359,9 @@ class _Archive:
         return name in self.names
 
     def _checked_info(self, name: str, max_size: int, why: str) -> zipfile.ZipInfo:
-        """Member ``name``'s entry, refused when missing, encrypted or over ``max_size`` bytes.
-
-        The declared (uncompressed) size bounds what a read inflates: zipfile stops at it and
-        then checks the CRC, so a member cannot inflate past the size it was admitted with.
-        """
+        """Member ``name``'s entry, refused when missing, encrypted, compressed by a method
+        this writer never uses, or declared over ``max_size`` bytes (the declared size can
+        lie: :meth:`_chunks` counts what really inflates)."""
         if name not in self.names:
             raise ValueError(
                 f"{self.path}: archive member '{name}' is missing; found {sorted(self.names)}"
@@ -378,13 +379,37 @@ class _Archive:
                 "password-protected: unpack it with its password and load the original "
                 "wts.h5.zip, or re-save the model"
             )
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise ValueError(
+                f"{self.path}: member '{name}' is compressed with zip method "
+                f"{info.compress_type}; model archives hold stored or deflated members only: "
+                "the archive was repacked by another tool or was not written by "
+                "ptychodus-torch-plugin; load the original wts.h5.zip, or re-save the model"
+            )
         return info
+
+    def _chunks(self, name: str, max_size: int, why: str) -> Iterator[bytes]:
+        """Member ``name``'s bytes a megabyte at a time, refused once more than ``max_size``
+        have inflated: zipfile trims a member to its declared size, but ``ZipFile.read``
+        first inflates up to a gigabyte per step, and a forged size would admit that."""
+        info = self._checked_info(name, max_size, why)
+        total = 0
+        with self._zip.open(info) as stream:
+            while chunk := stream.read(_READ_CHUNK):
+                total += len(chunk)
+                if total > max_size:
+                    raise ValueError(
+                        f"{self.path}: member '{name}' inflates past the {max_size} bytes "
+                        f"allowed ({why}) although it declares {info.file_size}: the archive "
+                        "is damaged or forged; re-save the model, or re-copy the archive "
+                        "from where it was written"
+                    )
+                yield chunk
 
     def read(self, name: str, max_size: int, why: str) -> bytes:
         """Member ``name``'s bytes; ``max_size`` caps it (``why`` says where the cap comes from)."""
         try:
-            info = self._checked_info(name, max_size, why)
-            return self._zip.read(info)
+            return b"".join(self._chunks(name, max_size, why))
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
             raise _invalid_archive(self.path, exc) from exc
 
@@ -406,10 +431,8 @@ class _Archive:
         expected = self._expected_sha(name, manifest)
         digest = hashlib.sha256()
         try:
-            info = self._checked_info(name, max_size, why)
-            with self._zip.open(info) as stream:
-                while chunk := stream.read(1 << 20):
-                    digest.update(chunk)
+            for chunk in self._chunks(name, max_size, why):
+                digest.update(chunk)
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
             raise _invalid_archive(self.path, exc) from exc
         self._compare_sha(name, expected, digest.hexdigest())

@@ -10,11 +10,9 @@ setting, so it is saved with the settings and reused after a restart and by batc
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import threading
-import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,55 +43,15 @@ def resolve_archive(path: Path) -> Path:
 def check_archive(path: Path) -> Path:
     """Quick check that ``path`` is a PyTorch model archive this plugin reads; returns the file.
 
-    Standard library plus the engine's archive module, which imports no torch: its format
-    check and manifest size cap are the loader's own, so Load Model refuses (in the same
-    words) what Reconstruct would refuse later, and never on the Qt thread imports torch.
+    Reads the manifest with the loader's own reader (``engine.archive.read_manifest``, which
+    imports no torch: Load Model runs this on the Qt thread), so its size caps, its refusals of
+    encrypted, repacked or foreign zips and its format check are the loader's, in the same
+    words: Load Model refuses what Reconstruct would refuse later. The weights are not read.
     """
-    from ..engine.archive import MAX_TEXT_MEMBER, check_format_version
+    from ..engine.archive import check_format_version, read_manifest
 
     file = resolve_archive(path)
-    try:
-        with zipfile.ZipFile(file) as archive:
-            names = set(archive.namelist())
-            if "manifest.json" in names:
-                size = archive.getinfo("manifest.json").file_size
-                if size > MAX_TEXT_MEMBER:  # a few kilobytes of zeros can inflate to gigabytes
-                    raise ValueError(
-                        f"{file}: member 'manifest.json' inflates to {size} bytes, more than "
-                        f"the {MAX_TEXT_MEMBER} allowed (a manifest holds a few kilobytes): the "
-                        "archive is damaged or is not a model archive; re-save the model, or "
-                        "re-copy the archive from where it was written"
-                    )
-                manifest = json.loads(archive.read("manifest.json").decode("utf-8"))
-            elif "manifest.dill" in names:
-                # The TensorFlow PtychoPINN layout: its manifest is a pickle, which the Qt
-                # thread does not unpickle; our archives always carry manifest.json too.
-                manifest = {"backend": "tensorflow"}
-            else:
-                raise ValueError(
-                    f"{file} is not a PtychoPINN model archive (no manifest.json; found "
-                    f"{sorted(names)[:8]})"
-                )
-    except (
-        zipfile.BadZipFile,
-        OSError,
-        EOFError,
-        UnicodeDecodeError,
-        ValueError,
-        NotImplementedError,  # a compression method zipfile cannot read
-        RuntimeError,  # an encrypted member: zipfile asks for a password
-    ) as exc:
-        if isinstance(exc, ValueError) and str(exc).startswith(str(file)):
-            raise
-        raise ValueError(
-            f"{file} is not a valid or complete model archive ({type(exc).__name__}: {exc}); "
-            "the file may be truncated or corrupt: re-save or re-copy it"
-        ) from exc
-    if not isinstance(manifest, dict) or not ({"backend", "models"} & manifest.keys()):
-        raise ValueError(
-            f"{file}: its manifest.json names no backend and no models: not a PtychoPINN model "
-            "archive (ours are the wts.h5.zip files that Train writes)"
-        )
+    manifest = read_manifest(file)
     backend = manifest.get("backend", "tensorflow")
     if backend != "pytorch":
         raise ValueError(

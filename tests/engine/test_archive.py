@@ -516,13 +516,65 @@ def test_a_member_that_inflates_beyond_its_cap_is_refused_by_name(
             inspect_archive(path)
 
 
-def test_a_member_at_its_cap_is_not_refused_for_its_size(saved, tmp_path):
-    """The caps leave room for what a real archive holds: the tiny network's own weights."""
-    cap, why = archive_module._weights_cap(saved[0].generator)
+def test_a_member_at_its_cap_is_not_refused_for_its_size(saved, tmp_path, monkeypatch):
+    """The caps bound, they do not reject what fits: a member of exactly its cap loads,
+    one byte more is refused; and the network's own weights fit the cap sized from it."""
+    member = "notes/added_by_a_newer_version.bin"  # verified, not used: any bytes will do
+    monkeypatch.setattr(archive_module, "_MAX_WEIGHTS_MEMBER", 1 << 16)
+    cap = archive_module._member_cap(member)[0]
+    assert cap == 1 << 16
+    at_cap = _rewrite(saved[1], tmp_path / "at_cap.zip", replace={member: _zeros(cap)})
+    loaded = load_archive(at_cap)
+    inputs = np.zeros((2, 4, 32, 32), np.float32)
+    np.testing.assert_array_equal(loaded.predict(inputs), saved[0].predict(inputs))
+    over = _rewrite(saved[1], tmp_path / "over.zip", replace={member: _zeros(cap + 1)})
+    with pytest.raises(ValueError, match=f"inflates to {cap + 1} bytes, more than the {cap}"):
+        load_archive(over)
+    weights_cap, why = archive_module._weights_cap(saved[0].generator)
     with zipfile.ZipFile(saved[1]) as zf:
         stored = zf.getinfo(GENERATOR_MEMBER).file_size
-    assert stored <= cap and "config.json" in why
+    assert stored <= weights_cap and "config.json" in why
     assert archive_module._MAX_PROBE_MEMBER > 8 * 256 * 256 * 8  # MAX_PROBE_MODES at N = 256
+
+
+def test_a_member_that_lies_about_its_size_is_never_inflated_whole(saved, tmp_path):
+    """The cap compared the size a zip *declares*; zipfile.read then inflated up to a
+    gigabyte per step before trimming to it. Here manifest.json declares 200 bytes and
+    deflates to 64 MiB: every reader refuses it while holding a few megabytes at most."""
+    import tracemalloc
+
+    from archive_helpers import with_declared_size
+
+    manifest = zipfile.ZipFile(saved[1]).read("manifest.json")
+    bomb = _rewrite(
+        saved[1],
+        tmp_path / "bomb.zip",
+        replace={"manifest.json": manifest + b" " * (64 << 20)},
+        update_sha=False,
+        compression=zipfile.ZIP_DEFLATED,
+    )
+    forged = with_declared_size(bomb, tmp_path / "forged.zip", "manifest.json", 200)
+    assert zipfile.ZipFile(forged).getinfo("manifest.json").file_size == 200
+    for read in (load_archive, read_manifest, inspect_archive):
+        tracemalloc.start()
+        try:
+            with pytest.raises(ValueError, match=str(forged)):
+                read(forged)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 8 << 20, f"{read.__name__} held {peak / 2**20:.0f} MiB"
+
+
+def test_a_member_compressed_by_another_method_is_refused_naming_it(saved, tmp_path):
+    """zipfile inflates bzip2 and LZMA members with no bound at all; this writer never uses
+    them, so a repacked archive is refused before anything is inflated."""
+    repacked = _rewrite(
+        saved[1], tmp_path / "repacked.zip", update_sha=False, compression=zipfile.ZIP_BZIP2
+    )
+    for read in (load_archive, read_manifest, inspect_archive):
+        with pytest.raises(ValueError, match=r"member 'manifest.json' is compressed with zip "):
+            read(repacked)
 
 
 @pytest.mark.parametrize(

@@ -122,6 +122,35 @@ def test_load_model_refuses_a_manifest_that_inflates_beyond_its_cap(archive, tmp
     assert str(path) in str(info.value) and str(MAX_TEXT_MEMBER) in str(info.value)
 
 
+def test_load_model_refuses_a_forged_or_repacked_manifest_as_the_loader_does(archive, tmp_path):
+    """Load Model read the manifest with zipfile.read, trusting its declared size: 200 bytes
+    declared, 64 MiB inflated (or a bzip2 member, inflated with no bound at all)."""
+    import tracemalloc
+
+    from archive_helpers import with_declared_size
+
+    padded = json.dumps(_manifest(archive)).encode() + b" " * (64 << 20)
+    bomb = _with_manifest(archive, tmp_path / "bomb.h5.zip", padded)
+    forged = with_declared_size(bomb, tmp_path / "forged.h5.zip", "manifest.json", 200)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError) as host:
+            check_archive(forged)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"held {peak / 2**20:.0f} MiB"
+    with pytest.raises(ValueError) as engine:
+        load_archive(forged)
+    assert str(host.value) == str(engine.value) and str(forged) in str(host.value)
+    repacked = tmp_path / "repacked.h5.zip"
+    with zipfile.ZipFile(archive) as zin, zipfile.ZipFile(repacked, "w", zipfile.ZIP_BZIP2) as z:
+        for name in zin.namelist():
+            z.writestr(name, zin.read(name))
+    with pytest.raises(ValueError, match="'manifest.json' is compressed with zip method 12"):
+        check_archive(repacked)
+
+
 def test_load_model_checks_without_importing_torch(archive, tmp_path):
     """check_archive runs on the Qt thread: importing torch there froze the GUI for seconds.
     Its format check comes from engine/archive.py, which must stay torch-free at import."""

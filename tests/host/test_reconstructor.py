@@ -93,6 +93,19 @@ def test_the_engine_cuts_the_patch_ptychodus_cuts_at_the_same_position(n):
     assert compared >= 1
 
 
+def test_a_bad_pixel_mask_of_another_shape_is_refused_not_ignored(reconstruct_input):
+    """Ignored with a warning, it masked nothing: the values it hid then wrecked training."""
+    patterns = np.asarray(reconstruct_input.diffraction_patterns)
+    n = patterns.shape[1]
+    wrong = np.zeros((n + 2, n + 2), dtype=bool)
+    with pytest.raises(ValueError, match=rf"bad_pixels: .*shape \({n + 2}, {n + 2}\).*crop"):
+        reconstruct_input_to_data(ReconstructInput(patterns, wrong, reconstruct_input.product))
+    right = np.zeros((n, n), dtype=bool)
+    right[3, 4] = True
+    data = reconstruct_input_to_data(ReconstructInput(patterns, right, reconstruct_input.product))
+    assert data.bad_pixels[3, 4] and int(data.bad_pixels.sum()) == 1
+
+
 def test_detector_flag_values_join_the_mask_with_a_warning(reconstruct_input, caplog):
     """An Eiger writes gap and dead pixels as 0xFFFFFFFF: unmasked, they swamp the scan."""
     counts = np.rint(np.asarray(reconstruct_input.diffraction_patterns)).astype(np.uint32)
@@ -310,7 +323,9 @@ def test_encrypted_and_foreign_zips_are_refused_saying_what_they_are(
 
     encrypted = encrypted_copy(trained_archive, tmp_path / "encrypted.h5.zip")
     reconstructor = library.reconstructor("PINN")
-    with pytest.raises(ValueError, match="not a valid or complete.*encrypted"):
+    with pytest.raises(
+        ValueError, match="is encrypted; model archives are never password-protected"
+    ):
         reconstructor.load_model_from_file(encrypted)
     foreign = tmp_path / "extension.zip"
     with zipfile.ZipFile(foreign, "w") as zf:
