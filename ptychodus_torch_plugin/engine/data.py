@@ -130,24 +130,27 @@ def _flag_masks(
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(N, N) masks of the detector's flag values in ``counts`` (M, N, N), not yet masked.
 
-    First: pixels at the integer dtype's largest value in any pattern. Second (signed dtypes
-    only): pixels negative in every pattern. Each is None when empty (both are for floating
-    point). Why "every pattern" for negatives: Pilatus and Eiger write gap and dead pixels as
-    -1 and -2 in every frame of an int32 scan, while background-subtracted counts dip below 0
-    in some patterns of many dim pixels; masking a pixel for one such dip would throw away
-    much of the detector, so those stay with the clipping (or refusal) of negative counts.
+    First: pixels at the integer dtype's largest value in any pattern. Second (signed dtypes,
+    two patterns or more): pixels holding one and the same negative value in every pattern.
+    Each is None when empty (both are for floating point). Why "the same in every pattern"
+    for negatives: Pilatus and Eiger write gap and dead pixels as a constant -1 or -2 in
+    every frame of an int32 scan, while background-subtracted counts dip below 0 in some
+    patterns of many dim pixels, and an over-subtracted background can leave a dim pixel
+    negative in all of them, by varying amounts; masking those would throw away much of the
+    detector, so they stay with the clipping (or refusal) of negative counts.
     """
     if not np.issubdtype(counts.dtype, np.integer) or counts.ndim != 3 or counts.shape[0] == 0:
         return None, None
     top = np.iinfo(counts.dtype).max
-    signed = np.issubdtype(counts.dtype, np.signedinteger)
+    signed = np.issubdtype(counts.dtype, np.signedinteger) and counts.shape[0] >= 2
     at_top = np.zeros(counts.shape[1:], dtype=bool)
     negative = np.full(counts.shape[1:], signed, dtype=bool)
+    first = counts[0] if signed else None
     for start in range(0, counts.shape[0], chunk):
         block = counts[start : start + chunk]
         at_top |= (block == top).any(axis=0)
         if signed:
-            negative &= (block < 0).all(axis=0)
+            negative &= ((block < 0) & (block == first)).all(axis=0)
     if bad_pixels is not None:
         known = np.asarray(bad_pixels, dtype=bool)
         at_top &= ~known
@@ -161,13 +164,13 @@ def flagged_pixels(
     """Detector pixels holding the integer dtype's flag values, not yet masked.
 
     Those are pixels at the dtype's largest value in any pattern and, for signed dtypes,
-    pixels negative in every pattern (:func:`_flag_masks` says why every). Why: detectors
-    write their gap, dead or overflowed pixels as such values (0xFFFFFFFF on a 32-bit Eiger,
-    65535 on 16 bits, -1 and -2 in int32 on a Pilatus or an Eiger). Unmasked, one such column
-    held 99.999% of a scan's normalised input power and set the photon count 10^5 too high,
-    which wrecks training without an error; a negative flag, clipped to 0, became a measured
-    zero in the loss. ``counts`` is (M, N, N); returns an (N, N) mask, or None when there are
-    none (or the counts are floating point).
+    pixels holding the same negative value in every pattern (:func:`_flag_masks` says why).
+    Why: detectors write their gap, dead or overflowed pixels as such values (0xFFFFFFFF on a
+    32-bit Eiger, 65535 on 16 bits, -1 and -2 in int32 on a Pilatus or an Eiger). Unmasked,
+    one such column held 99.999% of a scan's normalised input power and set the photon count
+    10^5 too high, which wrecks training without an error; a negative flag, clipped to 0,
+    became a measured zero in the loss. ``counts`` is (M, N, N); returns an (N, N) mask, or
+    None when there are none (or the counts are floating point).
     """
     at_top, negative = _flag_masks(counts, bad_pixels, chunk)
     if at_top is None or negative is None:
@@ -188,8 +191,13 @@ def _centre_contrast(profile: np.ndarray) -> float:
 
     Large along a detector axis: far-field patterns are bright at their zero frequency, in
     the middle (or, stored unshifted, at both ends); small along the pattern axis, whose
-    total counts vary far less from one pattern to the next.
+    total counts vary far less from one pattern to the next. Entries that are exactly 0 are
+    left out first: dark frames (the shutter closed at the start and end of a scan) along the
+    pattern axis would otherwise look like a dim edge, and a detector axis keeps its peak.
     """
+    profile = profile[profile > 0]
+    if profile.size < 4:
+        return 0.0
     n = profile.size
     q = max(1, n // 8)
     centre = float(profile[n // 2 - q : n // 2 + q].mean())
@@ -342,8 +350,9 @@ def with_flagged_pixels(
         )
     if negative is not None:
         logger.warning(
-            "%s: %d detector pixel(s) are negative in every pattern (a detector's mark for gap "
-            "or dead pixels in signed %s counts, e.g. -1 and -2 on a Pilatus or an Eiger), and "
+            "%s: %d detector pixel(s) hold the same negative value in every pattern (a "
+            "detector's mark for gap or dead pixels in signed %s counts, e.g. -1 and -2 on a "
+            "Pilatus or an Eiger), and "
             "are not in the bad-pixel mask: treating them as bad; %s",
             source,
             int(negative.sum()),
@@ -499,20 +508,28 @@ class PtychoData:
 
     @classmethod
     def from_counts(
-        cls, counts: np.ndarray, *args: Any, clip_negative: bool = False, **kwargs: Any
+        cls,
+        counts: np.ndarray,
+        *args: Any,
+        clip_negative: bool = False,
+        patterns_first: bool = False,
+        **kwargs: Any,
     ) -> PtychoData:
         """Validate arrays whose patterns are detector counts (intensities, e.g. uint16).
 
         Bad pixels (``bad_pixels``, and pixels at the integer dtype's flag values: see
         :func:`flagged_pixels`) are zeroed before any check, whatever they hold: a NaN or a -1
         gap marker there is what the mask is for. ``bad_pixels`` must be one (N, N) mask.
-        ``clip_negative``: see :func:`amplitudes_from_counts`.
+        ``clip_negative``: see :func:`amplitudes_from_counts`. ``patterns_first``: ``counts``
+        is known to be (M, N, N), so an (N, N, M) stack is not looked for (as in
+        :meth:`from_amplitudes`).
         """
         counts = np.asarray(counts)
         _check_real("counts", counts)
-        xcoords = args[0] if args else kwargs.get("xcoords")
-        m = int(np.size(xcoords)) if xcoords is not None else -1
-        counts = _patterns_first(counts, m, "counts")
+        if not patterns_first:
+            xcoords = args[0] if args else kwargs.get("xcoords")
+            m = int(np.size(xcoords)) if xcoords is not None else -1
+            counts = _patterns_first(counts, m, "counts")
         _check_mask_shape(kwargs.get("bad_pixels"), counts)
         bad_pixels = with_flagged_pixels(counts, kwargs.get("bad_pixels"), source="counts")
         kwargs["bad_pixels"] = bad_pixels
@@ -610,6 +627,8 @@ def _detect_units(arrays: dict[str, np.ndarray], key: str, raw: np.ndarray) -> s
             raw.dtype,
         )
         return UNITS_COUNTS
+    if raw.size == 0:  # nothing to tell by, nor to warn about: the shape check refuses it
+        return UNITS_AMPLITUDE
     whole = _whole_numbers(raw, arrays.get("bad_pixels"))
     if whole:
         # Ptychodus's own training export keeps float counts and names no units; amplitudes

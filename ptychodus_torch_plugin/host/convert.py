@@ -79,14 +79,23 @@ def object_pixel_positions(product: Product) -> tuple[np.ndarray, np.ndarray]:
 
 
 def bad_pixel_mask(parameters: ReconstructInput) -> np.ndarray | None:
+    """Ptychodus's bad-pixel mask as a boolean (H, W) mask of the patterns, or None.
+
+    A mask of another shape is refused, as the engine's loaders refuse one: ignored, it masks
+    nothing, and the flag or NaN values it was meant to hide then wreck training or are
+    blamed on good detector pixels.
+    """
     mask = parameters.bad_pixels
     if mask is None:
         return None
     mask = np.asarray(mask, dtype=bool)
     shape = np.shape(parameters.diffraction_patterns)[1:]
     if mask.shape != shape:
-        logger.warning("bad-pixel mask has shape %s, patterns %s: ignoring it", mask.shape, shape)
-        return None
+        raise ValueError(
+            f"bad_pixels: the bad-pixel mask has shape {mask.shape}, the diffraction patterns "
+            f"{shape}; it must be one mask of the patterns as cropped: load or make the mask "
+            "for this detector crop in Ptychodus (or clear it), then reconstruct again"
+        )
     return mask
 
 

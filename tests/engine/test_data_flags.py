@@ -78,6 +78,38 @@ def test_a_cube_stack_is_read_in_the_order_its_patterns_peak_in(tmp_path, caplog
     np.testing.assert_allclose(data.amplitudes[:, 0, 0], amplitudes[:, 0, 0], rtol=1e-3)
 
 
+def test_a_caller_that_holds_m_n_n_counts_says_so_and_nothing_is_guessed(caplog):
+    """``from_counts`` always guessed an (N, N, N) stack's order; passing ``patterns_first``
+    raised a TypeError (it was passed on twice)."""
+    n = 32
+    counts = _centred_counts(n, n)
+    args = (np.zeros(n), np.zeros(n), gaussian_probe(n))
+    matlab = np.ascontiguousarray(np.moveaxis(counts, 0, 2))
+    with caplog.at_level(logging.WARNING):
+        guessed = PtychoData.from_counts(matlab, *args)
+    assert "transposing to (M, N, N)" in caplog.text
+    np.testing.assert_allclose(guessed.amplitudes, np.sqrt(counts), rtol=1e-6)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        told = PtychoData.from_counts(matlab, *args, patterns_first=True)
+    assert "transposing" not in caplog.text and "may be an (M, N, N)" not in caplog.text
+    np.testing.assert_allclose(told.amplitudes, np.sqrt(matlab), rtol=1e-6)
+
+
+def test_dark_frames_at_a_scans_ends_do_not_turn_its_stack_around(tmp_path, caplog):
+    """A closed shutter in the first and last 8 of 64 frames: the pattern axis then dipped at
+    its ends like a detector axis, and an (M, N, N) stack was read as (N, N, M)."""
+    n = 64
+    amplitudes = np.sqrt(_centred_counts(n, n)).astype(np.float32)
+    amplitudes[:8] = amplitudes[-8:] = 0.0
+    for stack in (amplitudes, np.moveaxis(amplitudes, 0, 2)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            data = load_npz(_npz(tmp_path, stack, n, diff3d_units="amplitude"))
+        np.testing.assert_array_equal(data.amplitudes, amplitudes)
+        assert "may be an (M, N, N)" not in caplog.text
+
+
 def test_a_cube_stack_of_unshifted_patterns_is_ordered_and_still_reported(tmp_path, caplog):
     """Zero frequency in the corners: the order is still told, and the centring warning kept."""
     n = 32
@@ -121,25 +153,31 @@ def test_negative_flags_in_signed_counts_join_the_bad_pixel_mask(tmp_path, caplo
     flagged[:, :, 5] = -1  # a gap column, in every frame
     flagged[:, 7, 9] = -2  # a dead pixel
     flagged[4, 3, 3] = -3  # negative in one pattern only (background subtraction): clipped
+    flagged[:, 0, 1] = -1 - np.arange(m) % 3  # over-subtracted: negative everywhere, varying
     with caplog.at_level(logging.WARNING):
         data = load_npz(_npz(tmp_path, flagged, m))
-    assert f"diff3d: {n + 1} detector pixel(s) are negative in every pattern" in caplog.text
+    assert (
+        f"diff3d: {n + 1} detector pixel(s) hold the same negative value in every pattern"
+        in caplog.text
+    )
     assert "signed int32 counts" in caplog.text and "list them in bad_pixels" in caplog.text
-    assert "1 negative intensities (min -3) clipped to 0" in caplog.text
+    assert f"{m + 1} negative intensities (min -3) clipped to 0" in caplog.text
     expected = np.zeros((n, n), bool)
     expected[:, 5] = expected[7, 9] = True
     np.testing.assert_array_equal(data.bad_pixels, expected)
-    assert data.amplitudes[4, 3, 3] == 0
+    assert data.amplitudes[4, 3, 3] == 0 and np.all(data.amplitudes[:, 0, 1] == 0)
+    assert not data.bad_pixels[0, 1]  # a measured zero, not a flag
     # The photon count (the loss's dose) is as if the mask had listed them.
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         listed = load_npz(_npz(tmp_path, flagged, m, name="listed.npz", bad_pixels=expected))
-    assert "negative in every pattern" not in caplog.text
+    assert "negative value in every pattern" not in caplog.text
     assert data.mean_photons() == pytest.approx(listed.mean_photons(), rel=1e-12)
 
     # In memory (no clipping asked): the flags are masked, a stray negative is still refused.
     args = (np.zeros(m), np.zeros(m), gaussian_probe(n))
     flagged[4, 3, 3] = 9
+    flagged[:, 0, 1] = 5
     np.testing.assert_array_equal(PtychoData.from_counts(flagged, *args).bad_pixels, expected)
     flagged[4, 3, 3] = -3
     with pytest.raises(ValueError, match="counts: found minimum -3"):
@@ -155,7 +193,10 @@ def test_both_kinds_of_flag_in_signed_counts_and_the_hosts_path(caplog):
         mask = with_flagged_pixels(
             counts, None, source="diffraction patterns", advice="mark them in Ptychodus"
         )
-    assert "diffraction patterns: 8 detector pixel(s) are negative in every pattern" in caplog.text
+    assert (
+        "diffraction patterns: 8 detector pixel(s) hold the same negative value in every pattern"
+        in caplog.text
+    )
     assert "1 detector pixel(s) hold 2147483647, the largest int32 value" in caplog.text
     assert caplog.text.count("mark them in Ptychodus") == 2
     expected = np.zeros((8, 8), bool)
@@ -165,6 +206,8 @@ def test_both_kinds_of_flag_in_signed_counts_and_the_hosts_path(caplog):
     # Unsigned and floating-point counts carry no negative flag.
     assert flagged_pixels(np.clip(counts, 0, 100).astype(np.uint16)) is None
     assert flagged_pixels(counts.astype(np.float64)) is None
+    # One pattern cannot tell a constant flag from a dip: its negatives are not flags.
+    assert flagged_pixels(counts[:1]) is None
 
 
 # ------------------------------------------------------------------ centring checks
