@@ -45,8 +45,8 @@ class _ReconstructionModule(L.LightningModule):
         learning_rate: float,
         scheduler: str,
         max_epochs: int,
+        optimizer: str,
         monitor: str = VAL_LOSS,
-        optimizer: str = "adam",
     ) -> None:
         super().__init__()
         self.autoencoder = autoencoder

@@ -26,9 +26,11 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-#: The quintic Newton-Schulz coefficients of Muon's reference implementation: they drive the
-#: singular values of a norm-1 matrix into roughly [0.7, 1.2] in five steps, which is all the
-#: update needs (exact orthogonality would cost more iterations and buys nothing).
+#: The quintic Newton-Schulz coefficients of Muon's reference implementation: in five steps
+#: they drive the singular values of a norm-1 matrix into roughly [0.7, 1.2], except for
+#: directions far weaker than the matrix as a whole (below ~1e-3 of its norm), which are lifted
+#: by orders of magnitude but not all the way. That is all the update needs: no direction's step
+#: is negligible beside the strongest one's (exact orthogonality would cost more iterations).
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from engine_helpers import tiny_overrides
+from lightning.pytorch.callbacks import Callback
 
 from ptychodus_torch_plugin.engine.config import ExecutionConfig
 from ptychodus_torch_plugin.engine.inference import CanvasGeometry, reconstruct
@@ -70,6 +71,38 @@ def test_a_muon_step_has_the_documented_size_for_every_shape():
         MuonWithAdam([weight], [], lr=lr).step()
         rms = float((weight.detach() - before).pow(2).mean().sqrt())
         assert 0.6 * 0.2 * lr < rms < 1.25 * 0.2 * lr, (shape, rms)
+
+
+def _reference_muon_direction(update: torch.Tensor) -> torch.Tensor:
+    """The orthogonalised direction of one update, computed by hand (SVD-free, unbatched)."""
+    matrix = update.reshape(update.shape[0], -1)
+    tall = matrix.shape[0] > matrix.shape[1]
+    x = (matrix.T if tall else matrix) / matrix.norm()
+    for _ in range(5):
+        gram = x @ x.T
+        x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
+    return (x.T if tall else x).reshape(update.shape)
+
+
+@pytest.mark.parametrize("shape", [(8, 4, 3, 3), (64, 4, 1, 1)])
+def test_two_muon_steps_follow_nesterov_momentum(shape):
+    # Step 2's update is g2 + 0.95 * (0.95 * g1 + g2): plain momentum (0.95 * g1 + g2) or a
+    # dropped back-transpose for the tall (64, 4) matrix would give another direction
+    lr, momentum = 1e-2, 0.95
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.nn.Parameter(torch.randn(shape, generator=generator))
+    expected = weight.detach().clone()
+    optimizer = MuonWithAdam([weight], [], lr=lr, momentum=momentum)
+    rows, cols = shape[0], int(np.prod(shape[1:]))
+    size = 0.2 * lr * max(rows, cols) ** 0.5
+    buffer = torch.zeros(shape)
+    for _ in range(2):
+        grad = torch.randn(shape, generator=generator)
+        weight.grad = grad.clone()
+        optimizer.step()
+        buffer = momentum * buffer + grad
+        expected -= size * _reference_muon_direction(grad + momentum * buffer)
+    torch.testing.assert_close(weight.detach(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_muon_lowers_a_least_squares_loss():
@@ -165,16 +198,28 @@ def test_the_state_dict_resumes_the_same_steps():
         torch.testing.assert_close(a, b)
 
 
+class _OptimizerSeen(Callback):
+    """Records the optimiser Lightning actually trains with (not what the config says)."""
+
+    def __init__(self) -> None:
+        self.seen: list[type] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.seen = [type(optimizer) for optimizer in trainer.optimizers]
+
+
 def test_muon_training_reconstructs_the_object():
-    # The end-to-end test's scan and settings with Muon: the loss falls and the amplitude
-    # correlates with the ground truth the network never saw.
+    # The end-to-end test's scan and settings with Muon: Lightning trains with MuonWithAdam,
+    # the loss falls and the amplitude correlates with the ground truth the network never saw.
     data = simulate_dataset(
         object_kind="random", probe_kind="zoneplate", N=32, step=6, nphotons=1e5, seed=0
     )
     payload = create_training_payload(
         tiny_overrides(epochs=8, batch_size=8, learning_rate=2e-3, optimizer="muon")
     )
-    result = train(payload, data)
+    observed = _OptimizerSeen()
+    result = train(payload, data, callbacks=[observed])
+    assert observed.seen == [MuonWithAdam]
     assert result.model.config["optimizer"] == "muon"  # recorded in the archive's config
     losses = [record.train_loss for record in result.history]
     assert losses[-1] < 0.5 * losses[0], losses

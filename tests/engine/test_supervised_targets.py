@@ -47,7 +47,9 @@ class _Autoencoder(torch.nn.Module):
 
 def _module() -> tuple[SupervisedModule, _FixedGenerator]:
     autoencoder = _Autoencoder()
-    module = SupervisedModule(autoencoder, learning_rate=1e-3, scheduler="constant", max_epochs=1)
+    module = SupervisedModule(
+        autoencoder, learning_rate=1e-3, scheduler="constant", max_epochs=1, optimizer="adam"
+    )
     return module, autoencoder.generator
 
 
