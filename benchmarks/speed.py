@@ -57,10 +57,19 @@ def matmul_gflops(repeats: int, n: int = 3072) -> float:
     return 2 * n**3 / median_time(lambda: a @ b, repeats) / 1e9
 
 
-def build_model(n: int, gridsize: int) -> TrainedModel:
+def build_model(n: int, gridsize: int, probe: np.ndarray | None = None) -> TrainedModel:
+    """An untrained default network (speed does not depend on the weights).
+
+    ``probe``: the scan's own, as a model trained on that scan holds it (otherwise a disk,
+    which inference would rightly warn differs from the scan's illumination).
+    """
     config = create_training_payload({"N": n, "gridsize": gridsize}).to_flat()
     return TrainedModel.build(
-        config, disk_probe(n), input_scale=1.0, intensity_scale=30.0, nphotons=1e6
+        config,
+        disk_probe(n) if probe is None else probe,
+        input_scale=1.0,
+        intensity_scale=30.0,
+        nphotons=1e6,
     )
 
 
@@ -109,7 +118,7 @@ def train_step_rate(model: TrainedModel, batch: int, repeats: int) -> float:
 
 def end_to_end(repeats: int) -> dict:
     data = simulate_from_object_npz(RUN1084, nphotons=1e6, seed=1)
-    model = build_model(64, 1)
+    model = build_model(64, 1, probe=data.probe)
     cpu = model.inference_payload({"accelerator": "cpu"})  # the rows' device, also on a GPU host
     with tempfile.TemporaryDirectory() as tmp:
         path = save_npz(data, Path(tmp) / "scan.npz")
