@@ -389,9 +389,14 @@ class _Archive:
         return info
 
     def _chunks(self, name: str, max_size: int, why: str) -> Iterator[bytes]:
-        """Member ``name``'s bytes a megabyte at a time, refused once more than ``max_size``
-        have inflated: zipfile trims a member to its declared size, but ``ZipFile.read``
-        first inflates up to a gigabyte per step, and a forged size would admit that."""
+        """Member ``name``'s bytes a megabyte at a time.
+
+        Why chunks: ``ZipFile.read`` hands the whole declared size to one inflate call, which
+        may expand up to a gigabyte before zipfile trims it; read a megabyte at a time, a
+        member that declares a small size and inflates more is stopped at its declared size,
+        where zipfile's CRC check then fails (reported as an invalid archive). The count
+        against ``max_size`` below is a backstop should zipfile ever stop trimming.
+        """
         info = self._checked_info(name, max_size, why)
         total = 0
         with self._zip.open(info) as stream:
@@ -457,7 +462,7 @@ def _read_manifest(archive: _Archive) -> dict[str, Any]:
         try:
             data = archive.read(MANIFEST_JSON, *_member_cap(MANIFEST_JSON))
             manifest = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise ValueError(f"{archive.path}: manifest.json is not valid JSON ({exc})") from exc
         source = MANIFEST_JSON
     elif archive.has(MANIFEST_DILL):
@@ -545,10 +550,30 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
+def read_summary_documents(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The manifest and the ``config.json`` document ({} when absent) of the archive at ``path``.
+
+    For a status line that describes an archive on the GUI thread: both are small members,
+    read under the same caps and checks as :func:`load_archive` (so a forged or repacked
+    archive cannot make the GUI inflate gigabytes), without importing torch and without
+    checking checksums or the network (Load Model does that).
+    """
+    file = _existing_archive(path)
+    with _Archive(file) as archive:
+        manifest = _read_manifest(archive)
+        document: dict[str, Any] = {}
+        if archive.has(CONFIG_JSON):
+            document = _parse_json(
+                file, CONFIG_JSON, archive.read(CONFIG_JSON, *_member_cap(CONFIG_JSON))
+            )
+    manifest.pop("_source", None)
+    return manifest, document
+
+
 def _parse_json(path: Path, name: str, data: bytes) -> dict[str, Any]:
     try:
         value = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"{path}: member '{name}' is not valid JSON ({exc})") from exc
     if not isinstance(value, dict):
         raise ValueError(f"{path}: member '{name}' holds no JSON object")

@@ -620,6 +620,8 @@ def _detect_units(arrays: dict[str, np.ndarray], key: str, raw: np.ndarray) -> s
         # whole-number guess below would read as amplitudes.
         logger.info("%s of Ptychodus's PtychoPINN training export: read as detector counts", key)
         return UNITS_COUNTS
+    if raw.size == 0:  # nothing to tell by, nor to warn about: the shape check refuses it
+        return UNITS_COUNTS if np.issubdtype(raw.dtype, np.integer) else UNITS_AMPLITUDE
     if np.issubdtype(raw.dtype, np.integer):
         logger.warning(
             "%s has integer dtype %s and no diff3d_units key: reading it as detector counts",
@@ -627,8 +629,6 @@ def _detect_units(arrays: dict[str, np.ndarray], key: str, raw: np.ndarray) -> s
             raw.dtype,
         )
         return UNITS_COUNTS
-    if raw.size == 0:  # nothing to tell by, nor to warn about: the shape check refuses it
-        return UNITS_AMPLITUDE
     whole = _whole_numbers(raw, arrays.get("bad_pixels"))
     if whole:
         # Ptychodus's own training export keeps float counts and names no units; amplitudes

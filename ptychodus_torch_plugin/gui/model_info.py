@@ -1,21 +1,19 @@
-"""What the panel's model status line says about an archive, read with the standard library.
+"""What the panel's model status line says about an archive.
 
-Reading ``manifest.json`` and ``config.json`` from the zip takes milliseconds and imports
-neither torch nor the engine, so the status line can be refreshed on the GUI thread whenever
-the ``ModelPath`` setting changes.
+Reading ``manifest.json`` and ``config.json`` takes milliseconds and does not import torch
+(``engine.archive.read_summary_documents``), so the status line can be refreshed on the GUI
+thread whenever the ``ModelPath`` setting changes. The members are read with the loader's own
+size caps and checks: a forged or repacked archive is refused without inflating it.
 """
 
 from __future__ import annotations
 
-import json
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..engine.archive import read_summary_documents
 from ..host.names import ARCHIVE_NAME
-
-_MAX_MEMBER = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -41,25 +39,12 @@ class ArchiveSummary:
         return " · ".join(parts)
 
 
-def _read_json(archive: zipfile.ZipFile, name: str) -> dict[str, Any]:
-    info = archive.getinfo(name)
-    if info.file_size > _MAX_MEMBER:
-        raise ValueError(f"member {name} is too large ({info.file_size} bytes)")
-    value = json.loads(archive.read(name).decode("utf-8"))
-    if not isinstance(value, dict):
-        raise ValueError(f"member {name} is not a JSON object")
-    return value
-
-
 def read_archive_summary(path: Path) -> ArchiveSummary:
     """Summary of the archive at ``path`` (a file, or a folder holding wts.h5.zip)."""
     file = Path(path)
     if file.is_dir():
         file = file / ARCHIVE_NAME
-    with zipfile.ZipFile(file) as archive:
-        names = set(archive.namelist())
-        manifest = _read_json(archive, "manifest.json") if "manifest.json" in names else {}
-        document = _read_json(archive, "config.json") if "config.json" in names else {}
+    manifest, document = read_summary_documents(file)
     config = document.get("config") if isinstance(document.get("config"), dict) else {}
     raw_history = document.get("history")
     history = [

@@ -93,8 +93,9 @@ def bad_pixel_mask(parameters: ReconstructInput) -> np.ndarray | None:
     if mask.shape != shape:
         raise ValueError(
             f"bad_pixels: the bad-pixel mask has shape {mask.shape}, the diffraction patterns "
-            f"{shape}; it must be one mask of the patterns as cropped: load or make the mask "
-            "for this detector crop in Ptychodus (or clear it), then reconstruct again"
+            f"{shape}; Ptychodus crops or bins the whole detector's mask with the patterns, so "
+            "this one is stale: reset the bad-pixel mask in Ptychodus, or reload the mask file "
+            "and the patterns, then run again"
         )
     return mask
 

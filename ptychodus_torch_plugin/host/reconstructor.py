@@ -122,8 +122,9 @@ class TorchPINNReconstructor(TrainableReconstructor):
         require_backend()
         from ..engine.inference import reconstruct_iter
 
-        model = self._library.model_slot.get()
+        # the scan first: its refusals (a stale bad-pixel mask, NaN counts) need no model
         data = reconstruct_input_to_data(parameters, with_object=False)
+        model = self._library.model_slot.get()
         payload = model.inference_payload(self._library.settings.inference_overrides())
         template = parameters.product.object_
         losses = losses_from_history(model.history)

@@ -18,6 +18,7 @@ from ptychodus_torch_plugin.engine.archive import (
     inspect_archive,
     load_archive,
     read_manifest,
+    read_summary_documents,
     save_archive,
 )
 from ptychodus_torch_plugin.engine.model import EpochRecord, TrainedModel
@@ -158,6 +159,31 @@ def _tensorflow_archive(path, with_json=True):
         zf.writestr("diffraction_to_obj/model.keras", b"PK-keras-bytes")
         zf.writestr("autoencoder/params.dill", b"not read")
     return path
+
+
+def test_the_summary_documents_are_the_manifest_and_the_config_document(saved, tmp_path):
+    model, file = saved
+    manifest, document = read_summary_documents(file)
+    assert manifest == read_manifest(file)
+    assert document["config"]["N"] == model.config["N"]
+    assert len(document["history"]) == len(model.history)
+    assert read_summary_documents(file.parent) == (manifest, document)  # the folder works too
+    with pytest.raises(FileNotFoundError, match="model archive not found"):
+        read_summary_documents(tmp_path / "nowhere.h5.zip")
+
+
+@pytest.mark.parametrize("member", ["manifest.json", "config.json"])
+def test_json_nested_too_deep_is_named_not_a_recursion_error(saved, tmp_path, member):
+    # config.json's checksum is updated, so that the loader reaches its parsing
+    deep = _rewrite(
+        saved[1],
+        tmp_path / "deep.zip",
+        replace={member: b"[" * 200_000},
+        update_sha=member != "manifest.json",
+    )
+    for read in (load_archive, read_summary_documents):
+        with pytest.raises(ValueError, match=rf"{member}.*not valid JSON"):
+            read(deep)
 
 
 @pytest.mark.parametrize("with_json", [True, False], ids=["manifest.json", "manifest.dill"])
@@ -555,10 +581,11 @@ def test_a_member_that_lies_about_its_size_is_never_inflated_whole(saved, tmp_pa
     )
     forged = with_declared_size(bomb, tmp_path / "forged.zip", "manifest.json", 200)
     assert zipfile.ZipFile(forged).getinfo("manifest.json").file_size == 200
-    for read in (load_archive, read_manifest, inspect_archive):
+    for read in (load_archive, read_manifest, inspect_archive, read_summary_documents):
         tracemalloc.start()
         try:
-            with pytest.raises(ValueError, match=str(forged)):
+            # stopped at the declared 200 bytes, where zipfile's checksum of the member fails
+            with pytest.raises(ValueError, match=rf"{forged} is not a valid or complete.*CRC"):
                 read(forged)
             peak = tracemalloc.get_traced_memory()[1]
         finally:
@@ -572,7 +599,7 @@ def test_a_member_compressed_by_another_method_is_refused_naming_it(saved, tmp_p
     repacked = _rewrite(
         saved[1], tmp_path / "repacked.zip", update_sha=False, compression=zipfile.ZIP_BZIP2
     )
-    for read in (load_archive, read_manifest, inspect_archive):
+    for read in (load_archive, read_manifest, inspect_archive, read_summary_documents):
         with pytest.raises(ValueError, match=r"member 'manifest.json' is compressed with zip "):
             read(repacked)
 

@@ -456,9 +456,11 @@ def test_the_centring_check_reads_the_patterns_in_blocks():
     assert peak < patterns.nbytes / 2, peak  # was 8x: two float64 copies
 
 
-def test_a_file_of_no_patterns_is_refused_without_a_units_guess(tmp_path, caplog):
-    """It used to warn "dark patterns?" about the units before the shape error."""
-    arrays = {**_arrays(), "diff3d": np.zeros((0, N, N), np.float32)}
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16])
+def test_a_file_of_no_patterns_is_refused_without_a_units_guess(tmp_path, caplog, dtype):
+    """It used to warn "dark patterns?" (float) or "reading it as detector counts" (integer)
+    about the units before the shape error."""
+    arrays = {**_arrays(), "diff3d": np.zeros((0, N, N), dtype)}
     arrays["xcoords"] = arrays["ycoords"] = np.zeros(0)
     with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match="diff3d"):
         load_npz(_write(tmp_path, **arrays))

@@ -197,6 +197,41 @@ def test_an_archive_with_an_odd_history_neither_aborts_ptychodus_nor_draws_garba
         gui.pump(0.2)
 
 
+def test_a_forged_archive_is_refused_by_the_status_line_without_inflating_it(gui, tmp_path):
+    """The status line reads the archive on the GUI thread whenever ModelPath changes: a
+    manifest that declares 200 bytes and deflates to 32 MiB must not be inflated (it was, up
+    to a gigabyte per step, before the status line used the loader's capped reader)."""
+    import json
+    import tracemalloc
+    import zipfile
+
+    from archive_helpers import with_declared_size
+
+    bomb = tmp_path / "bomb.h5.zip"
+    manifest = json.dumps({"backend": "pytorch"}).encode() + b" " * (32 << 20)
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("manifest.json", manifest)
+        archive.writestr("config.json", json.dumps({"config": {"N": 32}, "history": []}))
+    forged = with_declared_size(bomb, tmp_path / "forged.h5.zip", "manifest.json", 200)
+    panel = gui.panel(PINN_KEY)
+    before = gui.library.settings.get_model_path()
+    try:
+        gui.library.settings.set_model_path(forged)
+        gui.pump(0.2)
+        tracemalloc.start()
+        try:
+            panel.refresh_model_status()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert "cannot be read" in panel.status_label.text()
+        assert "not a valid or complete model archive" in panel.status_label.text()
+        assert peak < 8 << 20, f"the status line held {peak / 2**20:.0f} MiB"
+    finally:
+        gui.library.settings.set_model_path(before)
+        gui.pump(0.2)
+
+
 def test_every_spin_box_holds_its_setting_range(gui):
     """A bound beyond Qt's signed 32-bit spin box stops the panel, and Ptychodus, building."""
     from ptychodus.api.parameters import IntegerParameter

@@ -98,7 +98,10 @@ def test_a_bad_pixel_mask_of_another_shape_is_refused_not_ignored(reconstruct_in
     patterns = np.asarray(reconstruct_input.diffraction_patterns)
     n = patterns.shape[1]
     wrong = np.zeros((n + 2, n + 2), dtype=bool)
-    with pytest.raises(ValueError, match=rf"bad_pixels: .*shape \({n + 2}, {n + 2}\).*crop"):
+    with pytest.raises(
+        ValueError,
+        match=rf"bad_pixels: .*shape \({n + 2}, {n + 2}\).*stale: reset the bad-pixel mask",
+    ):
         reconstruct_input_to_data(ReconstructInput(patterns, wrong, reconstruct_input.product))
     right = np.zeros((n, n), dtype=bool)
     right[3, 4] = True
