@@ -580,6 +580,7 @@ def test_a_test_scan_is_scored_with_its_own_bad_pixel_mask(small_scan, monkeypat
         learning_rate=1e-3,
         scheduler="constant",
         max_epochs=1,
+        optimizer="adam",
     )
     assert torch.equal(module.val_bad_pixels, module.bad_pixels)
 
